@@ -1,0 +1,136 @@
+"""Copy pages between files, or into memory, in large reads; zero pages stay holes.
+
+A task names where each destination page comes from: ``src_offsets[i]`` is the file
+offset of page i's bytes, or -1 for a page that reads as zeros. The channel reads
+whole extents (holes and stale slots included: they cost no disk I/O or are
+discarded), zeroes the pages marked -1 in its own buffer, and writes only the runs
+of non-zero pages, so the destination file stays sparse.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from mappedram._runs import bit_runs
+
+from .fileio import open_read, open_write, pread_upto, preadv_full, pwrite_full
+
+__all__ = ["PageCopy", "SparseCopyChannel", "gather_pages"]
+
+
+@dataclass(frozen=True, slots=True)
+class PageCopy:
+    """Copy ``len(src_offsets)`` pages to ``dst_offset`` onwards."""
+
+    dst_offset: int
+    src_offsets: npt.NDArray[np.int64]
+
+
+def _contiguous(src: npt.NDArray[np.int64], present: npt.NDArray[np.bool_], page_size: int) -> int | None:
+    """If every present page i sits at ``base + i * page_size``, return base (mapped-ram's case)."""
+    idx = np.flatnonzero(present)
+    base = int(src[idx[0]]) - int(idx[0]) * page_size
+    if np.array_equal(src[idx], base + idx.astype(np.int64) * page_size):
+        return base
+    return None
+
+
+def gather_pages(
+    fd: int,
+    path: str,
+    src_offsets: npt.NDArray[np.int64],
+    page_size: int,
+    out: memoryview,
+) -> npt.NDArray[np.bool_]:
+    """Fill ``out`` (len(src_offsets) pages) from ``fd``; -1 pages become zeros.
+
+    Returns the mask of pages that came from the file. Raises IOEngineError on a read
+    error; a read past the end of the file leaves zeros (callers validate bounds first).
+    """
+    n = len(src_offsets)
+    pages = np.frombuffer(out, dtype=np.uint8, count=n * page_size).reshape(n, page_size)
+    present = src_offsets >= 0
+    if not present.any():
+        pages[:] = 0
+        return present
+    base = _contiguous(src_offsets, present, page_size)
+    if base is not None:
+        # fast path: one read of the extent from the first to the last present page
+        idx = np.flatnonzero(present)
+        first, last = int(idx[0]), int(idx[-1]) + 1
+        got = preadv_full(fd, [out[first * page_size : last * page_size]], base + first * page_size, path)
+        if got < (last - first) * page_size:
+            pages.reshape(-1)[first * page_size + got : last * page_size] = 0
+        pages[:first] = 0
+        pages[last:] = 0
+        pages[first:last][~present[first:last]] = 0
+        return present
+    # slow path (legacy streams): pages scattered through the file, read in clusters
+    pages[~present] = 0
+    idx = np.flatnonzero(present)
+    order = idx[np.argsort(src_offsets[idx], kind="stable")]
+    offs = src_offsets[order]
+    breaks = np.flatnonzero(np.diff(offs) > 2 * page_size) + 1
+    for group in np.split(np.arange(len(order)), breaks):
+        lo = int(offs[group[0]])
+        hi = int(offs[group[-1]]) + page_size
+        data = pread_upto(fd, hi - lo, lo, path)
+        buf = np.frombuffer(data, dtype=np.uint8)
+        for k in group:
+            rel = int(offs[k]) - lo
+            chunk = buf[rel : rel + page_size]
+            row = pages[order[k]]
+            row[: len(chunk)] = chunk
+            row[len(chunk) :] = 0
+    return present
+
+
+def nonzero_pages(buf: memoryview, npages: int, page_size: int) -> npt.NDArray[np.bool_]:
+    """Vectorised zero-page detection over ``npages`` pages of ``buf``."""
+    words = np.frombuffer(buf, dtype=np.uint64, count=npages * page_size // 8).reshape(npages, page_size // 8)
+    return words.any(axis=1)
+
+
+class SparseCopyChannel:
+    """One channel of a file-to-file page copy; owns its descriptors and one buffer."""
+
+    def __init__(self, src_path: str, dst_path: str, page_size: int, max_pages: int) -> None:
+        self.src_path = src_path
+        self.dst_path = dst_path
+        self.page_size = page_size
+        self.src = open_read(src_path)
+        try:
+            self.dst = open_write(dst_path, create=False)
+        except BaseException:
+            os.close(self.src)
+            raise
+        # MAP_SHARED keeps the buffer safe for direct I/O if another thread forks.
+        self.buffer = mmap.mmap(-1, max_pages * page_size, mmap.MAP_SHARED)
+        self.written = 0
+
+    def run(self, task: PageCopy) -> int:
+        n = len(task.src_offsets)
+        view = memoryview(self.buffer)[: n * self.page_size]
+        try:
+            present = gather_pages(self.src, self.src_path, task.src_offsets, self.page_size, view)
+            keep = present & nonzero_pages(view, n, self.page_size)
+            starts, lengths = bit_runs(keep)
+            ps = self.page_size
+            for s, ln in zip(starts.tolist(), lengths.tolist()):
+                pwrite_full(self.dst, view[s * ps : (s + ln) * ps], task.dst_offset + s * ps, self.dst_path)
+                self.written += ln * ps
+        finally:
+            view.release()
+        return n * self.page_size
+
+    def close(self) -> None:
+        try:
+            os.close(self.dst)
+        finally:
+            os.close(self.src)
+            self.buffer.close()

@@ -1,0 +1,96 @@
+"""Run a list of I/O tasks over N channels (threads, each with its own descriptors).
+
+The first error stops every channel and is re-raised in the caller; channels are
+always closed, and closing never hides the caller's exception. The executor knows
+nothing of RAM blocks: it runs whatever a channel does with a task.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+__all__ = ["Channel", "run_tasks"]
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class Channel(Protocol[T_contra]):
+    """One worker's resources (descriptors, buffers); ``run`` returns the bytes it moved."""
+
+    def run(self, task: T_contra) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _Shared(Generic[T]):
+    def __init__(self, tasks: Sequence[T]) -> None:
+        self.tasks = tasks
+        self.next = 0
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def take(self) -> T | None:
+        with self.lock:
+            if self.error is not None or self.next >= len(self.tasks):
+                return None
+            task = self.tasks[self.next]
+            self.next += 1
+            return task
+
+    def fail(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = exc
+
+
+def run_tasks(
+    tasks: Sequence[T],
+    make_channel: Callable[[int], Channel[T]],
+    *,
+    channels: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Run ``tasks`` in order of submission over ``channels`` workers; return total bytes.
+
+    ``make_channel(i)`` builds worker i's channel inside its thread. With one channel
+    everything runs in the calling thread.
+    """
+    shared: _Shared[T] = _Shared(tasks)
+    totals = [0] * max(channels, 1)
+    progress_lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        try:
+            channel = make_channel(index)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            shared.fail(exc)
+            return
+        try:
+            while (task := shared.take()) is not None:
+                moved = channel.run(task)
+                totals[index] += moved
+                if progress is not None:
+                    with progress_lock:
+                        progress(moved)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            shared.fail(exc)
+        finally:
+            try:
+                channel.close()
+            except BaseException as exc:  # noqa: BLE001
+                shared.fail(exc)
+
+    if channels <= 1:
+        worker(0)
+    else:
+        threads = [threading.Thread(target=worker, args=(i,), name=f"mappedram-ch{i}") for i in range(channels)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if shared.error is not None:
+        raise shared.error
+    return sum(totals)

@@ -1,0 +1,145 @@
+"""Positioned file I/O: the only module that opens files and issues reads and writes.
+
+Every call is positional (os.pread/os.preadv/os.pwrite/os.pwritev): no shared seek
+position, so one descriptor may serve several threads. Short transfers are looped
+over; EINTR is retried by Python itself (PEP 475). Failures raise IOEngineError
+naming the operation, the file and the offset.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from mappedram.errors import IOEngineError
+
+__all__ = [
+    "IOV_MAX",
+    "open_read",
+    "open_write",
+    "file_size",
+    "pread_upto",
+    "preadv_full",
+    "pwrite_full",
+    "pwritev_full",
+    "opened",
+]
+
+#: Linux UIO_MAXIOV: the most iovecs one preadv/pwritev call takes.
+IOV_MAX = getattr(os, "IOV_MAX", 1024)
+
+
+def _fail(exc: OSError, op: str, path: str, offset: int | None = None, length: int | None = None) -> IOEngineError:
+    return IOEngineError(
+        f"{op} failed: {exc.strerror or exc}", path=path, offset=offset, length=length, errno=exc.errno
+    )
+
+
+def open_read(path: str, *, direct: bool = False) -> int:
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        raise _fail(exc, "open", path) from None
+
+
+def open_write(path: str, *, create: bool = True, exclusive: bool = False, direct: bool = False, mode: int = 0o644) -> int:
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    if create:
+        flags |= os.O_CREAT
+    if exclusive:
+        flags |= os.O_EXCL
+    if direct:
+        flags |= os.O_DIRECT
+    try:
+        return os.open(path, flags, mode)
+    except OSError as exc:
+        raise _fail(exc, "open", path) from None
+
+
+@contextmanager
+def opened(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def file_size(fd: int, path: str) -> int:
+    try:
+        return os.fstat(fd).st_size
+    except OSError as exc:
+        raise _fail(exc, "fstat", path) from None
+
+
+def pread_upto(fd: int, length: int, offset: int, path: str) -> bytes:
+    """Read up to ``length`` bytes at ``offset``; fewer only at end of file."""
+    chunks = []
+    got = 0
+    while got < length:
+        try:
+            data = os.pread(fd, length - got, offset + got)
+        except OSError as exc:
+            raise _fail(exc, "read", path, offset + got, length - got) from None
+        if not data:
+            break
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+def preadv_full(fd: int, buffers: Sequence[memoryview], offset: int, path: str) -> int:
+    """Fill ``buffers`` from ``offset`` on; return the bytes read (less only at end of file)."""
+    bufs = list(buffers)
+    total = 0
+    while bufs:
+        try:
+            n = os.preadv(fd, bufs[:IOV_MAX], offset + total)
+        except OSError as exc:
+            raise _fail(exc, "read", path, offset + total, sum(len(b) for b in bufs)) from None
+        if n == 0:
+            break
+        total += n
+        bufs = _advance(bufs, n)
+    return total
+
+
+def pwrite_full(fd: int, data: bytes | memoryview, offset: int, path: str) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        try:
+            n = os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise _fail(exc, "write", path, offset + done, len(view) - done) from None
+        if n == 0:
+            raise IOEngineError("write made no progress", path=path, offset=offset + done, errno=errno_mod.EIO)
+        done += n
+
+
+def pwritev_full(fd: int, buffers: Sequence[memoryview], offset: int, path: str) -> int:
+    bufs = [b for b in buffers if len(b)]
+    total = 0
+    while bufs:
+        try:
+            n = os.pwritev(fd, bufs[:IOV_MAX], offset + total)
+        except OSError as exc:
+            raise _fail(exc, "write", path, offset + total, sum(len(b) for b in bufs)) from None
+        if n == 0:
+            raise IOEngineError("write made no progress", path=path, offset=offset + total, errno=errno_mod.EIO)
+        total += n
+        bufs = _advance(bufs, n)
+    return total
+
+
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    i = 0
+    while i < len(bufs) and n >= len(bufs[i]):
+        n -= len(bufs[i])
+        i += 1
+    rest = bufs[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest

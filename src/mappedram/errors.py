@@ -1,0 +1,168 @@
+"""The single exception tree of mappedram.
+
+::
+
+    MappedRamError                      root; exit_code 1
+    ├── FormatError                     the bytes are not a valid QEMU migration stream
+    │   ├── TruncatedError              the stream ends before a record is complete
+    │   ├── BadMagicError               not "QEVM", not a known section type, ...
+    │   ├── UnsupportedError            valid QEMU input this project does not handle
+    │   └── LayoutError                 offsets, sizes or alignment that cannot be right
+    ├── UsageError                      the caller asked for something impossible; exit_code 2
+    └── IOEngineError                   an OS call failed on a file (errno, path, offset)
+
+Every error carries keyword-only structured fields and renders them in ``str()``.
+Any exception other than :class:`FormatError` (or :class:`IOEngineError` for
+OS failures) raised while decoding untrusted input is a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "MappedRamError",
+    "FormatError",
+    "TruncatedError",
+    "BadMagicError",
+    "UnsupportedError",
+    "LayoutError",
+    "UsageError",
+    "IOEngineError",
+]
+
+
+class MappedRamError(Exception):
+    """Root of every error raised by mappedram."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": type(self).__name__, "message": str(self), **self.fields}
+
+
+class FormatError(MappedRamError):
+    """Malformed input: names the file offset, the field, what was expected and what was found.
+
+    Args:
+        message: a short statement of the problem.
+        offset: absolute file offset of the offending bytes.
+        field: name of the field (QEMU's name where it has one).
+        expected: what a valid stream has there.
+        actual: what was found.
+        path: the file, when known (filled in by the reader).
+        block: the RAM block's idstr, when the problem is inside one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        offset: int | None = None,
+        field: str | None = None,
+        expected: Any = None,
+        actual: Any = None,
+        path: str | None = None,
+        block: str | None = None,
+    ) -> None:
+        super().__init__(
+            message, offset=offset, field=field, expected=expected, actual=actual, path=path, block=block
+        )
+        self.offset = offset
+        self.field = field
+        self.expected = expected
+        self.actual = actual
+        self.path = path
+        self.block = block
+
+    def with_path(self, path: str) -> FormatError:
+        """Return this error with ``path`` filled in (the codec itself never knows the file)."""
+        if self.path is None:
+            self.path = path
+            self.fields["path"] = path
+        return self
+
+    def __str__(self) -> str:
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        if self.offset is not None:
+            where.append(f"offset {self.offset:#x}")
+        text = ", ".join(where)
+        text = f"{text}: " if text else ""
+        if self.block is not None:
+            text += f"block {self.block!r}: "
+        text += self.message
+        details = []
+        if self.field is not None:
+            details.append(f"field {self.field}")
+        if self.expected is not None:
+            details.append(f"expected {_render(self.expected)}")
+        if self.actual is not None:
+            details.append(f"found {_render(self.actual)}")
+        if details:
+            text += " (" + ", ".join(details) + ")"
+        return text
+
+
+class TruncatedError(FormatError):
+    """The stream ends before the record at ``offset`` is complete."""
+
+
+class BadMagicError(FormatError):
+    """A magic number, type byte or marker has the wrong value."""
+
+
+class UnsupportedError(FormatError):
+    """Valid QEMU input that this project does not handle (e.g. XBZRLE pages)."""
+
+
+class LayoutError(FormatError):
+    """Offsets, sizes or alignment that no valid file can have."""
+
+
+class UsageError(MappedRamError):
+    """The caller asked for something that cannot be done (bad option, unknown block)."""
+
+    exit_code = 2
+
+
+class IOEngineError(MappedRamError):
+    """An OS call failed: names the operation, the file, the offset and the errno."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        length: int | None = None,
+        errno: int | None = None,
+    ) -> None:
+        super().__init__(message, path=path, offset=offset, length=length, errno=errno)
+        self.path = path
+        self.offset = offset
+        self.length = length
+        self.errno = errno
+
+    def __str__(self) -> str:
+        where = [p for p in (self.path, None if self.offset is None else f"offset {self.offset:#x}") if p]
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:#x}" if value > 9 else str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return value[:32].hex(" ") + (" ..." if len(value) > 32 else "")
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)

@@ -1,0 +1,107 @@
+"""Fixed-size on-disk records, each declared once with an explicit byte order.
+
+References:
+    QEMU migration/ram.c (struct MappedRamHeader, mapped_ram_setup_ramblock,
+    mapped_ram_read_header), migration/savevm.c (save_section_header,
+    save_section_footer, qemu_savevm_command_send).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mappedram.errors import TruncatedError
+
+from .constants import (
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_SECTION_FOOTER,
+)
+
+__all__ = ["MappedRamHeader", "FileHeader", "SectionFooter", "pack_idstr", "be64", "be32", "be16"]
+
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+
+
+def be16(value: int) -> bytes:
+    return _BE16.pack(value)
+
+
+def be32(value: int) -> bytes:
+    return _BE32.pack(value)
+
+
+def be64(value: int) -> bytes:
+    return _BE64.pack(value)
+
+
+def pack_idstr(idstr: str) -> bytes:
+    """u8 length + bytes, as qemu_put_counted_string()."""
+    raw = idstr.encode("utf-8")
+    if not 0 < len(raw) <= 255:
+        raise ValueError(f"idstr must be 1..255 bytes, got {len(raw)}")
+    return bytes([len(raw)]) + raw
+
+
+@dataclass(frozen=True, slots=True)
+class MappedRamHeader:
+    """struct MappedRamHeader (packed, big-endian, 28 bytes), written after each block entry.
+
+    Offsets are absolute file offsets, including any ``file:...,offset=`` start.
+    """
+
+    version: int
+    page_size: int
+    bitmap_offset: int
+    pages_offset: int
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(">IQQQ")
+    SIZE: ClassVar[int] = STRUCT.size
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.version, self.page_size, self.bitmap_offset, self.pages_offset)
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview, offset: int = 0) -> MappedRamHeader:
+        """Decode; ``offset`` is the absolute file offset, used only in errors."""
+        if len(buf) < cls.SIZE:
+            raise TruncatedError(
+                "mapped-ram header is truncated",
+                offset=offset,
+                field="MappedRamHeader",
+                expected=f"{cls.SIZE} bytes",
+                actual=f"{len(buf)} bytes",
+            )
+        return cls(*cls.STRUCT.unpack_from(buf, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class FileHeader:
+    """The stream's first 8 bytes: be32 QEMU_VM_FILE_MAGIC, be32 QEMU_VM_FILE_VERSION."""
+
+    magic: int = QEMU_VM_FILE_MAGIC
+    version: int = QEMU_VM_FILE_VERSION
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(">II")
+    SIZE: ClassVar[int] = STRUCT.size
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.magic, self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class SectionFooter:
+    """QEMU_VM_SECTION_FOOTER + be32 section_id, as save_section_footer()."""
+
+    section_id: int
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(">BI")
+    SIZE: ClassVar[int] = STRUCT.size
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(QEMU_VM_SECTION_FOOTER, self.section_id)
+

@@ -1,0 +1,192 @@
+"""Device state after the RAM section: the vmdesc trailer and the FULL device sections.
+
+Device sections are vmstate-encoded; their lengths are not in the stream. QEMU writes
+one vmdesc JSON entry per FULL section, in stream order (vmstate_save in savevm.c),
+so the sections are delimited by walking the entries: each section must start with
+``0x04 be32 section_id u8 len idstr be32 instance_id be32 version_id`` naming the
+entry, and end with the footer ``0x7e be32 section_id`` right before the next
+entry's header (or the QEMU_VM_EOF byte that ends the device state).
+
+References:
+    QEMU migration/savevm.c (vmstate_save, qemu_savevm_state_complete_precopy_non_iterable,
+    qemu_savevm_state_end_precopy: the vmdesc trailer), scripts/analyze-migration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from mappedram.errors import FormatError, TruncatedError
+
+from .constants import QEMU_VM_EOF, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL, QEMU_VM_VMDESCRIPTION
+
+__all__ = ["DeviceSection", "VmDesc", "find_vmdesc", "parse_vmdesc", "split_device_sections"]
+
+
+@dataclass(frozen=True, slots=True)
+class VmDesc:
+    """The QEMU_VM_VMDESCRIPTION trailer: ``0x06 be32 len json``, ending the file."""
+
+    offset: int
+    json_offset: int
+    raw: bytes
+    data: dict[str, Any]
+
+    @property
+    def devices(self) -> list[dict[str, Any]]:
+        devices = self.data.get("devices", [])
+        return devices if isinstance(devices, list) else []
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSection:
+    """One FULL device section; ``offset`` is its type byte, ``end`` is past its footer."""
+
+    offset: int
+    end: int
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    body_offset: int
+    body_length: int
+
+
+def find_vmdesc(tail: bytes | memoryview, base: int) -> VmDesc | None:
+    """Find the trailer in ``tail`` (the file's last bytes; ``tail[0]`` is at offset ``base``).
+
+    The trailer is the position ``p`` with ``tail[p] == 0x06`` and
+    ``be32(tail[p+1:p+5]) == len(tail) - (p + 5)``. JSON text has no 0x06 byte, so the
+    first such position found scanning backwards is the trailer. Returns None if absent.
+    """
+    data = bytes(tail)
+    size = len(data)
+    p = data.rfind(bytes([QEMU_VM_VMDESCRIPTION]))
+    while p >= 0:
+        if p + 5 <= size and struct.unpack_from(">I", data, p + 1)[0] == size - (p + 5):
+            return parse_vmdesc(data[p + 5 :], offset=base + p)
+        p = data.rfind(bytes([QEMU_VM_VMDESCRIPTION]), 0, p)
+    return None
+
+
+def parse_vmdesc(raw: bytes, *, offset: int) -> VmDesc:
+    """Decode the trailer's JSON text (``raw``), whose 0x06 byte is at ``offset``."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(
+            "vmdesc trailer is not valid JSON",
+            offset=offset + 5,
+            field="vmdesc",
+            expected="a JSON object",
+            actual=str(exc),
+        ) from None
+    if not isinstance(data, dict):
+        raise FormatError("vmdesc trailer is not a JSON object", offset=offset + 5, field="vmdesc")
+    return VmDesc(offset=offset, json_offset=offset + 5, raw=raw, data=data)
+
+
+def _section_header(blob: bytes, pos: int) -> tuple[int, str, int, int, int] | None:
+    """Decode a FULL section header at ``pos``: (section_id, idstr, instance_id, version_id, end)."""
+    if pos + 6 > len(blob) or blob[pos] != QEMU_VM_SECTION_FULL:
+        return None
+    section_id = struct.unpack_from(">I", blob, pos + 1)[0]
+    n = blob[pos + 5]
+    end = pos + 6 + n + 8
+    if n == 0 or end > len(blob):
+        return None
+    try:
+        idstr = blob[pos + 6 : pos + 6 + n].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    instance_id, version_id = struct.unpack_from(">II", blob, pos + 6 + n)
+    return section_id, idstr, instance_id, version_id, end
+
+
+def split_device_sections(blob: bytes, base: int, devices: list[dict[str, Any]]) -> list[DeviceSection]:
+    """Delimit the FULL sections of ``blob`` (device state ending in QEMU_VM_EOF) with ``devices``.
+
+    ``blob[0]`` sits at absolute offset ``base``. Raises FormatError where the stream and
+    the vmdesc disagree.
+    """
+    if not blob or blob[-1] != QEMU_VM_EOF:
+        raise FormatError(
+            "device state does not end with QEMU_VM_EOF",
+            offset=base + max(len(blob) - 1, 0),
+            field="QEMU_VM_EOF",
+            expected=0,
+            actual=blob[-1] if blob else "end of file",
+        )
+    sections: list[DeviceSection] = []
+    pos = 0
+    last = len(blob) - 1  # index of the EOF byte
+    for index, device in enumerate(devices):
+        name = device.get("name") if isinstance(device, dict) else None
+        instance = device.get("instance_id") if isinstance(device, dict) else None
+        header = _section_header(blob, pos)
+        if header is None or header[1] != name or header[2] != instance:
+            raise FormatError(
+                f"device section {index} does not match the vmdesc",
+                offset=base + pos,
+                field="section header",
+                expected=f"FULL section {name!r} instance {instance}",
+                actual=(f"{header[1]!r} instance {header[2]}" if header else blob[pos : pos + 16]),
+            )
+        section_id, idstr, instance_id, version_id, body = header
+        footer = bytes([QEMU_VM_SECTION_FOOTER]) + struct.pack(">I", section_id)
+        nxt = devices[index + 1] if index + 1 < len(devices) else None
+        end = _find_section_end(blob, body, footer, nxt, last)
+        if end is None:
+            raise FormatError(
+                f"cannot find the end of device section {idstr!r}",
+                offset=base + pos,
+                field="QEMU_VM_SECTION_FOOTER",
+                expected=(f"footer, then section {nxt.get('name')!r}" if isinstance(nxt, dict) else "footer, then EOF"),
+                actual="no such footer",
+            )
+        sections.append(
+            DeviceSection(
+                offset=base + pos,
+                end=base + end,
+                section_id=section_id,
+                idstr=idstr,
+                instance_id=instance_id,
+                version_id=version_id,
+                body_offset=base + body,
+                body_length=end - len(footer) - body,
+            )
+        )
+        pos = end
+    if pos != last:
+        raise FormatError(
+            "device state continues past the sections the vmdesc lists",
+            offset=base + pos,
+            field="QEMU_VM_EOF",
+            expected=f"EOF after {len(devices)} sections",
+            actual=blob[pos : pos + 16],
+        )
+    return sections
+
+
+def _find_section_end(blob: bytes, body: int, footer: bytes, nxt: Any, last: int) -> int | None:
+    at = blob.find(footer, body)
+    while at >= 0:
+        end = at + len(footer)
+        if nxt is None:
+            if end == last:
+                return end
+        else:
+            header = _section_header(blob, end)
+            if header is not None and header[1] == nxt.get("name") and header[2] == nxt.get("instance_id"):
+                return end
+        at = blob.find(footer, at + 1)
+    return None
+
+
+def truncated_tail(offset: int, needed: int) -> TruncatedError:
+    return TruncatedError(
+        "file ends inside the device state", offset=offset, field="device state", expected=f"{needed} more bytes"
+    )

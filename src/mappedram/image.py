@@ -1,0 +1,386 @@
+"""Read side: open a QEMU migration file (mapped-ram or legacy) and read its RAM lazily.
+
+:func:`open_file` decodes the whole stream structure up front (headers, block list,
+bitmaps or the legacy page index, device-state bounds, vmdesc) and checks it; page
+data is read only on demand. The stream codec never sees a file: this module feeds it
+bytes and attaches the path to its errors.
+
+References:
+    QEMU migration/ram.c (ram_load_precopy, parse_ramblock_mapped_ram,
+    read_ramblock_mapped_ram), migration/savevm.c (qemu_loadvm_state).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from mappedram.engine.copy import gather_pages
+from mappedram.engine.fileio import file_size, open_read, pread_upto
+from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
+from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
+from mappedram.format.constants import QEMU_VM_EOF
+from mappedram.format.stream import (
+    NEED_DATA,
+    Command,
+    Configuration,
+    Decoder,
+    DeviceStateStart,
+    MemSize,
+    RamBlockEntry,
+    RamEos,
+    RamPage,
+    SectionFooterEvent,
+    SectionHeader,
+)
+from mappedram.format.vmstate import DeviceSection, VmDesc, find_vmdesc, split_device_sections
+from mappedram.layout import BlockLayout, check_layout
+
+__all__ = ["MigrationFile", "RamBlock", "SectionRecord", "open_file", "MAX_DEVICE_STATE"]
+
+#: Device state (and vmdesc) is read into memory; anything larger is refused.
+MAX_DEVICE_STATE = 256 << 20
+_FEED_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SectionRecord:
+    """A RAM section or command of the stream, as listed by ``info``."""
+
+    offset: int
+    kind: str  # START, PART, END, COMMAND
+    section_id: int | None
+    idstr: str | None
+
+
+@dataclass(slots=True)
+class RamBlock:
+    """One RAMBlock of the file.
+
+    ``sources(first, count)`` gives the file offset of each page's bytes, -1 for a page
+    that reads as zeros: a mapped-ram page whose bitmap bit is 0 (whatever its slot
+    holds), or a legacy page last sent as ZERO or never sent.
+    """
+
+    idstr: str
+    used_length: int
+    page_size: int
+    entry_offset: int
+    gpa: int | None = None
+    layout: BlockLayout | None = None  # mapped-ram only
+    bitmap: Bits | None = None  # mapped-ram: the file's bitmap
+    legacy_sources: npt.NDArray[np.int64] | None = None  # legacy: data offset per page or -1
+    legacy_records: int = 0  # legacy: page records seen for this block, all passes
+    skipped: bool = False  # x-ignore-shared block with no pages in the file
+
+    @property
+    def num_pages(self) -> int:
+        return self.used_length // self.page_size
+
+    @property
+    def present(self) -> Bits:
+        """Pages whose bytes are in the file."""
+        if self.bitmap is not None:
+            return self.bitmap
+        if self.legacy_sources is not None:
+            return self.legacy_sources >= 0
+        return np.zeros(self.num_pages, dtype=np.bool_)
+
+    @property
+    def pages_present(self) -> int:
+        return int(np.count_nonzero(self.present))
+
+    @property
+    def pages_zero(self) -> int:
+        return self.num_pages - self.pages_present
+
+    def sources(self, first: int = 0, count: int | None = None) -> npt.NDArray[np.int64]:
+        count = self.num_pages - first if count is None else count
+        if first < 0 or count < 0 or first + count > self.num_pages:
+            raise UsageError(f"pages {first}..{first + count} outside block {self.idstr!r} of {self.num_pages} pages")
+        if self.layout is not None and self.bitmap is not None:
+            idx = np.arange(first, first + count, dtype=np.int64)
+            out = self.layout.pages_offset + idx * self.page_size
+            out[~self.bitmap[first : first + count]] = -1
+            return out
+        if self.legacy_sources is not None:
+            return self.legacy_sources[first : first + count].copy()
+        return np.full(count, -1, dtype=np.int64)
+
+
+@dataclass(slots=True)
+class MigrationFile:
+    """A decoded migration file; page data stays on disk until read."""
+
+    path: str
+    start_offset: int
+    file_size: int
+    configuration: Configuration
+    ram_section_id: int
+    mem_size: int
+    blocks: list[RamBlock]
+    sections: list[SectionRecord]
+    device_state_offset: int
+    device_state_length: int
+    vmdesc: VmDesc | None
+    device_sections: list[DeviceSection] | None
+    _fd: int = field(default=-1, repr=False)
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def machine_type(self) -> str | None:
+        return self.configuration.machine_type
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return self.configuration.capabilities
+
+    @property
+    def mapped_ram(self) -> bool:
+        return self.configuration.mapped_ram
+
+    @property
+    def format_name(self) -> str:
+        return "mapped-ram" if self.mapped_ram else "legacy"
+
+    @property
+    def page_size(self) -> int:
+        return self.configuration.page_size
+
+    def block(self, idstr: str) -> RamBlock:
+        for b in self.blocks:
+            if b.idstr == idstr:
+                return b
+        names = ", ".join(repr(b.idstr) for b in self.blocks)
+        raise UsageError(f"{self.path}: no RAM block {idstr!r} (blocks: {names})")
+
+    @property
+    def main_block(self) -> RamBlock:
+        """The guest's main RAM: the largest block (QEMU lists blocks largest first)."""
+        return max(self.blocks, key=lambda b: b.used_length)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def readinto(self, block: RamBlock | str, first_page: int, out: memoryview | bytearray) -> None:
+        """Fill ``out`` (a whole number of pages) with the block's pages from ``first_page`` on."""
+        b = self.block(block) if isinstance(block, str) else block
+        view = memoryview(out).cast("B")
+        if len(view) % b.page_size:
+            raise UsageError(f"buffer of {len(view)} bytes is not a whole number of {b.page_size}-byte pages")
+        count = len(view) // b.page_size
+        gather_pages(self._fd, self.path, b.sources(first_page, count), b.page_size, view)
+
+    def read_pages(self, block: RamBlock | str, first_page: int, count: int = 1) -> bytes:
+        b = self.block(block) if isinstance(block, str) else block
+        buf = bytearray(count * b.page_size)
+        self.readinto(b, first_page, buf)
+        return bytes(buf)
+
+    def iter_chunks(self, block: RamBlock | str, chunk_pages: int = 2048) -> Iterator[tuple[int, bytes]]:
+        """Yield (first_page, bytes) over the whole block, ``chunk_pages`` pages at a time."""
+        b = self.block(block) if isinstance(block, str) else block
+        for first in range(0, b.num_pages, chunk_pages):
+            yield first, self.read_pages(b, first, min(chunk_pages, b.num_pages - first))
+
+    def device_state(self) -> bytes:
+        """The device sections and the QEMU_VM_EOF byte, as one opaque blob."""
+        data = pread_upto(self._fd, self.device_state_length, self.device_state_offset, self.path)
+        if len(data) != self.device_state_length:
+            raise TruncatedError("file shrank while open", offset=self.device_state_offset, path=self.path)
+        return data
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> MigrationFile:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_file(path: str | os.PathLike[str], offset: int = 0, *, require_vmdesc: bool | None = None) -> MigrationFile:
+    """Open and decode the migration stream that starts at ``offset`` in ``path``.
+
+    ``offset`` is the ``file:PATH,offset=N`` start; offsets inside the stream are
+    absolute and are never shifted by it. ``require_vmdesc`` (default: when the stream
+    has a configuration section, as every x86 QEMU writes) rejects a file without the
+    vmdesc trailer, which is how a cut-off device state shows.
+    """
+    path = os.fspath(path)
+    fd = open_read(path)
+    try:
+        mf = _decode(fd, path, offset, require_vmdesc)
+    except FormatError as exc:
+        os.close(fd)
+        raise exc.with_path(path) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    mf._fd = fd
+    return mf
+
+
+def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> MigrationFile:
+    size = file_size(fd, path)
+    if start < 0 or start >= size:
+        raise TruncatedError(
+            "no stream at the start offset", offset=start, field="offset", expected=f"< file size {size:#x}"
+        )
+    dec = Decoder(start_offset=start)
+    config: Configuration | None = None
+    ram_id: int | None = None
+    mem_size = 0
+    blocks: list[RamBlock] = []
+    by_name: dict[str, RamBlock] = {}
+    sections: list[SectionRecord] = []
+    page_size = 0
+    device_at: int | None = None
+    while device_at is None:
+        event = dec.next_event()
+        if event is NEED_DATA:
+            at = dec.feed_offset
+            dec.feed(pread_upto(fd, _FEED_CHUNK, at, path) if at < size else b"")
+            continue
+        if isinstance(event, RamPage):
+            b = by_name[event.idstr]
+            assert b.legacy_sources is not None
+            b.legacy_sources[event.addr // page_size] = -1 if event.data_offset is None else event.data_offset
+            b.legacy_records += 1
+        elif isinstance(event, Configuration):
+            config = event
+            page_size = config.page_size
+        elif isinstance(event, SectionHeader):
+            sections.append(SectionRecord(event.offset, event.section_type.name, event.section_id, event.idstr))
+            ram_id = event.section_id
+        elif isinstance(event, MemSize):
+            mem_size = event.total
+        elif isinstance(event, RamBlockEntry):
+            b = _block_from_entry(event, page_size, config)
+            blocks.append(b)
+            by_name[b.idstr] = b
+        elif isinstance(event, Command):
+            sections.append(SectionRecord(event.offset, "COMMAND", None, f"cmd {event.cmd}"))
+        elif isinstance(event, DeviceStateStart):
+            device_at = event.offset
+        elif isinstance(event, (RamEos, SectionFooterEvent)):
+            pass
+    assert config is not None and ram_id is not None
+
+    mapped = [b.layout for b in blocks if b.layout is not None]
+    check_layout(mapped, stream_start=start, file_size=size)
+    for b in blocks:
+        if b.layout is not None:
+            _load_bitmap(fd, path, b)
+
+    tail_len = size - device_at
+    if tail_len > MAX_DEVICE_STATE:
+        raise UnsupportedError(
+            "device state and vmdesc are too large",
+            offset=device_at,
+            field="device state",
+            expected=f"<= {MAX_DEVICE_STATE:#x} bytes",
+            actual=tail_len,
+        )
+    tail = pread_upto(fd, tail_len, device_at, path)
+    vmdesc = find_vmdesc(tail, device_at)
+    device_sections: list[DeviceSection] | None = None
+    if vmdesc is not None:
+        blob = tail[: vmdesc.offset - device_at]
+        device_sections = split_device_sections(blob, device_at, vmdesc.devices)
+        device_len = len(blob)
+    else:
+        if require_vmdesc is None:
+            require_vmdesc = config.machine_type is not None
+        if require_vmdesc or not tail or tail[-1] != QEMU_VM_EOF:
+            raise TruncatedError(
+                "no vmdesc trailer at the end of the file: the device state is cut off",
+                offset=size,
+                field="QEMU_VM_VMDESCRIPTION",
+                expected="0x06 be32 len, JSON, ending the file",
+                actual="end of file",
+            )
+        device_len = tail_len
+    return MigrationFile(
+        path=path,
+        start_offset=start,
+        file_size=size,
+        configuration=config,
+        ram_section_id=ram_id,
+        mem_size=mem_size,
+        blocks=blocks,
+        sections=sections,
+        device_state_offset=device_at,
+        device_state_length=device_len,
+        vmdesc=vmdesc,
+        device_sections=device_sections,
+    )
+
+
+def _block_from_entry(entry: RamBlockEntry, page_size: int, config: Configuration | None) -> RamBlock:
+    b = RamBlock(
+        idstr=entry.idstr,
+        used_length=entry.used_length,
+        page_size=page_size,
+        entry_offset=entry.offset,
+        gpa=entry.gpa,
+    )
+    if entry.header is None:
+        b.legacy_sources = np.full(b.num_pages, -1, dtype=np.int64)
+        return b
+    if config is not None and config.ignore_shared and entry.skipped:
+        b.skipped = True
+        b.bitmap = np.zeros(b.num_pages, dtype=np.bool_)
+        return b
+    assert entry.header_offset is not None
+
+    b.layout = BlockLayout(
+        idstr=entry.idstr,
+        used_length=entry.used_length,
+        page_size=entry.header.page_size,
+        entry_offset=entry.offset,
+        header_offset=entry.header_offset,
+        bitmap_offset=entry.header.bitmap_offset,
+        bitmap_size=bitmap_size(entry.used_length // entry.header.page_size, HOST_WORD_SIZE),
+        pages_offset=entry.header.pages_offset,
+    )
+    return b
+
+
+# reference: read_ramblock_mapped_ram ("Error reading dirty bitmap", "page outside of ramblock")
+def _load_bitmap(fd: int, path: str, b: RamBlock) -> None:
+    lay = b.layout
+    assert lay is not None
+    raw = pread_upto(fd, lay.bitmap_size, lay.bitmap_offset, path)
+    if len(raw) != lay.bitmap_size:
+        raise TruncatedError(
+            "Error reading dirty bitmap",
+            offset=lay.bitmap_offset,
+            field="bitmap",
+            expected=f"{lay.bitmap_size} bytes",
+            actual=f"{len(raw)} bytes",
+            block=b.idstr,
+        )
+    beyond = padding_bits_set(raw, b.num_pages, word_size=HOST_WORD_SIZE, byteorder=HOST_BYTE_ORDER)
+    if beyond >= 0:
+        raise LayoutError(
+            "bitmap marks a page outside of the RAM block",
+            offset=lay.bitmap_offset + beyond // 8,
+            field="bitmap",
+            expected=f"bits only below num_pages {b.num_pages}",
+            actual=f"bit {beyond}",
+            block=b.idstr,
+        )
+    b.bitmap = decode_bitmap(raw, b.num_pages, word_size=HOST_WORD_SIZE, byteorder=HOST_BYTE_ORDER)

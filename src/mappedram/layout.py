@@ -1,0 +1,149 @@
+"""The one place where mapped-ram file offsets are computed and checked (pure, no I/O).
+
+The writer asks :func:`plan_mapped_ram` where every block entry, header, bitmap and
+page region goes; the reader builds the same :class:`BlockLayout` from the offsets a
+file states and hands it to :func:`check_layout`, which rejects what no valid file
+can hold (overlaps, misalignment, regions past the end of the file).
+
+References:
+    QEMU migration/ram.c (mapped_ram_setup_ramblock, ram_save_setup,
+    parse_ramblock_mapped_ram), docs/devel/migration/mapped-ram.rst.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mappedram.errors import LayoutError
+from mappedram.format.bitmap import HOST_WORD_SIZE, bitmap_size
+from mappedram.format.constants import MAPPED_RAM_FILE_OFFSET_ALIGNMENT, TARGET_PAGE_SIZE
+from mappedram.format.structs import MappedRamHeader
+
+__all__ = ["BlockLayout", "RamLayout", "round_up", "plan_mapped_ram", "check_layout", "entry_size"]
+
+
+def round_up(value: int, alignment: int) -> int:
+    """ROUND_UP(value, alignment) for a power-of-two or any positive alignment."""
+    return (value + alignment - 1) // alignment * alignment
+
+
+def entry_size(idstr: str, *, with_gpa: bool = False) -> int:
+    """Bytes of a MEM_SIZE list entry before its MappedRamHeader: u8 len, idstr, be64 used_length."""
+    return 1 + len(idstr.encode("utf-8")) + 8 + (8 if with_gpa else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockLayout:
+    """Where one RAMBlock's pieces sit in the file (absolute offsets)."""
+
+    idstr: str
+    used_length: int
+    page_size: int
+    entry_offset: int
+    header_offset: int
+    bitmap_offset: int
+    bitmap_size: int
+    pages_offset: int
+
+    @property
+    def num_pages(self) -> int:
+        return self.used_length // self.page_size
+
+    @property
+    def end(self) -> int:
+        """Where the next block entry (or the EOS) starts: pages_offset + used_length."""
+        return self.pages_offset + self.used_length
+
+    def page_offset(self, index: int) -> int:
+        return self.pages_offset + index * self.page_size
+
+    def header(self) -> MappedRamHeader:
+        return MappedRamHeader(1, self.page_size, self.bitmap_offset, self.pages_offset)
+
+
+@dataclass(frozen=True, slots=True)
+class RamLayout:
+    blocks: tuple[BlockLayout, ...]
+    eos_offset: int  # the RAM START section's EOS, right after the last page region
+
+
+# reference: ram_save_setup, mapped_ram_setup_ramblock
+def plan_mapped_ram(
+    blocks: Sequence[tuple[str, int]],
+    *,
+    entries_offset: int,
+    page_size: int = TARGET_PAGE_SIZE,
+    alignment: int = MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    word_size: int = HOST_WORD_SIZE,
+    with_gpa: bool = False,
+) -> RamLayout:
+    """Lay out ``blocks`` ((idstr, used_length), in stream order) as QEMU's writer does.
+
+    ``entries_offset`` is the absolute offset of the first entry (right after the
+    MEM_SIZE word). The bitmap follows the header; the page region starts at the next
+    ``alignment`` boundary of the absolute offset; the next entry follows the page region.
+    """
+    if alignment % page_size:
+        raise ValueError(f"alignment {alignment:#x} is not a multiple of the page size {page_size:#x}")
+    pos = entries_offset
+    out = []
+    for idstr, used_length in blocks:
+        if used_length <= 0 or used_length % page_size:
+            raise ValueError(f"block {idstr!r}: used_length {used_length:#x} is not a multiple of {page_size:#x}")
+        header_offset = pos + entry_size(idstr, with_gpa=with_gpa)
+        bitmap_offset = header_offset + MappedRamHeader.SIZE
+        size = bitmap_size(used_length // page_size, word_size)
+        pages_offset = round_up(bitmap_offset + size, alignment)
+        block = BlockLayout(idstr, used_length, page_size, pos, header_offset, bitmap_offset, size, pages_offset)
+        out.append(block)
+        pos = block.end
+    return RamLayout(blocks=tuple(out), eos_offset=pos)
+
+
+# reference: parse_ramblock_mapped_ram (alignment), read_ramblock_mapped_ram (bounds)
+def check_layout(blocks: Sequence[BlockLayout], *, stream_start: int, file_size: int) -> None:
+    """Raise LayoutError unless every region is aligned, inside the file and disjoint.
+
+    Regions are each block's entry + header, its bitmap and its page region; all of
+    them must lie in ``[stream_start, file_size)``.
+    """
+    regions: list[tuple[int, int, str, str]] = []
+    for b in blocks:
+        if b.pages_offset % b.page_size:
+            raise LayoutError(
+                "region has bad alignment",
+                offset=b.header_offset + 20,
+                field="pages_offset",
+                expected=f"multiple of {b.page_size:#x}",
+                actual=b.pages_offset,
+                block=b.idstr,
+            )
+        header_end = b.header_offset + MappedRamHeader.SIZE
+        regions.append((b.entry_offset, header_end, "header", b.idstr))
+        regions.append((b.bitmap_offset, b.bitmap_offset + b.bitmap_size, "bitmap", b.idstr))
+        regions.append((b.pages_offset, b.end, "pages", b.idstr))
+        for start, end, name, field in (
+            (b.bitmap_offset, b.bitmap_offset + b.bitmap_size, "bitmap", "bitmap_offset"),
+            (b.pages_offset, b.end, "page region", "pages_offset"),
+        ):
+            if start < stream_start or end > file_size:
+                raise LayoutError(
+                    f"{name} lies outside the file",
+                    offset=b.header_offset + (12 if field == "bitmap_offset" else 20),
+                    field=field,
+                    expected=f"{stream_start:#x} <= region, end <= file size {file_size:#x}",
+                    actual=f"{start:#x}..{end:#x}",
+                    block=b.idstr,
+                )
+    regions.sort()
+    for (s1, e1, n1, b1), (s2, e2, n2, b2) in zip(regions, regions[1:]):
+        if s2 < e1:
+            raise LayoutError(
+                f"{n2} of block {b2!r} overlaps the {n1} of block {b1!r}",
+                offset=s2,
+                field=f"{n2}",
+                expected=f"to start at or after {e1:#x}",
+                actual=f"{s2:#x}..{e2:#x}",
+                block=b2,
+            )

@@ -25,6 +25,8 @@ __all__ = [
     "pwrite_full",
     "pwritev_full",
     "opened",
+    "allocated_bytes",
+    "create_sparse",
 ]
 
 #: Linux UIO_MAXIOV: the most iovecs one preadv/pwritev call takes.
@@ -143,3 +145,23 @@ def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
     if rest and n:
         rest[0] = rest[0][n:]
     return rest
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes the file occupies on disk (st_blocks * 512): what holes save."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError as exc:
+        raise _fail(exc, "stat", path) from None
+
+
+def create_sparse(path: str, size: int, *, mode: int = 0o644) -> None:
+    """Create (or truncate) ``path`` as a hole of ``size`` bytes."""
+    fd = open_write(path, mode=mode)
+    try:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise _fail(exc, "truncate", path, 0, size) from None
+    finally:
+        os.close(fd)

@@ -368,11 +368,11 @@ class Decoder:
         if self._state is _State.DONE:
             raise RuntimeError("decoder is done: the device state follows")
         while True:
-            start = self._pos
+            start, state = self._pos, self._state
             try:
                 event = self._step()
             except _NeedData as need:
-                self._pos = start
+                self._pos, self._state = start, state
                 if self._eof:
                     raise TruncatedError(
                         f"stream ends inside the {need.field}",
@@ -402,7 +402,7 @@ class Decoder:
         raise AssertionError(state)
 
     # reference: qemu_loadvm_state (header checks)
-    def _read_file_header(self) -> Event:
+    def _read_file_header(self) -> None:
         cur = self._pos
         magic, cur = self._be32(cur, "file magic")
         if magic != QEMU_VM_FILE_MAGIC:
@@ -425,7 +425,7 @@ class Decoder:
             )
         self._pos = cur
         self._state = _State.CONFIGURATION
-        return self._read_configuration()
+        return None
 
     # reference: qemu_loadvm_state (QEMU_VM_CONFIGURATION), vmstate_configuration
     def _read_configuration(self) -> Event:

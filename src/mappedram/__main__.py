@@ -1,0 +1,5 @@
+import sys
+
+from mappedram.cli import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""Command line: ``mappedram info|verify|extract``. Renders report objects; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from mappedram import __version__, ops
+from mappedram.errors import MappedRamError, UsageError
+
+__all__ = ["main", "parse_size", "parse_target"]
+
+_SIZE = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)([bBkKmMgGtTpPeE]?)$")
+_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str) -> int:
+    """QEMU's size syntax for ``offset=``: decimal, 0x hex, or a binary suffix (1M = 1048576)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"invalid size {text!r}: expected e.g. 4096, 0x1000 or 1M")
+    digits, suffix = m.groups()
+    if digits.lower().startswith("0x"):
+        if suffix:
+            raise UsageError(f"invalid size {text!r}: hex takes no suffix")
+        return int(digits, 16)
+    return int(digits) << _SUFFIX[suffix.lower()]
+
+
+def parse_target(text: str, offset: str | None) -> tuple[str, int]:
+    """Accept ``PATH`` or QEMU's ``file:PATH[,offset=N]``; ``--offset`` wins over the URI's."""
+    path, uri_offset = text, 0
+    if text.startswith("file:"):
+        path = text[len("file:") :]
+        cut = path.find(",offset=")
+        if cut >= 0:
+            uri_offset = parse_size(path[cut + len(",offset=") :])
+            path = path[:cut]
+    return path, parse_size(offset) if offset is not None else uri_offset
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def _hex(n: int | None) -> str:
+    return "-" if n is None else f"{n:#x}"
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def render_info(r: ops.InfoReport) -> str:
+    lines = [
+        f"file: {r.path}",
+        f"format: {r.format}",
+        f"machine type: {r.machine_type or '(no configuration section)'}",
+        f"capabilities: {', '.join(r.capabilities) or '(none)'}",
+        f"file size: {_human(r.file_size)} ({r.file_size} bytes); on disk {_human(r.allocated_bytes)}",
+        f"stream offset: {r.offset:#x}",
+        f"page size: {r.page_size}",
+        f"RAM section: id {r.ram_section_id}, MEM_SIZE {_human(r.mem_size)} ({r.mem_size} bytes), "
+        f"{r.part_sections} PART section(s), SWITCHOVER_START {'yes' if r.switchover_start else 'no'}",
+        "RAM blocks:",
+    ]
+    name_w = max([len(b.idstr) for b in r.blocks] + [5])
+    if r.format == "mapped-ram":
+        lines.append(
+            f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  {'bitmap_offset':>13}  {'pages_offset':>12}"
+        )
+        for b in r.blocks:
+            lines.append(
+                f"  {b.idstr:<{name_w}}  {_human(b.used_length):>10}  {b.pages_present:>9}  {b.pages_zero:>9}  "
+                f"{_hex(b.bitmap_offset):>13}  {_hex(b.pages_offset):>12}"
+            )
+    else:
+        lines.append(f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  {'records':>9}")
+        for b in r.blocks:
+            lines.append(
+                f"  {b.idstr:<{name_w}}  {_human(b.used_length):>10}  {b.pages_present:>9}  {b.pages_zero:>9}  "
+                f"{b.page_records or 0:>9}"
+            )
+    dev = f"device state: offset {r.device_state_offset:#x}, {r.device_state_length} bytes"
+    if r.devices is not None:
+        dev += f", {len(r.devices)} sections"
+    lines.append(dev)
+    for d in r.devices or []:
+        lines.append(
+            f"  {d.idstr} (instance {d.instance_id}, section {d.section_id}, version {d.version_id}): "
+            f"{d.length} bytes at {d.offset:#x}"
+        )
+    if r.vmdesc_offset is not None:
+        lines.append(f"vmdesc: offset {r.vmdesc_offset:#x}, {r.vmdesc_length} bytes of JSON")
+    else:
+        lines.append("vmdesc: none")
+    return "\n".join(lines)
+
+
+def render_verify(r: ops.VerifyReport) -> str:
+    if r.ok:
+        lines = [f"{r.path}: OK ({r.format})"]
+        lines += [f"  checked: {c}" for c in r.checks]
+        lines += [f"  note: {n}" for n in r.notes]
+        lines.append("  not checkable: page contents (the format has no checksums)")
+        return "\n".join(lines)
+    return f"{r.error_text}"
+
+
+def render_extract(r: ops.ExtractReport) -> str:
+    lines = [
+        f"{b.idstr}: {b.path} ({_human(b.used_length)}, {b.pages_written} pages written, rest are holes)"
+        for b in r.blocks
+    ]
+    lines.append(f"{_human(r.bytes_read_logical)} in {r.seconds:.2f} s ({r.gbps:.2f} GB/s, {r.channels} channels)")
+    return "\n".join(lines)
+
+
+# -- progress --------------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(enabled: bool, label: str) -> Iterator[tuple[Callable[[int], None] | None, Callable[[int], None] | None]]:
+    """A tqdm bar on a terminal (bytes, with rate); nothing otherwise."""
+    if not enabled:
+        yield None, None
+        return
+    from tqdm import tqdm
+
+    bar: list[Any] = []
+
+    def start(total: int) -> None:
+        bar.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, leave=False))
+
+    def update(n: int) -> None:
+        if bar:
+            bar[0].update(n)
+
+    try:
+        yield update, start
+    finally:
+        if bar:
+            bar[0].close()
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, report: Any, render: Callable[[Any], str]) -> None:
+    if args.output == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render(report))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    _emit(args, ops.info(path, offset), render_info)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    report = ops.verify(path, offset)
+    if args.output == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        print(render_verify(report))
+    else:
+        print(f"mappedram: {render_verify(report)}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
+    with _progress(show, "extract") as (update, start):
+        report = ops.extract(
+            path,
+            args.o,
+            block=args.block,
+            all_blocks=args.all,
+            offset=offset,
+            channels=args.channels,
+            progress=update,
+            on_start=start,
+        )
+    _emit(args, report, render_extract)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mappedram", description="QEMU migration files (mapped-ram and legacy): inspect, verify, extract."
+    )
+    parser.add_argument("--version", action="version", version=f"mappedram {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", metavar="FILE", help="migration file, or QEMU's file:PATH[,offset=N]")
+        p.add_argument("--offset", metavar="N", help="where the stream starts in FILE (e.g. 4096, 0x1000, 1M)")
+        p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
+
+    p = sub.add_parser("info", help="describe a migration file")
+    common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check a migration file's structure; exit 1 at the first problem")
+    common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("extract", help="write RAM blocks as raw images (sparse where pages are zero)")
+    common(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--block", metavar="NAME", help="the block's idstr, e.g. pc.ram")
+    which.add_argument("--all", action="store_true", help="every block, into the directory -o")
+    p.add_argument("-o", metavar="OUT", required=True, help="output file (--block) or directory (--all)")
+    p.add_argument("--channels", type=int, default=min(4, os.cpu_count() or 1), help="parallel readers")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()
+        return code
+    except MappedRamError as exc:
+        if args.traceback:
+            raise
+        if getattr(args, "output", None) == "json":
+            print(json.dumps(exc.to_dict(), indent=2, default=str))
+        print(f"mappedram: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: stop quietly, as a Unix tool should.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("mappedram: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Operations: compose the reader, the layout planner and the engine; return reports.
+
+Nothing here prints: the CLI renders the report objects (``to_dict()`` for JSON).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mappedram.engine.copy import PageCopy, SparseCopyChannel
+from mappedram.engine.executor import run_tasks
+from mappedram.engine.fileio import allocated_bytes, create_sparse
+from mappedram.errors import FormatError, UsageError
+from mappedram.image import MigrationFile, RamBlock, open_file
+from mappedram.layout import plan_mapped_ram
+
+__all__ = [
+    "BlockInfo",
+    "DeviceInfo",
+    "InfoReport",
+    "Problem",
+    "VerifyReport",
+    "ExtractedBlock",
+    "ExtractReport",
+    "info",
+    "verify",
+    "extract",
+    "safe_filename",
+    "EXTRACT_CHUNK_PAGES",
+]
+
+Progress = Callable[[int], None]
+
+#: Pages one extract task reads at once (8 MiB of 4 KiB pages).
+EXTRACT_CHUNK_PAGES = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    idstr: str
+    used_length: int
+    num_pages: int
+    pages_present: int
+    pages_zero: int
+    entry_offset: int
+    bitmap_offset: int | None = None
+    bitmap_size: int | None = None
+    pages_offset: int | None = None
+    gpa: int | None = None
+    page_records: int | None = None  # legacy: records over all passes
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    idstr: str
+    instance_id: int
+    section_id: int
+    version_id: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class InfoReport:
+    path: str
+    offset: int
+    file_size: int
+    allocated_bytes: int
+    format: str
+    machine_type: str | None
+    capabilities: list[str]
+    page_size: int
+    ram_section_id: int
+    mem_size: int
+    part_sections: int
+    switchover_start: bool
+    blocks: list[BlockInfo]
+    device_state_offset: int
+    device_state_length: int
+    devices: list[DeviceInfo] | None
+    vmdesc_offset: int | None
+    vmdesc_length: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _block_info(b: RamBlock) -> BlockInfo:
+    lay = b.layout
+    return BlockInfo(
+        idstr=b.idstr,
+        used_length=b.used_length,
+        num_pages=b.num_pages,
+        pages_present=b.pages_present,
+        pages_zero=b.pages_zero,
+        entry_offset=b.entry_offset,
+        bitmap_offset=lay.bitmap_offset if lay else None,
+        bitmap_size=lay.bitmap_size if lay else None,
+        pages_offset=lay.pages_offset if lay else None,
+        gpa=b.gpa,
+        page_records=None if b.legacy_sources is None else b.legacy_records,
+    )
+
+
+def _info_from(mf: MigrationFile) -> InfoReport:
+    devices = None
+    if mf.device_sections is not None:
+        devices = [
+            DeviceInfo(d.idstr, d.instance_id, d.section_id, d.version_id, d.offset, d.end - d.offset)
+            for d in mf.device_sections
+        ]
+    return InfoReport(
+        path=mf.path,
+        offset=mf.start_offset,
+        file_size=mf.file_size,
+        allocated_bytes=allocated_bytes(mf.path),
+        format=mf.format_name,
+        machine_type=mf.machine_type,
+        capabilities=list(mf.capabilities),
+        page_size=mf.page_size,
+        ram_section_id=mf.ram_section_id,
+        mem_size=mf.mem_size,
+        part_sections=sum(1 for s in mf.sections if s.kind == "PART"),
+        switchover_start=any(s.kind == "COMMAND" for s in mf.sections),
+        blocks=[_block_info(b) for b in mf.blocks],
+        device_state_offset=mf.device_state_offset,
+        device_state_length=mf.device_state_length,
+        devices=devices,
+        vmdesc_offset=mf.vmdesc.offset if mf.vmdesc else None,
+        vmdesc_length=len(mf.vmdesc.raw) if mf.vmdesc else None,
+    )
+
+
+def info(path: str | os.PathLike[str], offset: int = 0) -> InfoReport:
+    """Describe a migration file, in the manner of ``qemu-img info``."""
+    with open_file(path, offset) as mf:
+        return _info_from(mf)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    message: str
+    offset: int | None
+    field: str | None = None
+    expected: str | None = None
+    actual: str | None = None
+    block: str | None = None
+    error: str = "FormatError"
+
+    @classmethod
+    def from_error(cls, exc: FormatError) -> Problem:
+        return cls(
+            message=exc.message,
+            offset=exc.offset,
+            field=exc.field,
+            expected=None if exc.expected is None else str(exc.expected),
+            actual=None if exc.actual is None else str(exc.actual),
+            block=exc.block,
+            error=type(exc).__name__,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    path: str
+    offset: int
+    ok: bool
+    format: str | None
+    checks: list[str]
+    problems: list[Problem]
+    notes: list[str] = field(default_factory=list)
+    error_text: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_STRUCTURE_CHECKS = [
+    "stream header: QEVM magic, version 3",
+    "configuration section: machine type, capabilities",
+    "RAM section: START/PART/END framing, section ids, footers",
+    "MEM_SIZE total equals the sum of the block lengths",
+    "RAM records: only flags valid for the format; legacy pages inside their block",
+    "mapped-ram headers: version 1, page size, page regions page-aligned",
+    "regions inside the file and disjoint (headers, bitmaps, page regions)",
+    "bitmaps readable, no bit past the end of a block",
+    "device state delimited by the vmdesc, ends with QEMU_VM_EOF",
+    "vmdesc trailer is valid JSON and ends the file",
+]
+
+
+def verify(path: str | os.PathLike[str], offset: int = 0) -> VerifyReport:
+    """Check the whole structure of a file; the report names the first problem found.
+
+    QEMU's format has no checksums of page data: what a page holds cannot be checked.
+    """
+    spath = os.fspath(path)
+    try:
+        mf = open_file(spath, offset)
+    except FormatError as exc:
+        return VerifyReport(spath, offset, False, None, [], [Problem.from_error(exc)], error_text=str(exc))
+    with mf:
+        problems: list[Problem] = []
+        notes: list[str] = []
+        checks = list(_STRUCTURE_CHECKS)
+        _check_device_ids(mf, problems)
+        _check_vmdesc_page_size(mf, problems)
+        if mf.mapped_ram:
+            _note_layout(mf, notes)
+        if not mf.vmdesc:
+            notes.append("no vmdesc trailer: device sections not delimited")
+        checks.append("device section ids unique and distinct from the RAM section's")
+        ok = not problems
+        text = None if ok else _problem_text(spath, problems[0])
+        return VerifyReport(spath, offset, ok, mf.format_name, checks, problems, notes, text)
+
+
+def _problem_text(path: str, p: Problem) -> str:
+    exc = FormatError(p.message, offset=p.offset, field=p.field, expected=p.expected, actual=p.actual, path=path)
+    return str(exc)
+
+
+def _check_device_ids(mf: MigrationFile, problems: list[Problem]) -> None:
+    seen: dict[int, str] = {mf.ram_section_id: "ram"}
+    for d in mf.device_sections or []:
+        if d.section_id in seen:
+            problems.append(
+                Problem(
+                    "section id used twice",
+                    d.offset + 1,
+                    "section_id",
+                    expected=f"an id not used by {seen[d.section_id]!r}",
+                    actual=str(d.section_id),
+                    block=None,
+                )
+            )
+            return
+        seen[d.section_id] = d.idstr
+
+
+def _check_vmdesc_page_size(mf: MigrationFile, problems: list[Problem]) -> None:
+    if mf.vmdesc is None:
+        return
+    ps = mf.vmdesc.data.get("page_size")
+    if ps is not None and ps != mf.page_size:
+        problems.append(
+            Problem("vmdesc page_size differs from the stream's", mf.vmdesc.json_offset, "page_size",
+                    expected=str(mf.page_size), actual=str(ps))
+        )
+
+
+def _note_layout(mf: MigrationFile, notes: list[str]) -> None:
+    """Say where a file departs from the layout QEMU's writer produces (legal, but unusual)."""
+    laid = [b for b in mf.blocks if b.layout is not None]
+    if not laid or any(b.skipped for b in mf.blocks):
+        return
+    plan = plan_mapped_ram(
+        [(b.idstr, b.used_length) for b in laid],
+        entries_offset=laid[0].entry_offset,
+        page_size=mf.page_size,
+        with_gpa=mf.configuration.ignore_shared,
+    )
+    for want, b in zip(plan.blocks, laid):
+        assert b.layout is not None
+        if want != b.layout:
+            notes.append(
+                f"block {b.idstr!r}: layout differs from QEMU's writer "
+                f"(bitmap {b.layout.bitmap_offset:#x}, pages {b.layout.pages_offset:#x}; "
+                f"QEMU would use {want.bitmap_offset:#x}, {want.pages_offset:#x})"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractedBlock:
+    idstr: str
+    path: str
+    used_length: int
+    bytes_written: int
+    pages_written: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractReport:
+    source: str
+    blocks: list[ExtractedBlock]
+    bytes_read_logical: int
+    seconds: float
+    channels: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read_logical / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gbps"] = self.gbps
+        return d
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
+
+
+def safe_filename(idstr: str, taken: set[str] | None = None) -> str:
+    """A file name for a block's raw image: no '/', no leading dot, no '..', unique in ``taken``."""
+    name = _UNSAFE.sub("_", idstr).strip("._") or "block"
+    name = name.replace("..", "_")
+    base = f"{name}.raw"
+    out = base
+    n = 1
+    while taken is not None and out in taken:
+        n += 1
+        out = f"{name}-{n}.raw"
+    if taken is not None:
+        taken.add(out)
+    return out
+
+
+def extract(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    block: str | None = None,
+    all_blocks: bool = False,
+    offset: int = 0,
+    channels: int = 2,
+    progress: Progress | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> ExtractReport:
+    """Write raw images of RAM blocks: ``block`` to the file ``output``, or every block into the
+    directory ``output``. Zero pages (and pages whose bit is 0) stay holes.
+    """
+    if (block is None) == (not all_blocks):
+        raise UsageError("give exactly one of a block name or all blocks")
+    out = os.fspath(output)
+    with open_file(path, offset) as mf:
+        if all_blocks:
+            os.makedirs(out, exist_ok=True)
+            taken: set[str] = set()
+            targets = [(b, os.path.join(out, safe_filename(b.idstr, taken))) for b in mf.blocks]
+        else:
+            assert block is not None
+            targets = [(mf.block(block), out)]
+        total = sum(b.used_length for b, _ in targets)
+        if on_start is not None:
+            on_start(total)
+        start = time.perf_counter()
+        done = [_extract_block(mf, b, dest, channels, progress) for b, dest in targets]
+        seconds = time.perf_counter() - start
+    return ExtractReport(mf.path, done, total, seconds, channels)
+
+
+def _extract_block(mf: MigrationFile, b: RamBlock, dest: str, channels: int, progress: Progress | None) -> ExtractedBlock:
+    create_sparse(dest, b.used_length)
+    tasks = [
+        PageCopy(first * b.page_size, b.sources(first, min(EXTRACT_CHUNK_PAGES, b.num_pages - first)))
+        for first in range(0, b.num_pages, EXTRACT_CHUNK_PAGES)
+        if b.num_pages
+    ]
+    tasks = [t for t in tasks if np.any(t.src_offsets >= 0)] or tasks[:0]
+    made: list[SparseCopyChannel] = []
+
+    def make_channel(_: int) -> SparseCopyChannel:
+        ch = SparseCopyChannel(mf.path, dest, b.page_size, EXTRACT_CHUNK_PAGES)
+        made.append(ch)
+        return ch
+
+    skipped = (b.num_pages - sum(len(t.src_offsets) for t in tasks)) * b.page_size
+    if progress is not None and skipped:
+        progress(skipped)
+    run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=progress)
+    written = sum(ch.written for ch in made)
+    return ExtractedBlock(b.idstr, dest, b.used_length, written, written // b.page_size)

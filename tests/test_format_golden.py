@@ -1,0 +1,138 @@
+"""Golden bytes for every record type, checked both ways (encode, and decode split anywhere)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mappedram.errors import FormatError, TruncatedError
+from mappedram.format import stream as s
+from mappedram.format.constants import MIG_CMD_SWITCHOVER_START
+from mappedram.format.structs import MappedRamHeader
+
+# QEMU 10.0.2, -M pc -m 128M -nodefaults, mapped-ram: the first 0xa2 bytes (spec §10.1)
+PC_HEAD = bytes.fromhex(
+    "5145564d00000003"  # QEVM, version 3
+    "070000000e" + b"pc-i440fx-10.0".hex()  # configuration
+    + "051a" + b"configuration/capabilities".hex() + "00000001" + "00000001" + "0a" + b"mapped-ram".hex()
+    + "0100000001" + "03" + b"ram".hex() + "00000000" + "00000004"  # START 'ram' id 1
+    + "0000000008082004"  # MEM_SIZE 0x8082000
+    + "06" + b"pc.ram".hex() + "0000000008000000"  # entry: pc.ram, used_length
+    + "00000001" + "0000000000001000" + "000000000000008e" + "0000000000100000"  # MappedRamHeader
+)
+
+ACPI_ENTRY = bytes.fromhex(
+    "14" + b"/rom@etc/acpi/tables".hex() + "0000000000020000"
+    + "00000001" + "0000000000001000" + "0000000008100039" + "0000000008200000"
+)
+
+GOLDEN = [
+    ("file header", s.encode_file_header(), "5145564d00000003"),
+    ("configuration", s.encode_configuration("pc-i440fx-10.0", ("mapped-ram",)), PC_HEAD[8:0x4A].hex()),
+    ("configuration legacy", s.encode_configuration("pc-q35-10.0"), "070000000b" + b"pc-q35-10.0".hex()),
+    ("section start", s.encode_section_start(1, "ram", 0, 4), "010000000103" + b"ram".hex() + "0000000000000004"),
+    ("section full", s.encode_section_full(0, "timer", 0, 2), "010000000005".replace("01", "04", 1) + b"timer".hex() + "0000000000000002"),
+    ("section part", s.encode_section_part(1), "0200000001"),
+    ("section end", s.encode_section_end(1), "0300000001"),
+    ("footer", s.encode_footer(1), "7e00000001"),
+    ("switchover start", s.encode_command(MIG_CMD_SWITCHOVER_START), "08000b0000"),
+    ("mem size", s.encode_mem_size(0x8082000), "0000000008082004"),
+    ("eos", s.encode_eos(), "0000000000000010"),
+    ("mapped-ram header", MappedRamHeader(1, 4096, 0x8E, 0x100000).pack(), PC_HEAD[-28:].hex()),
+    ("block entry", s.encode_ram_block_entry("/rom@etc/acpi/tables", 0x20000, header=MappedRamHeader(1, 4096, 0x8100039, 0x8200000)), ACPI_ENTRY.hex()),
+    ("page", s.encode_page_record("pc.ram", 0x5000, b"\xab" * 4096), "0000000000005008" + "06" + b"pc.ram".hex() + "ab" * 4096),
+    ("page continue", s.encode_page_record(None, 0x6000, b"\xcd" * 4096), "0000000000006028" + "cd" * 4096),
+    ("zero page", s.encode_page_record("pc.ram", 0x7000, None), "0000000000007002" + "06" + b"pc.ram".hex() + "00"),
+    ("zero continue", s.encode_page_record(None, 0x8000, None), "000000000000802200"),
+    ("vmdesc", s.encode_vmdesc(b'{"page_size": 4096}'), "0600000013" + b'{"page_size": 4096}'.hex()),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "hexbytes"), GOLDEN, ids=[g[0] for g in GOLDEN])
+def test_golden_encoding(name, data, hexbytes):
+    assert data.hex() == hexbytes
+
+
+def _events(data: bytes, *, split: int | None = None, start: int = 0) -> list[s.Event]:
+    """Decode ``data`` fed whole, or in pieces of ``split`` bytes, always from ``feed_offset``."""
+    dec = s.Decoder(start_offset=start)
+    step = len(data) if split is None else split
+    out: list[s.Event] = []
+    while True:
+        ev = dec.next_event()
+        if ev is s.NEED_DATA:
+            at = dec.feed_offset - start
+            dec.feed(data[at : at + step])
+            continue
+        out.append(ev)
+        if isinstance(ev, s.DeviceStateStart):
+            return out
+
+
+def test_decode_qemu_head_and_golden_records():
+    total = 0x8000000
+    head = bytearray(PC_HEAD)
+    head[0x5B:0x63] = s.encode_mem_size(total)
+    stream = bytearray(head) + bytes(0x100000 - len(head))
+    tail_at = 0x100000 + total
+    tail = s.encode_eos() + s.encode_footer(1) + s.encode_section_part(1) + s.encode_eos() + s.encode_footer(1)
+    tail += s.encode_command(MIG_CMD_SWITCHOVER_START) + s.encode_section_end(1) + s.encode_eos() + s.encode_footer(1)
+    tail += s.encode_section_full(0, "timer", 0, 2)
+    # the decoder jumps over the page region: feed only the bytes around it
+    dec = s.Decoder()
+    dec.feed(bytes(stream))
+    events = []
+    while True:
+        ev = dec.next_event()
+        if ev is s.NEED_DATA:
+            assert dec.feed_offset == tail_at
+            dec.feed(tail)
+            continue
+        events.append(ev)
+        if isinstance(ev, s.DeviceStateStart):
+            break
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == [
+        "Configuration", "SectionHeader", "MemSize", "RamBlockEntry", "RamEos", "SectionFooterEvent",
+        "SectionHeader", "RamEos", "SectionFooterEvent", "Command", "SectionHeader", "RamEos",
+        "SectionFooterEvent", "DeviceStateStart",
+    ]
+    config, start_hdr, mem, entry = events[:4]
+    assert config.machine_type == "pc-i440fx-10.0" and config.capabilities == ("mapped-ram",)
+    assert config.end_offset == 0x4A
+    assert start_hdr.offset == 0x4A and start_hdr.section_id == 1 and start_hdr.version_id == 4
+    assert mem.total == total
+    assert entry.idstr == "pc.ram" and entry.header_offset == 0x72
+    assert entry.header == MappedRamHeader(1, 4096, 0x8E, 0x100000)
+    assert events[4].offset == tail_at
+    assert events[-1].offset == tail_at + len(tail) - len(s.encode_section_full(0, "timer", 0, 2))
+
+
+@pytest.mark.parametrize("split", [None, 1, 3, 7, 64])
+def test_decode_legacy_any_split(split):
+    from streams import legacy_stream
+
+    data = bytes(range(256)) * 16
+    stream = legacy_stream([("pc.ram", data + bytes(4096))], [[("pc.ram", 1, data), ("pc.ram", 0, None)]])
+    events = _events(stream, split=split)
+    pages = [e for e in events if isinstance(e, s.RamPage)]
+    assert [(p.addr, p.data_offset is None, p.flags & 0x20 != 0) for p in pages] == [
+        (0, False, False), (0x1000, True, True), (0x1000, False, False), (0, True, True),
+    ]
+    for p in pages:
+        if p.data_offset is not None:
+            assert stream[p.data_offset : p.data_offset + 4096] == data
+
+
+def test_truncated_everywhere_in_head():
+    for cut in range(0, 0x62):
+        with pytest.raises(TruncatedError) as info:
+            _events(PC_HEAD[:cut])
+        assert info.value.offset is not None and info.value.offset <= cut
+
+
+def test_decoder_errors_are_format_errors_with_offsets():
+    bad = bytearray(PC_HEAD)
+    bad[0x73] = 2  # MappedRamHeader.version 2 (be32 at 0x72)
+    with pytest.raises(FormatError, match="version not supported") as info:
+        _events(bytes(bad))
+    assert info.value.offset == 0x72 and info.value.block == "pc.ram"

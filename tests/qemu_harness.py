@@ -410,7 +410,9 @@ class QemuVM:
         if self._qmp is not None:
             self.events.extend(dict(e) for e in self._qmp.events.clear())
 
-    def configure_migration(self, capabilities: Mapping[str, bool] | None, parameters: Mapping[str, Any] | None) -> None:
+    def configure_migration(
+        self, capabilities: Mapping[str, bool] | None, parameters: Mapping[str, Any] | None
+    ) -> None:
         """Set migration capabilities (plus ``events``) and parameters (plus ``max-bandwidth``)."""
         caps = {"events": True, **(capabilities or {})}
         self.cmd(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -63,9 +64,10 @@ LEGACY = Variant("legacy")
 VARIANTS = [MAPPED_RAM, MULTIFD4, DIRECT_IO, OFFSET, LEGACY]
 
 
+@functools.cache
 def _pattern() -> npt.NDArray[np.uint8]:
     """The test-vector pattern plus zero pages with one non-zero byte (first, last, and inner bytes)."""
-    ram = pattern_ram(RAM_MIB << 20).copy()
+    ram = pattern_ram(RAM_MIB << 20)
     pages = ram.reshape(-1, PAGE_SIZE)
     zero = np.flatnonzero(~pages.any(axis=1))
     # Page 0 and the last page, plus some zero pages of the pattern, each get one byte.
@@ -75,23 +77,13 @@ def _pattern() -> npt.NDArray[np.uint8]:
     for page, byte in marks.items():
         pages[page] = 0
         pages[page, byte] = 0x5A
+    ram.flags.writeable = False
     return ram
 
 
-@pytest.fixture(scope="module")
-def qemu_binary() -> str:
-    return require_qemu()
-
-
-@pytest.fixture(scope="module")
-def pattern(qemu_binary: str) -> npt.NDArray[np.uint8]:
-    return _pattern()
-
-
-@pytest.fixture
-def src_ram(tmp_path: Path, pattern: npt.NDArray[np.uint8]) -> Path:
+def _src_ram(tmp_path: Path) -> Path:
     path = tmp_path / "src.ram"
-    pattern.tofile(path)
+    _pattern().tofile(path)
     return path
 
 
@@ -110,9 +102,9 @@ def _save(qemu_binary: str, machine: str, ram: Path, out: Path, variant: Variant
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
 @pytest.mark.parametrize("machine", MACHINES)
-def test_read_qemu_saved_file(
-    qemu_binary: str, tmp_path: Path, src_ram: Path, pattern: npt.NDArray[np.uint8], machine: str, variant: Variant
-) -> None:
+def test_read_qemu_saved_file(tmp_path: Path, machine: str, variant: Variant) -> None:
+    qemu_binary = require_qemu()
+    pattern, src_ram = _pattern(), _src_ram(tmp_path)
     out = tmp_path / "vm.mig"
     _save(qemu_binary, machine, src_ram, out, variant)
     offset = variant.offset or 0
@@ -134,9 +126,9 @@ def test_read_qemu_saved_file(
 
 @pytest.mark.parametrize("variant", [MAPPED_RAM, MULTIFD4, OFFSET, LEGACY], ids=lambda v: v.name)
 @pytest.mark.parametrize("machine", MACHINES)
-def test_qemu_loads_what_it_saved(
-    qemu_binary: str, tmp_path: Path, src_ram: Path, pattern: npt.NDArray[np.uint8], machine: str, variant: Variant
-) -> None:
+def test_qemu_loads_what_it_saved(tmp_path: Path, machine: str, variant: Variant) -> None:
+    qemu_binary = require_qemu()
+    src_ram = _src_ram(tmp_path)
     out = tmp_path / "vm.mig"
     _save(qemu_binary, machine, src_ram, out, variant)
     dst_ram = tmp_path / "dst.ram"
@@ -150,7 +142,9 @@ def test_qemu_loads_what_it_saved(
     assert mismatch is None, f"{variant.name} on {machine}: destination RAM differs from the source: {mismatch}"
 
 
-def test_load_failure_reports_qemu_error(qemu_binary: str, tmp_path: Path, src_ram: Path) -> None:
+def test_load_failure_reports_qemu_error(tmp_path: Path) -> None:
+    qemu_binary = require_qemu()
+    src_ram = _src_ram(tmp_path)
     out = tmp_path / "vm.mig"
     _save(qemu_binary, "q35", src_ram, out, MAPPED_RAM)
     with (

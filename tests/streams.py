@@ -41,8 +41,13 @@ def device_state() -> tuple[bytes, bytes]:
     desc = {
         "page_size": PAGE,
         "devices": [
-            {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2,
-             "fields": [{"name": "data", "type": "buffer", "size": 16}]}
+            {
+                "name": "timer",
+                "instance_id": 0,
+                "vmsd_name": "timer",
+                "version": 2,
+                "fields": [{"name": "data", "type": "buffer", "size": 16}],
+            }
         ],
     }
     text = json.dumps(desc, separators=(", ", ": ")).encode()

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import INDEX, vector_meta
 
+from conftest import INDEX, vector_meta
 from mappedram.cli import parse_size, parse_target
 from mappedram.ops import safe_filename
 

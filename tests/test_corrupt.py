@@ -8,12 +8,12 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from patterns import random_pages
-from streams import PAGE, RAM_ID, legacy_stream, mapped_ram_stream
 
 import mappedram
 from mappedram import ops
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError
+from patterns import random_pages
+from streams import PAGE, RAM_ID, legacy_stream, mapped_ram_stream
 
 DATA = random_pages(16, 0.4, 7).tobytes()
 SMALL = random_pages(2, 0.0, 8).tobytes()

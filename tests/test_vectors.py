@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import INDEX, VECTORS, vector_meta
 
 import mappedram
+from conftest import INDEX, VECTORS, vector_meta
 from mappedram import ops
 
 

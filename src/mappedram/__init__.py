@@ -9,15 +9,31 @@ from __future__ import annotations
 
 from mappedram.errors import (
     BadMagicError as BadMagicError,
+)
+from mappedram.errors import (
     FormatError as FormatError,
+)
+from mappedram.errors import (
     IOEngineError as IOEngineError,
+)
+from mappedram.errors import (
     LayoutError as LayoutError,
+)
+from mappedram.errors import (
     MappedRamError as MappedRamError,
+)
+from mappedram.errors import (
     TruncatedError as TruncatedError,
+)
+from mappedram.errors import (
     UnsupportedError as UnsupportedError,
+)
+from mappedram.errors import (
     UsageError as UsageError,
 )
-from mappedram.image import MigrationFile as MigrationFile, RamBlock as RamBlock, open_file as open_file
+from mappedram.image import MigrationFile as MigrationFile
+from mappedram.image import RamBlock as RamBlock
+from mappedram.image import open_file as open_file
 
 __version__ = "0.1.0"
 

@@ -77,7 +77,8 @@ def render_info(r: ops.InfoReport) -> str:
     name_w = max([len(b.idstr) for b in r.blocks] + [5])
     if r.format == "mapped-ram":
         lines.append(
-            f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  {'bitmap_offset':>13}  {'pages_offset':>12}"
+            f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  "
+            f"{'bitmap_offset':>13}  {'pages_offset':>12}"
         )
         for b in r.blocks:
             lines.append(
@@ -130,7 +131,7 @@ def render_extract(r: ops.ExtractReport) -> str:
 
 
 @contextmanager
-def _progress(enabled: bool, label: str) -> Iterator[tuple[Callable[[int], None] | None, Callable[[int], None] | None]]:
+def _progress(enabled: bool, label: str) -> Iterator[tuple[Callable[[int], None] | None, ...]]:
     """A tqdm bar on a terminal (bytes, with rate); nothing otherwise."""
     if not enabled:
         yield None, None

@@ -70,9 +70,7 @@ class FormatError(MappedRamError):
         path: str | None = None,
         block: str | None = None,
     ) -> None:
-        super().__init__(
-            message, offset=offset, field=field, expected=expected, actual=actual, path=path, block=block
-        )
+        super().__init__(message, offset=offset, field=field, expected=expected, actual=actual, path=path, block=block)
         self.offset = offset
         self.field = field
         self.expected = expected

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram.engine.copy import gather_pages
-from mappedram.engine.fileio import file_size, open_read, pread_upto
+from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
@@ -199,8 +199,8 @@ class MigrationFile:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            close_fd(fd, self.path)
 
     def __enter__(self) -> MigrationFile:
         return self
@@ -224,10 +224,10 @@ def open_file(path: str | os.PathLike[str], offset: int = 0, *, require_vmdesc: 
     try:
         mf = _decode(fd, path, offset, require_vmdesc)
     except FormatError as exc:
-        os.close(fd)
+        close_fd(fd, path)
         raise exc.with_path(path) from None
     except BaseException:
-        os.close(fd)
+        close_fd(fd, path)
         raise
     mf._fd = fd
     return mf

@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -137,7 +138,7 @@ def check_layout(blocks: Sequence[BlockLayout], *, stream_start: int, file_size:
                     block=b.idstr,
                 )
     regions.sort()
-    for (s1, e1, n1, b1), (s2, e2, n2, b2) in zip(regions, regions[1:]):
+    for (_, e1, n1, b1), (s2, e2, n2, b2) in itertools.pairwise(regions):
         if s2 < e1:
             raise LayoutError(
                 f"{n2} of block {b2!r} overlaps the {n1} of block {b1!r}",

@@ -251,8 +251,13 @@ def _check_vmdesc_page_size(mf: MigrationFile, problems: list[Problem]) -> None:
     ps = mf.vmdesc.data.get("page_size")
     if ps is not None and ps != mf.page_size:
         problems.append(
-            Problem("vmdesc page_size differs from the stream's", mf.vmdesc.json_offset, "page_size",
-                    expected=str(mf.page_size), actual=str(ps))
+            Problem(
+                "vmdesc page_size differs from the stream's",
+                mf.vmdesc.json_offset,
+                "page_size",
+                expected=str(mf.page_size),
+                actual=str(ps),
+            )
         )
 
 
@@ -356,7 +361,9 @@ def extract(
     return ExtractReport(mf.path, done, total, seconds, channels)
 
 
-def _extract_block(mf: MigrationFile, b: RamBlock, dest: str, channels: int, progress: Progress | None) -> ExtractedBlock:
+def _extract_block(
+    mf: MigrationFile, b: RamBlock, dest: str, channels: int, progress: Progress | None
+) -> ExtractedBlock:
     create_sparse(dest, b.used_length)
     tasks = [
         PageCopy(first * b.page_size, b.sources(first, min(EXTRACT_CHUNK_PAGES, b.num_pages - first)))

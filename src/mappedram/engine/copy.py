@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from mappedram._runs import bit_runs
 
-from .fileio import open_read, open_write, pread_upto, preadv_full, pwrite_full
+from .fileio import close_fd, open_read, open_write, pread_upto, preadv_full, pwrite_full
 
 __all__ = ["PageCopy", "SparseCopyChannel", "gather_pages"]
 
@@ -93,7 +93,7 @@ def gather_pages(
 def nonzero_pages(buf: memoryview, npages: int, page_size: int) -> npt.NDArray[np.bool_]:
     """Vectorised zero-page detection over ``npages`` pages of ``buf``."""
     words = np.frombuffer(buf, dtype=np.uint64, count=npages * page_size // 8).reshape(npages, page_size // 8)
-    return words.any(axis=1)
+    return np.asarray(words.any(axis=1), dtype=np.bool_)
 
 
 class SparseCopyChannel:
@@ -130,7 +130,10 @@ class SparseCopyChannel:
 
     def close(self) -> None:
         try:
-            os.close(self.dst)
+            close_fd(self.dst, self.dst_path)  # a destination close error is fatal
         finally:
-            os.close(self.src)
+            try:
+                os.close(self.src)
+            except OSError:
+                pass  # a source close error loses nothing
             self.buffer.close()

@@ -65,7 +65,7 @@ def run_tasks(
     def worker(index: int) -> None:
         try:
             channel = make_channel(index)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        except BaseException as exc:
             shared.fail(exc)
             return
         try:
@@ -75,12 +75,12 @@ def run_tasks(
                 if progress is not None:
                     with progress_lock:
                         progress(moved)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        except BaseException as exc:
             shared.fail(exc)
         finally:
             try:
                 channel.close()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 shared.fail(exc)
 
     if channels <= 1:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from mappedram.errors import IOEngineError
 
@@ -24,7 +23,7 @@ __all__ = [
     "preadv_full",
     "pwrite_full",
     "pwritev_full",
-    "opened",
+    "close_fd",
     "allocated_bytes",
     "create_sparse",
 ]
@@ -47,7 +46,9 @@ def open_read(path: str, *, direct: bool = False) -> int:
         raise _fail(exc, "open", path) from None
 
 
-def open_write(path: str, *, create: bool = True, exclusive: bool = False, direct: bool = False, mode: int = 0o644) -> int:
+def open_write(
+    path: str, *, create: bool = True, exclusive: bool = False, direct: bool = False, mode: int = 0o644
+) -> int:
     flags = os.O_WRONLY | os.O_CLOEXEC
     if create:
         flags |= os.O_CREAT
@@ -61,12 +62,12 @@ def open_write(path: str, *, create: bool = True, exclusive: bool = False, direc
         raise _fail(exc, "open", path) from None
 
 
-@contextmanager
-def opened(fd: int) -> Iterator[int]:
+def close_fd(fd: int, path: str) -> None:
+    """Close ``fd``; a failure (e.g. EIO from a delayed write) is an error about ``path``."""
     try:
-        yield fd
-    finally:
         os.close(fd)
+    except OSError as exc:
+        raise _fail(exc, "close", path) from None
 
 
 def file_size(fd: int, path: str) -> int:

@@ -100,4 +100,3 @@ def encode_bitmap(
     if byteorder == "big":
         packed = packed.reshape(-1, word_size)[:, ::-1].reshape(-1)
     return packed.tobytes()
-

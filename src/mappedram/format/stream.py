@@ -116,7 +116,7 @@ MAX_MACHINE_NAME = 256
 MAX_CAPABILITIES = 64
 
 
-class NEED_DATA:  # noqa: N801 - sentinel class, as h11
+class NEED_DATA:
     """Returned by :meth:`Decoder.next_event` when more bytes must be fed."""
 
 
@@ -345,9 +345,7 @@ class Decoder:
         try:
             return raw.decode("utf-8"), cur
         except UnicodeDecodeError:
-            raise FormatError(
-                "name is not valid UTF-8", offset=self._abs(start + 1), field=what, actual=raw
-            ) from None
+            raise FormatError("name is not valid UTF-8", offset=self._abs(start + 1), field=what, actual=raw) from None
 
     def _abs(self, cur: int) -> int:
         return self._base + cur
@@ -388,7 +386,8 @@ class Decoder:
     def _step(self) -> Event | None:
         state = self._state
         if state is _State.FILE_HEADER:
-            return self._read_file_header()
+            self._read_file_header()
+            return None
         if state is _State.CONFIGURATION:
             return self._read_configuration()
         if state is _State.SECTION:
@@ -975,4 +974,3 @@ def encode_page_record(idstr: str | None, addr: int, data: bytes | None) -> byte
 
 def encode_vmdesc(json_text: bytes) -> bytes:
     return bytes([QEMU_VM_VMDESCRIPTION]) + be32(len(json_text)) + json_text
-

@@ -104,4 +104,3 @@ class SectionFooter:
 
     def pack(self) -> bytes:
         return self.STRUCT.pack(QEMU_VM_SECTION_FOOTER, self.section_id)
-

@@ -209,8 +209,9 @@ class QemuVM:
 
     ``incoming=True`` starts a destination (``-incoming defer``) on a fresh all-zero
     RAM file; otherwise ``ram_path`` must already hold ``ram_mib`` MiB of guest RAM
-    (a missing file is created all zero). Use as a context manager; QEMU is always
-    killed on exit. ``timeout`` bounds start-up and every QMP command.
+    (a missing file is created all zero). Use as a context manager: on exit QEMU
+    gets ``quit`` and is killed if it lingers. ``timeout`` bounds start-up and every
+    QMP command; QEMU's output goes to ``log_path`` and into every QemuError.
     """
 
     def __init__(
@@ -260,8 +261,7 @@ class QemuVM:
 
     @property
     def args(self) -> list[str]:
-        assert self._sock_dir is not None
-        sock = Path(self._sock_dir) / f"{self.name}.qmp"
+        """QEMU's command line."""
         args = [
             self.binary,
             "-nodefaults",
@@ -279,7 +279,7 @@ class QemuVM:
             "-object",
             f"memory-backend-file,id={BACKEND_ID},size={self.ram_size >> 20}M,mem-path={_opt(self.ram_path)},share=on",
             "-qmp",
-            f"unix:{_opt(sock)},server=on,wait=off",
+            f"unix:{_opt(self.socket_path)},server=on,wait=off",
             "-S",
         ]
         if self.incoming:
@@ -295,9 +295,9 @@ class QemuVM:
         """Prepare the RAM file, start QEMU and connect QMP."""
         if self._proc is not None:
             raise QemuError("QEMU is already started")
-        self._prepare_ram()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if len(os.fspath(self.workdir / f"{self.name}.qmp")) <= _SUN_PATH_MAX - 8:
+        self._prepare_ram()
+        if len(os.fspath(self.workdir / f"{self.name}.qmp")) <= _SUN_PATH_MAX:
             self._sock_dir = os.fspath(self.workdir)
         else:
             self._sock_dir = tempfile.mkdtemp(prefix="qmp-")
@@ -380,6 +380,18 @@ class QemuVM:
         except OSError:
             return ""
 
+    def last_error(self) -> str | None:
+        """QEMU's last non-warning message on stderr, without the program-name prefix.
+
+        A failed load's ``error-desc`` is only "load of migration failed: ..."; the
+        reason (e.g. a capability or machine-type mismatch) is printed here.
+        """
+        prefix = f"{Path(self.binary).name}: "
+        for line in reversed(self.stderr.splitlines()):
+            if line.startswith(prefix) and not line.startswith(prefix + "warning:"):
+                return line[len(prefix) :]
+        return None
+
     @property
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
@@ -429,7 +441,10 @@ class QemuVM:
         *,
         timeout: float = 120.0,
     ) -> dict[str, Any]:
-        """Stop the guest and migrate it to ``uri``; return the final ``query-migrate``."""
+        """Stop the guest and migrate it to ``uri``; return the final ``query-migrate``.
+
+        Once a save completes, QEMU refuses another ``migrate`` from the same VM.
+        """
         if self.incoming:
             raise QemuError("save() needs a source VM, not an incoming one")
         self.cmd("stop")
@@ -464,6 +479,9 @@ class QemuVM:
                 return info
             if status in ("failed", "cancelled"):
                 desc = info.get("error-desc", "no error-desc given")
+                cause = self.last_error()
+                if cause and cause not in desc:
+                    desc += f" ({cause})"
                 raise QemuError(f"migration {status}: {desc}", self.stderr)
             if left <= 0:
                 raise QemuError(f"migration not completed after {timeout} s (status {status!r})", self.stderr)

@@ -13,15 +13,49 @@ References:
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mappedram.errors import LayoutError
 from mappedram.format.bitmap import HOST_WORD_SIZE, bitmap_size
-from mappedram.format.constants import MAPPED_RAM_FILE_OFFSET_ALIGNMENT, TARGET_PAGE_SIZE
+from mappedram.format.constants import (
+    CAP_MAPPED_RAM,
+    CAP_X_IGNORE_SHARED,
+    MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    MIG_CMD_SWITCHOVER_START,
+    QEMU_VM_EOF,
+    RAM_SECTION_IDSTR,
+    RAM_SECTION_VERSION_ID,
+    TARGET_PAGE_SIZE,
+)
+from mappedram.format.stream import (
+    encode_command,
+    encode_configuration,
+    encode_eos,
+    encode_file_header,
+    encode_footer,
+    encode_mem_size,
+    encode_ram_block_entry,
+    encode_section_end,
+    encode_section_part,
+    encode_section_start,
+    encode_vmdesc,
+)
 from mappedram.format.structs import MappedRamHeader
 
-__all__ = ["BlockLayout", "RamLayout", "round_up", "plan_mapped_ram", "check_layout", "entry_size"]
+__all__ = [
+    "BlockLayout",
+    "RamLayout",
+    "StreamSpec",
+    "FilePlan",
+    "round_up",
+    "plan_mapped_ram",
+    "plan_file",
+    "check_layout",
+    "entry_size",
+    "machine_has_switchover_start",
+]
 
 
 def round_up(value: int, alignment: int) -> int:
@@ -148,3 +182,79 @@ def check_layout(blocks: Sequence[BlockLayout], *, stream_start: int, file_size:
                 actual=f"{s2:#x}..{e2:#x}",
                 block=b2,
             )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """What a mapped-ram file carries besides page data (a QEMU file's own values, to rewrite it)."""
+
+    machine_type: str
+    capabilities: tuple[str, ...] = (CAP_MAPPED_RAM,)
+    ram_section_id: int = 1
+    parts: int = 1  # PART sections (QEMU writes one per save iteration)
+    switchover_start: bool = True
+    device_state: bytes = bytes([QEMU_VM_EOF])  # FULL device sections + QEMU_VM_EOF
+    vmdesc: bytes | None = None  # the JSON text; None writes none (suppress-vmdesc)
+
+
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    """Every byte of a mapped-ram file but the pages and bitmaps, and where each piece goes.
+
+    Writing order that keeps a cut-off file recognisable as incomplete (never valid):
+    ``head`` at ``start``, each entry, the pages, the bitmaps, then ``tail`` (whose
+    vmdesc ends the file) at ``ram.eos_offset``.
+    """
+
+    start: int
+    head: bytes
+    entries: tuple[tuple[int, bytes], ...]
+    ram: RamLayout
+    tail: bytes
+
+    @property
+    def file_size(self) -> int:
+        return self.ram.eos_offset + len(self.tail)
+
+
+# reference: qemu_savevm_state_header, ram_save_setup, ram_save_iterate, ram_save_complete,
+# qemu_savevm_state_complete_precopy (the order QEMU writes a file migration in)
+def plan_file(
+    blocks: Sequence[tuple[str, int]],
+    spec: StreamSpec,
+    *,
+    start: int = 0,
+    page_size: int = TARGET_PAGE_SIZE,
+    alignment: int = MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+) -> FilePlan:
+    if CAP_MAPPED_RAM not in spec.capabilities:
+        raise ValueError("a mapped-ram file needs the mapped-ram capability")
+    if CAP_X_IGNORE_SHARED in spec.capabilities:
+        raise ValueError("x-ignore-shared files are not written (QEMU 10.x cannot load them)")
+    sid = spec.ram_section_id
+    head = (
+        encode_file_header()
+        + encode_configuration(spec.machine_type, spec.capabilities)
+        + encode_section_start(sid, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION_ID)
+        + encode_mem_size(sum(size for _, size in blocks))
+    )
+    ram = plan_mapped_ram(blocks, entries_offset=start + len(head), page_size=page_size, alignment=alignment)
+    entries = tuple(
+        (b.entry_offset, encode_ram_block_entry(b.idstr, b.used_length, header=b.header())) for b in ram.blocks
+    )
+    tail = bytearray(encode_eos() + encode_footer(sid))
+    for _ in range(spec.parts):
+        tail += encode_section_part(sid) + encode_eos() + encode_footer(sid)
+    if spec.switchover_start:
+        tail += encode_command(MIG_CMD_SWITCHOVER_START)
+    tail += encode_section_end(sid) + encode_eos() + encode_footer(sid)
+    tail += spec.device_state
+    if spec.vmdesc is not None:
+        tail += encode_vmdesc(spec.vmdesc)
+    return FilePlan(start=start, head=head, entries=entries, ram=ram, tail=bytes(tail))
+
+
+def machine_has_switchover_start(machine_type: str) -> bool:
+    """Machine types >= 10.0 send MIG_CMD_SWITCHOVER_START (hw_compat_9_2 turns it off)."""
+    m = re.search(r"-(\d+)\.(\d+)$", machine_type)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (10, 0)

@@ -26,6 +26,11 @@ __all__ = [
     "close_fd",
     "allocated_bytes",
     "create_sparse",
+    "fsync",
+    "fsync_dir",
+    "truncate",
+    "replace",
+    "unlink_quiet",
 ]
 
 #: Linux UIO_MAXIOV: the most iovecs one preadv/pwritev call takes.
@@ -166,3 +171,45 @@ def create_sparse(path: str, size: int, *, mode: int = 0o644) -> None:
         raise _fail(exc, "truncate", path, 0, size) from None
     finally:
         os.close(fd)
+
+
+def fsync(fd: int, path: str) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise _fail(exc, "fsync", path) from None
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory, so that a rename in it is durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _fail(exc, "open", path) from None
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise _fail(exc, "fsync", path) from None
+    finally:
+        os.close(fd)
+
+
+def truncate(fd: int, size: int, path: str) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise _fail(exc, "truncate", path, size) from None
+
+
+def replace(src: str, dst: str) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        raise _fail(exc, "rename", dst) from None
+
+
+def unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,239 @@
+"""Page channels for save and restore: large positioned writes and reads, zero pages as holes.
+
+Write side (:class:`PageWriteChannel`): a task is a range of pages of one source (a
+buffer in memory, or pages read from a file); the channel finds the zero pages with
+numpy, records which pages it wrote in the task's ``bits`` view, and writes the
+non-zero runs with ``os.pwrite`` straight from the source memory. Buffered, every zero
+page stays a hole. With O_DIRECT it writes whole extents instead (runs merged across
+gaps of up to ``merge_gap`` pages, zero pages included: a slot whose bit is 0 may hold
+anything), from page-aligned memory or through an aligned bounce buffer.
+
+Read side (:class:`PageReadChannel`): a task names a destination range and the file
+offset of each page (-1 for a page that reads as zeros). When the pages sit in
+consecutive slots (mapped-ram) one ``os.preadv`` reads an extent with one iovec per
+run: present runs land in the destination, absent runs in a scratch buffer, so the
+destination never receives a stale slot. Absent pages are left untouched, or zeroed.
+
+The channels know nothing of RAM blocks or QEMU; the caller plans the tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from mappedram._runs import bit_runs
+
+from .copy import gather_pages, nonzero_pages
+from .directio import DIRECT_ALIGN, aligned_buffer, is_aligned
+from .fileio import close_fd, open_read, open_write, preadv_full, pwrite_full
+
+__all__ = [
+    "MemoryPages",
+    "FilePages",
+    "PageSource",
+    "WriteTask",
+    "PageWriteChannel",
+    "ReadTask",
+    "PageReadChannel",
+    "merge_runs",
+]
+
+#: Absent gaps longer than this (pages) split a read extent, so large holes are not read.
+READ_SPLIT_GAP = 256
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPages:
+    """Pages held in memory (any buffer: mmap, numpy array, bytearray)."""
+
+    view: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class FilePages:
+    """Pages read from a file: ``offsets(first, count)`` gives each page's file offset or -1."""
+
+    path: str
+    offsets: Callable[[int, int], npt.NDArray[np.int64]]
+
+
+PageSource = MemoryPages | FilePages
+
+
+@dataclass(frozen=True, slots=True)
+class WriteTask:
+    source: int  # index into the channel's sources
+    first_page: int
+    npages: int
+    file_offset: int  # where page ``first_page`` goes
+    bits: npt.NDArray[np.bool_]  # out: True where a page was written (a view of the bitmap)
+
+
+def merge_runs(
+    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], gap: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Merge runs separated by at most ``gap`` pages (vectorised)."""
+    if len(starts) == 0 or gap <= 0:
+        return starts, lengths
+    ends = starts + lengths
+    split = np.flatnonzero(starts[1:] - ends[:-1] > gap) + 1
+    first = np.concatenate(([0], split))
+    last = np.concatenate((split - 1, [len(starts) - 1]))
+    return starts[first], ends[last] - starts[first]
+
+
+class PageWriteChannel:
+    """One writer: its own descriptor on the target (O_DIRECT or not), and its own buffers."""
+
+    def __init__(
+        self,
+        path: str,
+        sources: Sequence[PageSource],
+        page_size: int,
+        max_pages: int,
+        *,
+        direct: bool = False,
+        merge_gap: int = 64,
+    ) -> None:
+        self.path = path
+        self.sources = sources
+        self.page_size = page_size
+        self.direct = direct
+        self.merge_gap = merge_gap
+        self.fd = open_write(path, create=False, direct=direct)
+        self.read_fds: dict[str, int] = {}
+        self.buffer = aligned_buffer(max_pages * page_size)
+        self.pages_written = 0
+        self.bytes_written = 0
+
+    def _pages(self, task: WriteTask) -> memoryview:
+        src = self.sources[task.source]
+        ps = self.page_size
+        if isinstance(src, MemoryPages):
+            return src.view[task.first_page * ps : (task.first_page + task.npages) * ps]
+        fd = self.read_fds.get(src.path)
+        if fd is None:
+            fd = self.read_fds[src.path] = open_read(src.path)
+        out = memoryview(self.buffer)[: task.npages * ps]
+        gather_pages(fd, src.path, src.offsets(task.first_page, task.npages), ps, out)
+        return out
+
+    def run(self, task: WriteTask) -> int:
+        ps = self.page_size
+        view = self._pages(task)
+        keep = nonzero_pages(view, task.npages, ps)
+        task.bits[:] = keep
+        starts, lengths = bit_runs(keep)
+        if self.direct:
+            starts, lengths = merge_runs(starts, lengths, self.merge_gap)
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            data = view[s * ps : (s + n) * ps]
+            if self.direct and not is_aligned(data, DIRECT_ALIGN):
+                # slow path: O_DIRECT needs aligned memory; copy through the bounce buffer
+                bounce = memoryview(self.buffer)[: n * ps]
+                if data.obj is not self.buffer:
+                    bounce[:] = data
+                data = bounce
+            pwrite_full(self.fd, data, task.file_offset + s * ps, self.path)
+            self.bytes_written += n * ps
+        self.pages_written += int(np.count_nonzero(keep))
+        return task.npages * ps
+
+    def close(self) -> None:
+        try:
+            close_fd(self.fd, self.path)
+        finally:
+            for fd in self.read_fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.buffer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTask:
+    dest: int  # index into the channel's destinations
+    first_page: int
+    src_offsets: npt.NDArray[np.int64]  # file offset of each page, -1 = reads as zeros
+    zero_absent: bool = False
+
+
+class PageReadChannel:
+    """One reader: its own descriptor on the file, a scratch buffer for absent slots."""
+
+    def __init__(
+        self,
+        path: str,
+        destinations: Sequence[memoryview],
+        page_size: int,
+        max_pages: int,
+        *,
+        direct: bool = False,
+    ) -> None:
+        self.path = path
+        self.dests = destinations
+        self.page_size = page_size
+        self.direct = direct
+        self.fd = open_read(path, direct=direct)
+        self.scratch = aligned_buffer(max_pages * page_size)
+        self.pages_read = 0
+
+    def run(self, task: ReadTask) -> int:
+        ps = self.page_size
+        n = len(task.src_offsets)
+        dest = self.dests[task.dest][task.first_page * ps : (task.first_page + n) * ps]
+        present = task.src_offsets >= 0
+        idx = np.flatnonzero(present)
+        if task.zero_absent:
+            pages = np.frombuffer(dest, dtype=np.uint8).reshape(n, ps)
+            pages[~present] = 0
+        if idx.size == 0:
+            return n * ps
+        base = int(task.src_offsets[idx[0]]) - int(idx[0]) * ps
+        contiguous = np.array_equal(task.src_offsets[idx], base + idx.astype(np.int64) * ps)
+        if contiguous and (not self.direct or is_aligned(dest, DIRECT_ALIGN)):
+            self._read_extents(dest, present, base)  # fast path
+        else:
+            self._read_bounced(dest, task.src_offsets, present)  # slow path
+        self.pages_read += int(idx.size)
+        return n * ps
+
+    def _read_extents(self, dest: memoryview, present: npt.NDArray[np.bool_], base: int) -> None:
+        ps = self.page_size
+        scratch = memoryview(self.scratch)
+        p_starts, p_lens = bit_runs(present)
+        # One extent per group of present runs separated by short absent gaps.
+        e_starts, e_lens = merge_runs(p_starts, p_lens, READ_SPLIT_GAP)
+        k = 0
+        for es, el in zip(e_starts.tolist(), e_lens.tolist()):
+            iov: list[memoryview] = []
+            pos = es
+            while k < len(p_starts) and p_starts[k] < es + el:
+                s, ln = int(p_starts[k]), int(p_lens[k])
+                if s > pos:
+                    iov.append(scratch[: (s - pos) * ps])  # absent slots: discarded
+                iov.append(dest[s * ps : (s + ln) * ps])
+                pos = s + ln
+                k += 1
+            preadv_full(self.fd, iov, base + es * ps, self.path)
+
+    def _read_bounced(self, dest: memoryview, src: npt.NDArray[np.int64], present: npt.NDArray[np.bool_]) -> None:
+        ps = self.page_size
+        n = len(src)
+        buf = memoryview(self.scratch)[: n * ps]
+        gather_pages(self.fd, self.path, src, ps, buf)
+        out = np.frombuffer(dest, dtype=np.uint8).reshape(n, ps)
+        out[present] = np.frombuffer(buf, dtype=np.uint8).reshape(n, ps)[present]
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.scratch.close()

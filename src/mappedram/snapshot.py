@@ -1,0 +1,450 @@
+"""Save RAM into a mapped-ram file that QEMU loads, restore it, and re-lay any QEMU file.
+
+save: the layout planner places every piece (:func:`mappedram.layout.plan_file`); the
+head and block entries are written on the main descriptor, pages by N channels
+(:mod:`mappedram.engine.pages`), then the bitmaps, then the tail (END, device state,
+vmdesc) — so a file cut off at any point lacks its vmdesc and never verifies. By
+default the file is written under a temporary name beside the target, fsynced, renamed
+over the target, and the directory fsynced: a failed save leaves nothing at the target.
+
+restore: the whole file is decoded and checked before the first byte of destination
+memory is written; then channels read straight into the destination buffers.
+
+References:
+    QEMU migration/ram.c (ram_save_setup, mapped_ram_setup_ramblock, ram_save_complete,
+    read_ramblock_mapped_ram), migration/multifd-nocomp.c, migration/file.c.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mappedram.engine.directio import probe_direct_io
+from mappedram.engine.executor import run_tasks
+from mappedram.engine.fileio import (
+    close_fd,
+    fsync,
+    fsync_dir,
+    open_write,
+    pwrite_full,
+    replace,
+    truncate,
+    unlink_quiet,
+)
+from mappedram.engine.pages import (
+    FilePages,
+    MemoryPages,
+    PageReadChannel,
+    PageSource,
+    PageWriteChannel,
+    ReadTask,
+    WriteTask,
+)
+from mappedram.errors import IOEngineError, UnsupportedError, UsageError
+from mappedram.format.bitmap import encode_bitmap
+from mappedram.format.constants import CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES
+from mappedram.image import MigrationFile, open_file
+from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file
+
+__all__ = [
+    "DEFAULT_MACHINE",
+    "SaveReport",
+    "RestoreReport",
+    "save",
+    "restore",
+    "rewrite",
+    "default_vmdesc",
+    "TEMP_MARKER",
+]
+
+Progress = Callable[[int], None]
+
+DEFAULT_MACHINE = "pc-q35-10.0"
+#: Pages per channel task (8 MiB of 4 KiB pages).
+CHUNK_PAGES = 2048
+#: Temporary files of saves in progress are named ``.<target>.mappedram-<pid>-<token>.tmp``.
+TEMP_MARKER = ".mappedram-"
+
+
+def default_vmdesc(page_size: int = TARGET_PAGE_SIZE) -> bytes:
+    """The vmdesc of a file with no device sections, in QEMU's JSON style."""
+    return b'{"page_size": %d, "devices": []}' % page_size
+
+
+@dataclass(frozen=True, slots=True)
+class SaveReport:
+    path: str
+    offset: int
+    file_size: int
+    machine_type: str
+    ram_bytes: int
+    pages_written: int
+    pages_zero: int
+    bytes_written: int
+    channels: int
+    direct_io: bool
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def gbps(self) -> float:
+        """RAM bytes saved per second over the whole save."""
+        return self.ram_bytes / self.total_seconds / 1e9 if self.total_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_seconds"] = self.total_seconds
+        d["gbps"] = self.gbps
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreReport:
+    path: str
+    blocks: list[str]
+    skipped_blocks: list[str]
+    ram_bytes: int
+    pages_read: int
+    pages_absent: int
+    channels: int
+    direct_io: bool
+    zero_absent: bool
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def gbps(self) -> float:
+        return self.ram_bytes / self.total_seconds / 1e9 if self.total_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_seconds"] = self.total_seconds
+        d["gbps"] = self.gbps
+        return d
+
+
+def _as_bytes_view(buffer: Any, *, writable: bool, name: str) -> memoryview:
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise UsageError(f"block {name!r}: {type(buffer).__name__} is not a buffer") from None
+    if not view.c_contiguous:
+        raise UsageError(f"block {name!r}: buffer is not contiguous")
+    if writable and view.readonly:
+        raise UsageError(f"block {name!r}: destination buffer is read-only")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _resolve_direct(path: str, direct_io: bool, fallback: bool, notes: list[str]) -> bool:
+    if not direct_io:
+        return False
+    reason = probe_direct_io(os.path.dirname(os.path.abspath(path)) or ".")
+    if reason is None:
+        return True
+    if fallback:
+        notes.append(f"{reason}: wrote through the page cache instead")
+        return False
+    raise IOEngineError(f"{reason} (use buffered I/O, or allow the fallback)", path=path)
+
+
+def save(
+    path: str | os.PathLike[str],
+    blocks: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    *,
+    machine_type: str = DEFAULT_MACHINE,
+    channels: int = 4,
+    direct_io: bool = False,
+    direct_io_fallback: bool = False,
+    offset: int | None = None,
+    device_state: bytes | None = None,
+    vmdesc: bytes | None = None,
+    ram_section_id: int = 1,
+    durable: bool = True,
+    progress: Progress | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> SaveReport:
+    """Save named RAM blocks (any buffers: mmap, numpy array, bytearray) as a mapped-ram file.
+
+    Blocks are written in the order given (QEMU lists them largest first). ``offset``
+    writes in place into ``path`` at that offset, as ``file:PATH,offset=N`` (the file is
+    truncated there first); otherwise the file appears at ``path`` only once complete.
+    ``device_state`` is QEMU's device sections and QEMU_VM_EOF (default: just EOF), with
+    ``vmdesc`` its JSON text (default: one listing no devices).
+    """
+    items = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
+    sources: list[tuple[str, int, PageSource]] = []
+    for name, buf in items:
+        view = _as_bytes_view(buf, writable=False, name=name)
+        if len(view) == 0 or len(view) % TARGET_PAGE_SIZE:
+            raise UsageError(f"block {name!r}: size {len(view)} is not a positive multiple of {TARGET_PAGE_SIZE}")
+        sources.append((name, len(view), MemoryPages(view)))
+    spec = StreamSpec(
+        machine_type=machine_type,
+        ram_section_id=ram_section_id,
+        switchover_start=machine_has_switchover_start(machine_type),
+        device_state=b"\x00" if device_state is None else device_state,
+        vmdesc=default_vmdesc() if vmdesc is None else vmdesc,
+    )
+    return _save(
+        os.fspath(path), sources, spec, offset, channels, direct_io, direct_io_fallback, durable, progress, on_start
+    )
+
+
+def rewrite(
+    source: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    source_offset: int = 0,
+    channels: int = 4,
+    direct_io: bool = False,
+    direct_io_fallback: bool = False,
+    offset: int | None = None,
+    durable: bool = True,
+    progress: Progress | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> SaveReport:
+    """Re-lay any QEMU file (mapped-ram or legacy) as mapped-ram through this writer.
+
+    The machine type, capabilities (plus mapped-ram), RAM section id, section count,
+    device state and vmdesc are kept, so QEMU loads the result (with mapped-ram on)
+    into the same machine. This is also legacy -> mapped-ram conversion.
+    """
+    with open_file(source, source_offset) as mf:
+        spec = spec_from(mf)
+        sources: list[tuple[str, int, PageSource]] = [
+            (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
+        ]
+        return _save(
+            os.fspath(path), sources, spec, offset, channels, direct_io, direct_io_fallback, durable, progress, on_start
+        )
+
+
+def spec_from(mf: MigrationFile) -> StreamSpec:
+    """The non-RAM content of ``mf``, to write it again as mapped-ram."""
+    if mf.machine_type is None:
+        raise UnsupportedError("file has no configuration section (machine type)", offset=mf.start_offset, path=mf.path)
+    if CAP_X_IGNORE_SHARED in mf.capabilities:
+        raise UnsupportedError(
+            "x-ignore-shared files cannot be rewritten",
+            offset=mf.start_offset,
+            path=mf.path,
+            field="capabilities",
+            actual=CAP_X_IGNORE_SHARED,
+        )
+    caps = tuple(c for c in VALIDATED_CAPABILITIES if c in mf.capabilities or c == CAP_MAPPED_RAM)
+    return StreamSpec(
+        machine_type=mf.machine_type,
+        capabilities=caps,
+        ram_section_id=mf.ram_section_id,
+        parts=sum(1 for s in mf.sections if s.kind == "PART"),
+        switchover_start=any(s.kind == "COMMAND" for s in mf.sections),
+        device_state=mf.device_state(),
+        vmdesc=mf.vmdesc.raw if mf.vmdesc is not None else None,
+    )
+
+
+def _temp_name(target: str) -> str:
+    head, tail = os.path.split(os.path.abspath(target))
+    return os.path.join(head, f".{tail}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _save(
+    target: str,
+    sources: list[tuple[str, int, PageSource]],
+    spec: StreamSpec,
+    offset: int | None,
+    channels: int,
+    direct_io: bool,
+    fallback: bool,
+    durable: bool,
+    progress: Progress | None,
+    on_start: Callable[[int], None] | None,
+) -> SaveReport:
+    if not sources:
+        raise UsageError("nothing to save: no RAM blocks")
+    names = [n for n, _, _ in sources]
+    if len(set(names)) != len(names):
+        raise UsageError("block names must be unique")
+    notes: list[str] = []
+    direct = _resolve_direct(target, direct_io, fallback, notes)
+    start = offset or 0
+    plan = plan_file([(n, size) for n, size, _ in sources], spec, start=start)
+    ps = TARGET_PAGE_SIZE
+    in_place = offset is not None
+    work = target if in_place else _temp_name(target)
+    t0 = time.perf_counter()
+    fd = open_write(work, exclusive=not in_place, mode=0o600)
+    try:
+        # reference: file_connect_outgoing (truncate to the start offset, keep what lies before)
+        truncate(fd, start, work)
+        pwrite_full(fd, plan.head, start, work)
+        for at, data in plan.entries:
+            pwrite_full(fd, data, at, work)
+        bits = [np.zeros(size // ps, dtype=np.bool_) for _, size, _ in sources]
+        tasks = [
+            WriteTask(
+                i,
+                first,
+                min(CHUNK_PAGES, len(bits[i]) - first),
+                lay.pages_offset + first * ps,
+                bits[i][first : first + CHUNK_PAGES],
+            )
+            for i, lay in enumerate(plan.ram.blocks)
+            for first in range(0, len(bits[i]), CHUNK_PAGES)
+        ]
+        made: list[PageWriteChannel] = []
+
+        def make_channel(_: int) -> PageWriteChannel:
+            ch = PageWriteChannel(work, [s for _, _, s in sources], ps, CHUNK_PAGES, direct=direct)
+            made.append(ch)
+            return ch
+
+        total = sum(size for _, size, _ in sources)
+        if on_start is not None:
+            on_start(total)
+        t1 = time.perf_counter()
+        run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=progress)
+        t2 = time.perf_counter()
+        # reference: ram_save_complete -> mapped_ram bitmaps written at completion
+        for lay, b in zip(plan.ram.blocks, bits):
+            pwrite_full(fd, encode_bitmap(b), lay.bitmap_offset, work)
+        pwrite_full(fd, plan.tail, plan.ram.eos_offset, work)
+        t3 = time.perf_counter()
+        if durable:
+            fsync(fd, work)
+        close_fd(fd, work)
+        fd = -1
+        if not in_place:
+            replace(work, target)
+            if durable:
+                fsync_dir(os.path.dirname(os.path.abspath(target)) or ".")
+        t4 = time.perf_counter()
+    except BaseException:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if in_place:
+            _cut_back(target, start)
+        else:
+            unlink_quiet(work)
+        raise
+    written = sum(int(b.sum()) for b in bits)
+    pages = sum(len(b) for b in bits)
+    return SaveReport(
+        path=target,
+        offset=start,
+        file_size=plan.file_size,
+        machine_type=spec.machine_type,
+        ram_bytes=pages * ps,
+        pages_written=written,
+        pages_zero=pages - written,
+        bytes_written=sum(ch.bytes_written for ch in made),
+        channels=len(made),
+        direct_io=direct,
+        seconds={"setup": t1 - t0, "pages": t2 - t1, "finalize": t3 - t2, "sync": t4 - t3},
+        notes=notes,
+    )
+
+
+def _cut_back(path: str, size: int) -> None:
+    """After a failed in-place save, drop the partial stream (bytes before ``size`` stay)."""
+    try:
+        fd = open_write(path, create=False)
+    except IOEngineError:
+        return
+    try:
+        truncate(fd, size, path)
+    except IOEngineError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def restore(
+    path: str | os.PathLike[str],
+    blocks: Mapping[str, Any],
+    *,
+    offset: int = 0,
+    channels: int = 4,
+    direct_io: bool = False,
+    direct_io_fallback: bool = False,
+    zero_absent: bool = False,
+    progress: Progress | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> RestoreReport:
+    """Read the file's RAM blocks into writable buffers, by name.
+
+    The whole file is decoded and checked, and every destination matched and sized,
+    before anything is written. Pages whose bit is 0 (zero pages) are left untouched
+    unless ``zero_absent`` (for destinations that are not fresh). Blocks of the file
+    without a destination are skipped and listed in the report.
+    """
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    with open_file(path, offset) as mf:
+        dests: list[memoryview] = []
+        chosen = []
+        for name, buf in blocks.items():
+            b = mf.block(name)
+            view = _as_bytes_view(buf, writable=True, name=name)
+            if len(view) < b.used_length:
+                raise UsageError(
+                    f"destination of block {name!r} holds {len(view)} bytes; the file's block has {b.used_length}"
+                )
+            dests.append(view)
+            chosen.append(b)
+        direct = _resolve_direct(mf.path, direct_io, direct_io_fallback, notes)
+        if direct and not mf.mapped_ram:
+            notes.append("legacy file: read through the page cache (its pages are not aligned)")
+            direct = False
+        tasks = [
+            ReadTask(i, first, b.sources(first, min(CHUNK_PAGES, b.num_pages - first)), zero_absent)
+            for i, b in enumerate(chosen)
+            for first in range(0, b.num_pages, CHUNK_PAGES)
+        ]
+        total = sum(b.used_length for b in chosen)
+        if on_start is not None:
+            on_start(total)
+        made: list[PageReadChannel] = []
+
+        def make_channel(_: int) -> PageReadChannel:
+            ch = PageReadChannel(mf.path, dests, mf.page_size, CHUNK_PAGES, direct=direct)
+            made.append(ch)
+            return ch
+
+        t1 = time.perf_counter()
+        if tasks:
+            run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=progress)
+        t2 = time.perf_counter()
+        read = sum(ch.pages_read for ch in made)
+        pages = sum(b.num_pages for b in chosen)
+        return RestoreReport(
+            path=mf.path,
+            blocks=[b.idstr for b in chosen],
+            skipped_blocks=[b.idstr for b in mf.blocks if b not in chosen],
+            ram_bytes=total,
+            pages_read=read,
+            pages_absent=pages - read,
+            channels=len(made),
+            direct_io=direct,
+            zero_absent=zero_absent,
+            seconds={"validate": t1 - t0, "pages": t2 - t1},
+            notes=notes,
+        )

@@ -1,4 +1,4 @@
-"""Command line: ``mappedram info|verify|extract``. Renders report objects; no logic of its own."""
+"""Command line: ``mappedram info|verify|extract|save|restore|rewrite``. Renders report objects only."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from mappedram import __version__, ops
+from mappedram import __version__, ops, snapshot
 from mappedram.errors import MappedRamError, UsageError
 
 __all__ = ["main", "parse_size", "parse_target"]
@@ -127,6 +127,30 @@ def render_extract(r: ops.ExtractReport) -> str:
     return "\n".join(lines)
 
 
+def render_save(r: snapshot.SaveReport) -> str:
+    lines = [
+        f"{r.path}: {_human(r.ram_bytes)} of RAM ({r.machine_type}), {r.pages_written} pages written, "
+        f"{r.pages_zero} zero pages left as holes",
+        f"file size {_human(r.file_size)}; {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}",
+        f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
+    ]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def render_restore(r: snapshot.RestoreReport) -> str:
+    lines = [
+        f"{r.path}: restored {', '.join(r.blocks)} ({_human(r.ram_bytes)}), {r.pages_read} pages read, "
+        f"{r.pages_absent} zero pages {'zeroed' if r.zero_absent else 'left untouched'}",
+        f"{r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}; {r.total_seconds:.2f} s "
+        f"({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
+    ]
+    if r.skipped_blocks:
+        lines.append(f"not restored (no destination given): {', '.join(r.skipped_blocks)}")
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
 # -- progress --------------------------------------------------------------------------
 
 
@@ -200,6 +224,71 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _block_args(items: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        name, sep, path = item.rpartition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--block takes NAME=PATH, got {item!r}")
+        out.append((name, path))
+    return out
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
+    with _progress(show, "save") as (update, start):
+        report = snapshot.save_files(
+            args.o,
+            _block_args(args.block),
+            machine_type=args.machine,
+            channels=args.channels,
+            direct_io=args.direct_io,
+            direct_io_fallback=args.direct_io_fallback,
+            offset=None if args.offset is None else parse_size(args.offset),
+            progress=update,
+            on_start=start,
+        )
+    _emit(args, report, render_save)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
+    with _progress(show, "restore") as (update, start):
+        report = snapshot.restore_files(
+            path,
+            _block_args(args.block),
+            offset=offset,
+            channels=args.channels,
+            direct_io=args.direct_io,
+            direct_io_fallback=args.direct_io_fallback,
+            zero_absent=args.zero,
+            progress=update,
+            on_start=start,
+        )
+    _emit(args, report, render_restore)
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.input, args.offset)
+    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
+    with _progress(show, "rewrite") as (update, start):
+        report = snapshot.rewrite(
+            path,
+            args.out,
+            source_offset=offset,
+            channels=args.channels,
+            direct_io=args.direct_io,
+            direct_io_fallback=args.direct_io_fallback,
+            progress=update,
+            on_start=start,
+        )
+    _emit(args, report, render_save)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mappedram", description="QEMU migration files (mapped-ram and legacy): inspect, verify, extract."
@@ -230,6 +319,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=min(4, os.cpu_count() or 1), help="parallel readers")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
+
+    def engine_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--channels", type=int, default=4, help="parallel channels (threads with their own fds)")
+        p.add_argument("--direct-io", action="store_true", help="page I/O with O_DIRECT, bypassing the page cache")
+        p.add_argument(
+            "--direct-io-fallback",
+            action="store_true",
+            help="with --direct-io: use the page cache where the filesystem refuses O_DIRECT",
+        )
+        p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("save", help="save raw RAM images as a mapped-ram file QEMU can load")
+    p.add_argument(
+        "--block",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a RAM block (QEMU's idstr, e.g. pc.ram) and its raw image; repeat, largest first",
+    )
+    p.add_argument("-o", metavar="OUT", required=True, help="the migration file to write")
+    p.add_argument("--machine", default=snapshot.DEFAULT_MACHINE, help="machine type QEMU will load it into")
+    p.add_argument("--offset", metavar="N", help="write in place into OUT at offset N (as file:OUT,offset=N)")
+    engine_opts(p)
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("restore", help="read RAM blocks of a migration file into raw images")
+    p.add_argument("file", metavar="FILE", help="migration file, or QEMU's file:PATH[,offset=N]")
+    p.add_argument(
+        "--block",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a block of the file and the raw image to fill (created when missing); repeat",
+    )
+    p.add_argument("--offset", metavar="N", help="where the stream starts in FILE")
+    p.add_argument("--zero", action="store_true", help="zero the pages the file marks absent (destination not fresh)")
+    engine_opts(p)
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("rewrite", help="re-lay a QEMU file (mapped-ram or legacy) as mapped-ram, device state kept")
+    p.add_argument("input", metavar="IN", help="migration file, or QEMU's file:PATH[,offset=N]")
+    p.add_argument("out", metavar="OUT", help="the mapped-ram file to write")
+    p.add_argument("--offset", metavar="N", help="where the stream starts in IN")
+    engine_opts(p)
+    p.set_defaults(func=cmd_rewrite)
     return parser
 
 

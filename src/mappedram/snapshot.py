@@ -32,6 +32,7 @@ from mappedram.engine.fileio import (
     close_fd,
     fsync,
     fsync_dir,
+    map_file,
     open_write,
     pwrite_full,
     replace,
@@ -60,6 +61,8 @@ __all__ = [
     "save",
     "restore",
     "rewrite",
+    "save_files",
+    "restore_files",
     "default_vmdesc",
     "TEMP_MARKER",
 ]
@@ -448,3 +451,30 @@ def restore(
             seconds={"validate": t1 - t0, "pages": t2 - t1},
             notes=notes,
         )
+
+
+def save_files(path: str | os.PathLike[str], blocks: Sequence[tuple[str, str]], **options: Any) -> SaveReport:
+    """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied)."""
+    maps = [(name, map_file(src, writable=False)) for name, src in blocks]
+    try:
+        return save(path, maps, **options)
+    finally:
+        for _, m in maps:
+            m.close()
+
+
+def restore_files(
+    path: str | os.PathLike[str], blocks: Sequence[tuple[str, str]], *, offset: int = 0, **options: Any
+) -> RestoreReport:
+    """:func:`restore` into raw image files (created sparse, or grown, to the block's size)."""
+    with open_file(path, offset) as mf:
+        sizes = {name: mf.block(name).used_length for name, _ in blocks}
+    maps = {name: map_file(dest, writable=True, size=sizes[name]) for name, dest in blocks}
+    try:
+        report = restore(path, maps, offset=offset, **options)
+        for m in maps.values():
+            m.flush()
+        return report
+    finally:
+        for m in maps.values():
+            m.close()

@@ -9,6 +9,7 @@ naming the operation, the file and the offset.
 from __future__ import annotations
 
 import errno as errno_mod
+import mmap
 import os
 from collections.abc import Sequence
 
@@ -31,6 +32,7 @@ __all__ = [
     "truncate",
     "replace",
     "unlink_quiet",
+    "map_file",
 ]
 
 #: Linux UIO_MAXIOV: the most iovecs one preadv/pwritev call takes.
@@ -213,3 +215,26 @@ def unlink_quiet(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def map_file(path: str, *, writable: bool, size: int | None = None) -> mmap.mmap:
+    """Map a raw image shared; a writable one is created (sparse) or grown to ``size``."""
+    try:
+        if writable:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _fail(exc, "open", path) from None
+    try:
+        if writable and size is not None and os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        length = os.fstat(fd).st_size
+        if length == 0:
+            raise IOEngineError("cannot map an empty file", path=path, errno=errno_mod.EINVAL)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, length, mmap.MAP_SHARED, prot)
+    except OSError as exc:
+        raise _fail(exc, "mmap", path) from None
+    finally:
+        os.close(fd)

@@ -116,3 +116,30 @@ def test_safe_filename(idstr, name):
 def test_safe_filename_unique():
     taken: set[str] = set()
     assert [safe_filename(n, taken) for n in ["a/b", "a_b", "a:b"]] == ["a_b.raw", "a_b-2.raw", "a_b-3.raw"]
+
+
+def test_save_restore_rewrite_commands(vector, tmp_path, expected_ram):
+    src, _ = vector("q35-64M-legacy.mig")
+    m0 = tmp_path / "m0.raw"
+    out = json.loads(run("restore", str(src), "--block", f"m0={m0}", "--output", "json").stdout)
+    assert out["pages_read"] == INDEX["nonzero_pages"] and "pc.bios" in out["skipped_blocks"]
+    assert m0.read_bytes() == expected_ram
+    saved = tmp_path / "saved.mig"
+    res = json.loads(run("save", "--block", f"m0={m0}", "-o", str(saved), "--machine", "pc-q35-10.0",
+                         "--channels", "2", "--output", "json").stdout)
+    assert res["pages_written"] == INDEX["nonzero_pages"] and res["machine_type"] == "pc-q35-10.0"
+    assert {"setup", "pages", "finalize", "sync"} <= set(res["seconds"]) and res["gbps"] > 0
+    assert "OK (mapped-ram)" in run("verify", str(saved)).stdout
+    conv = tmp_path / "conv.mig"
+    text = run("rewrite", str(src), str(conv), "--channels", "4").stdout
+    assert "pages written" in text
+    back = tmp_path / "back.raw"
+    run("restore", f"file:{conv}", "--block", f"m0={back}", "--direct-io", "--direct-io-fallback")
+    assert back.read_bytes() == expected_ram
+
+
+def test_save_bad_block_argument(tmp_path):
+    proc = run("save", "--block", "m0", "-o", str(tmp_path / "x.mig"), check=False)
+    assert proc.returncode == 2 and "NAME=PATH" in proc.stderr
+    proc = run("save", "--block", f"m0={tmp_path / 'missing.raw'}", "-o", str(tmp_path / "x.mig"), check=False)
+    assert proc.returncode == 1 and "missing.raw" in proc.stderr

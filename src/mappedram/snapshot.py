@@ -81,8 +81,30 @@ def default_vmdesc(page_size: int = TARGET_PAGE_SIZE) -> bytes:
     return b'{"page_size": %d, "devices": []}' % page_size
 
 
+class _Timed:
+    """Per-phase seconds, their total, and RAM bytes per second over it (for the reports)."""
+
+    __slots__ = ()
+    seconds: dict[str, float]
+    ram_bytes: int
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def gbps(self) -> float:
+        return self.ram_bytes / self.total_seconds / 1e9 if self.total_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
+        d["total_seconds"] = self.total_seconds
+        d["gbps"] = self.gbps
+        return d
+
+
 @dataclass(frozen=True, slots=True)
-class SaveReport:
+class SaveReport(_Timed):
     path: str
     offset: int
     file_size: int
@@ -96,24 +118,9 @@ class SaveReport:
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
-
-    @property
-    def gbps(self) -> float:
-        """RAM bytes saved per second over the whole save."""
-        return self.ram_bytes / self.total_seconds / 1e9 if self.total_seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["total_seconds"] = self.total_seconds
-        d["gbps"] = self.gbps
-        return d
-
 
 @dataclass(frozen=True, slots=True)
-class RestoreReport:
+class RestoreReport(_Timed):
     path: str
     blocks: list[str]
     skipped_blocks: list[str]
@@ -125,20 +132,6 @@ class RestoreReport:
     zero_absent: bool
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
-
-    @property
-    def gbps(self) -> float:
-        return self.ram_bytes / self.total_seconds / 1e9 if self.total_seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["total_seconds"] = self.total_seconds
-        d["gbps"] = self.gbps
-        return d
 
 
 def _as_bytes_view(buffer: Any, *, writable: bool, name: str) -> memoryview:

@@ -7,17 +7,17 @@ import os
 
 import numpy as np
 import pytest
-from conftest import VECTORS, vector_meta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from patterns import random_pages
-from streams import legacy_stream
 
 import mappedram
+from conftest import VECTORS, vector_meta
 from mappedram import ops
 from mappedram.engine.directio import aligned_buffer, probe_direct_io
 from mappedram.errors import IOEngineError, UsageError
 from mappedram.snapshot import TEMP_MARKER, restore, rewrite, save
+from patterns import random_pages
+from streams import legacy_stream
 
 DIRECT_OK = probe_direct_io("/tmp") is None
 

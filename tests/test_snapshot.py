@@ -208,3 +208,19 @@ def test_save_from_mmap_of_a_file(tmp_path):
     dest = mmap.mmap(-1, len(data))
     restore(tmp_path / "m.mig", {"pc.ram": dest})
     assert dest[:] == data.tobytes()
+
+
+def test_in_place_rewrite_onto_its_source_is_refused(tmp_path):
+    path = tmp_path / "x.mig"
+    save(path, {"pc.ram": random_pages(8, 0.5, 11)})
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match="in place onto the file being read"):
+        rewrite(path, path, offset=0)
+    assert path.read_bytes() == before
+    rewrite(path, path)  # through a temporary file: fine
+    assert path.read_bytes() == before
+
+
+def test_machine_alias_refused(tmp_path):
+    with pytest.raises(UsageError, match="alias"):
+        save(tmp_path / "x.mig", {"a": bytearray(4096)}, machine_type="q35")

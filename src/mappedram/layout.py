@@ -255,6 +255,7 @@ def plan_file(
 
 
 def machine_has_switchover_start(machine_type: str) -> bool:
-    """Machine types >= 10.0 send MIG_CMD_SWITCHOVER_START (hw_compat_9_2 turns it off)."""
+    """Machine types >= 10.0 send MIG_CMD_SWITCHOVER_START (hw_compat_9_2 turns it off for
+    older versioned types); unversioned types (microvm, isapc) are current and send it."""
     m = re.search(r"-(\d+)\.(\d+)$", machine_type)
-    return m is not None and (int(m.group(1)), int(m.group(2))) >= (10, 0)
+    return m is None or (int(m.group(1)), int(m.group(2))) >= (10, 0)

@@ -70,6 +70,8 @@ __all__ = [
 Progress = Callable[[int], None]
 
 DEFAULT_MACHINE = "pc-q35-10.0"
+#: Aliases QEMU resolves before writing the stream; a file must carry the resolved name.
+MACHINE_ALIASES = {"pc": "pc-i440fx-10.0", "q35": "pc-q35-10.0"}
 #: Pages per channel task (8 MiB of 4 KiB pages).
 CHUNK_PAGES = 2048
 #: Temporary files of saves in progress are named ``.<target>.mappedram-<pid>-<token>.tmp``.
@@ -182,6 +184,11 @@ def save(
     ``device_state`` is QEMU's device sections and QEMU_VM_EOF (default: just EOF), with
     ``vmdesc`` its JSON text (default: one listing no devices).
     """
+    if machine_type in MACHINE_ALIASES:
+        raise UsageError(
+            f"machine type {machine_type!r} is an alias; QEMU compares the resolved name "
+            f"(e.g. {MACHINE_ALIASES[machine_type]!r}, as `info` shows for a file QEMU saved)"
+        )
     items = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
     sources: list[tuple[str, int, PageSource]] = []
     for name, buf in items:
@@ -277,11 +284,15 @@ def _save(
     if len(set(names)) != len(names):
         raise UsageError("block names must be unique")
     notes: list[str] = []
+    in_place = offset is not None
+    if in_place and os.path.exists(target):
+        for _, _, src in sources:
+            if isinstance(src, FilePages) and os.path.exists(src.path) and os.path.samefile(src.path, target):
+                raise UsageError(f"{target}: cannot write in place onto the file being read; write a new file")
     direct = _resolve_direct(target, direct_io, fallback, notes)
     start = offset or 0
     plan = plan_file([(n, size) for n, size, _ in sources], spec, start=start)
     ps = TARGET_PAGE_SIZE
-    in_place = offset is not None
     work = target if in_place else _temp_name(target)
     t0 = time.perf_counter()
     fd = open_write(work, exclusive=not in_place, mode=0o600)

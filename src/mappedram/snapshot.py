@@ -297,8 +297,10 @@ def _save(
     t0 = time.perf_counter()
     fd = open_write(work, exclusive=not in_place, mode=0o600)
     try:
-        # reference: file_connect_outgoing (truncate to the start offset, keep what lies before)
-        truncate(fd, start, work)
+        if in_place:
+            # reference: file_connect_outgoing (truncate to the start offset, keep what lies before).
+            # A new temporary file is empty already; truncating it would make ext4 flush it at close.
+            truncate(fd, start, work)
         pwrite_full(fd, plan.head, start, work)
         for at, data in plan.entries:
             pwrite_full(fd, data, at, work)

@@ -14,6 +14,9 @@ from mappedram.errors import (
     FormatError as FormatError,
 )
 from mappedram.errors import (
+    IncompleteRestoreError as IncompleteRestoreError,
+)
+from mappedram.errors import (
     IOEngineError as IOEngineError,
 )
 from mappedram.errors import (
@@ -40,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BadMagicError",
     "FormatError",
+    "IncompleteRestoreError",
     "IOEngineError",
     "LayoutError",
     "MappedRamError",

@@ -10,6 +10,7 @@
     │   └── LayoutError                 offsets, sizes or alignment that cannot be right
     ├── UsageError                      the caller asked for something impossible; exit_code 2
     └── IOEngineError                   an OS call failed on a file (errno, path, offset)
+        └── IncompleteRestoreError      ... during a restore: lists the page ranges not restored
 
 Every error carries keyword-only structured fields and renders them in ``str()``.
 Any exception other than :class:`FormatError` (or :class:`IOEngineError` for
@@ -29,6 +30,7 @@ __all__ = [
     "LayoutError",
     "UsageError",
     "IOEngineError",
+    "IncompleteRestoreError",
 ]
 
 
@@ -152,6 +154,16 @@ class IOEngineError(MappedRamError):
         where = [p for p in (self.path, None if self.offset is None else f"offset {self.offset:#x}") if p]
         prefix = ", ".join(where)
         return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class IncompleteRestoreError(IOEngineError):
+    """A restore failed part-way; ``incomplete`` lists ``{block, first_page, pages}`` that may be
+    half-written. Every page outside those ranges holds the file's content."""
+
+    def __init__(self, message: str, *, incomplete: list[dict[str, Any]], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.incomplete = incomplete
+        self.fields["incomplete"] = incomplete
 
 
 def _render(value: Any) -> str:

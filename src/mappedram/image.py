@@ -239,7 +239,7 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
         raise TruncatedError(
             "no stream at the start offset", offset=start, field="offset", expected=f"< file size {size:#x}"
         )
-    dec = Decoder(start_offset=start)
+    dec = Decoder(start_offset=start, stream_end=size)
     config: Configuration | None = None
     ram_id: int | None = None
     mem_size = 0

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from mappedram.engine.directio import probe_direct_io
 from mappedram.engine.executor import run_tasks
@@ -32,6 +33,8 @@ from mappedram.engine.fileio import (
     close_fd,
     fsync,
     fsync_dir,
+    list_dir,
+    lock_exclusive,
     map_file,
     open_write,
     pwrite_full,
@@ -48,11 +51,11 @@ from mappedram.engine.pages import (
     ReadTask,
     WriteTask,
 )
-from mappedram.errors import IOEngineError, UnsupportedError, UsageError
+from mappedram.errors import IncompleteRestoreError, IOEngineError, UnsupportedError, UsageError
 from mappedram.format.bitmap import encode_bitmap
 from mappedram.format.constants import CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES
-from mappedram.image import MigrationFile, open_file
-from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file
+from mappedram.image import MigrationFile, RamBlock, open_file
+from mappedram.layout import FilePlan, StreamSpec, machine_has_switchover_start, plan_file
 
 __all__ = [
     "DEFAULT_MACHINE",
@@ -266,6 +269,23 @@ def _temp_name(target: str) -> str:
     return os.path.join(head, f".{tail}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
+def _lock_name(target: str) -> str:
+    head, tail = os.path.split(os.path.abspath(target))
+    return os.path.join(head, f".{tail}{TEMP_MARKER}lock")
+
+
+def _remove_leftovers(target: str) -> list[str]:
+    """Delete temporary files that interrupted saves to ``target`` left (call with the lock held)."""
+    head, tail = os.path.split(os.path.abspath(target))
+    prefix = f".{tail}{TEMP_MARKER}"
+    gone = []
+    for name in list_dir(head):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            unlink_quiet(os.path.join(head, name))
+            gone.append(name)
+    return gone
+
+
 def _save(
     target: str,
     sources: list[tuple[str, int, PageSource]],
@@ -292,6 +312,33 @@ def _save(
     direct = _resolve_direct(target, direct_io, fallback, notes)
     start = offset or 0
     plan = plan_file([(n, size) for n, size, _ in sources], spec, start=start)
+    # One save per target at a time; what interrupted saves left is cleaned under the lock.
+    lock = lock_exclusive(_lock_name(target), target)
+    try:
+        leftovers = _remove_leftovers(target)
+        if leftovers:
+            notes.append(f"removed {len(leftovers)} temporary file(s) of interrupted saves")
+        return _save_locked(
+            target, sources, spec, plan, in_place, start, direct, channels, durable, notes, progress, on_start
+        )
+    finally:
+        close_fd(lock, _lock_name(target))
+
+
+def _save_locked(
+    target: str,
+    sources: list[tuple[str, int, PageSource]],
+    spec: StreamSpec,
+    plan: FilePlan,
+    in_place: bool,
+    start: int,
+    direct: bool,
+    channels: int,
+    durable: bool,
+    notes: list[str],
+    progress: Progress | None,
+    on_start: Callable[[int], None] | None,
+) -> SaveReport:
     ps = TARGET_PAGE_SIZE
     work = target if in_place else _temp_name(target)
     t0 = time.perf_counter()
@@ -439,8 +486,18 @@ def restore(
             return ch
 
         t1 = time.perf_counter()
-        if tasks:
-            run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=progress)
+        done = np.zeros(len(tasks), dtype=np.bool_)
+        try:
+            if tasks:
+                run_tasks(
+                    tasks,
+                    make_channel,
+                    channels=max(1, min(channels, len(tasks))),
+                    progress=progress,
+                    on_done=lambda i: done.__setitem__(i, True),
+                )
+        except IOEngineError as exc:
+            raise _incomplete(exc, tasks, done, chosen) from exc
         t2 = time.perf_counter()
         read = sum(ch.pages_read for ch in made)
         pages = sum(b.num_pages for b in chosen)
@@ -484,3 +541,26 @@ def restore_files(
     finally:
         for m in maps.values():
             m.close()
+
+
+def _incomplete(
+    exc: IOEngineError, tasks: Sequence[ReadTask], done: npt.NDArray[np.bool_], blocks: Sequence[RamBlock]
+) -> IncompleteRestoreError:
+    """Name the page ranges a failed restore may have left half-written (all others are complete)."""
+    ranges: list[dict[str, Any]] = []
+    for i in np.flatnonzero(~done).tolist():
+        t = tasks[i]
+        name, first, count = blocks[t.dest].idstr, t.first_page, len(t.src_offsets)
+        last = ranges[-1] if ranges else None
+        if last is not None and last["block"] == name and last["first_page"] + last["pages"] == first:
+            last["pages"] += count
+        else:
+            ranges.append({"block": name, "first_page": first, "pages": count})
+    where = "; ".join(f"{r['block']} pages {r['first_page']}..{r['first_page'] + r['pages'] - 1}" for r in ranges)
+    return IncompleteRestoreError(
+        f"restore failed ({exc}); destination may be incomplete in: {where}",
+        path=exc.path,
+        offset=exc.offset,
+        errno=exc.errno,
+        incomplete=ranges,
+    )

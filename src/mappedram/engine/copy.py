@@ -9,6 +9,7 @@ of non-zero pages, so the destination file stays sparse.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram._runs import bit_runs
+from mappedram.errors import IOEngineError
 
-from .fileio import close_fd, open_read, open_write, pread_upto, preadv_full, pwrite_full
+from .fileio import close_fd, open_read, open_write, pread_upto, preadv_exact, pwrite_full
 
 __all__ = ["PageCopy", "SparseCopyChannel", "gather_pages"]
 
@@ -50,7 +52,7 @@ def gather_pages(
     """Fill ``out`` (len(src_offsets) pages) from ``fd``; -1 pages become zeros.
 
     Returns the mask of pages that came from the file. Raises IOEngineError on a read
-    error; a read past the end of the file leaves zeros (callers validate bounds first).
+    error, or where the file ends before a page (callers validate bounds first).
     """
     n = len(src_offsets)
     pages = np.frombuffer(out, dtype=np.uint8, count=n * page_size).reshape(n, page_size)
@@ -63,9 +65,7 @@ def gather_pages(
         # fast path: one read of the extent from the first to the last present page
         idx = np.flatnonzero(present)
         first, last = int(idx[0]), int(idx[-1]) + 1
-        got = preadv_full(fd, [out[first * page_size : last * page_size]], base + first * page_size, path)
-        if got < (last - first) * page_size:
-            pages.reshape(-1)[first * page_size + got : last * page_size] = 0
+        preadv_exact(fd, [out[first * page_size : last * page_size]], base + first * page_size, path)
         pages[:first] = 0
         pages[last:] = 0
         pages[first:last][~present[first:last]] = 0
@@ -80,13 +80,17 @@ def gather_pages(
         lo = int(offs[group[0]])
         hi = int(offs[group[-1]]) + page_size
         data = pread_upto(fd, hi - lo, lo, path)
+        if len(data) != hi - lo:
+            raise IOEngineError(
+                f"file ended early: read {len(data)} of {hi - lo} bytes",
+                path=path,
+                offset=lo + len(data),
+                errno=errno.EIO,
+            )
         buf = np.frombuffer(data, dtype=np.uint8)
         for k in group:
             rel = int(offs[k]) - lo
-            chunk = buf[rel : rel + page_size]
-            row = pages[order[k]]
-            row[: len(chunk)] = chunk
-            row[len(chunk) :] = 0
+            pages[order[k]] = buf[rel : rel + page_size]
     return present
 
 

@@ -32,13 +32,13 @@ class _Shared(Generic[T]):
         self.lock = threading.Lock()
         self.error: BaseException | None = None
 
-    def take(self) -> T | None:
+    def take(self) -> tuple[int, T] | None:
         with self.lock:
             if self.error is not None or self.next >= len(self.tasks):
                 return None
-            task = self.tasks[self.next]
+            index = self.next
             self.next += 1
-            return task
+            return index, self.tasks[index]
 
     def fail(self, exc: BaseException) -> None:
         with self.lock:
@@ -52,11 +52,12 @@ def run_tasks(
     *,
     channels: int = 1,
     progress: Callable[[int], None] | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> int:
     """Run ``tasks`` in order of submission over ``channels`` workers; return total bytes.
 
     ``make_channel(i)`` builds worker i's channel inside its thread. With one channel
-    everything runs in the calling thread.
+    everything runs in the calling thread. ``on_done(k)`` is called once task k is complete.
     """
     shared: _Shared[T] = _Shared(tasks)
     totals = [0] * max(channels, 1)
@@ -69,11 +70,13 @@ def run_tasks(
             shared.fail(exc)
             return
         try:
-            while (task := shared.take()) is not None:
-                moved = channel.run(task)
+            while (taken := shared.take()) is not None:
+                moved = channel.run(taken[1])
                 totals[index] += moved
-                if progress is not None:
-                    with progress_lock:
+                with progress_lock:
+                    if on_done is not None:
+                        on_done(taken[0])
+                    if progress is not None:
                         progress(moved)
         except BaseException as exc:
             shared.fail(exc)

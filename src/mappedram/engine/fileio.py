@@ -9,11 +9,14 @@ naming the operation, the file and the offset.
 from __future__ import annotations
 
 import errno as errno_mod
+import fcntl
 import mmap
 import os
 from collections.abc import Sequence
 
 from mappedram.errors import IOEngineError
+
+from . import faults
 
 __all__ = [
     "IOV_MAX",
@@ -22,6 +25,7 @@ __all__ = [
     "file_size",
     "pread_upto",
     "preadv_full",
+    "preadv_exact",
     "pwrite_full",
     "pwritev_full",
     "close_fd",
@@ -33,6 +37,8 @@ __all__ = [
     "replace",
     "unlink_quiet",
     "map_file",
+    "lock_exclusive",
+    "list_dir",
 ]
 
 #: Linux UIO_MAXIOV: the most iovecs one preadv/pwritev call takes.
@@ -90,7 +96,10 @@ def pread_upto(fd: int, length: int, offset: int, path: str) -> bytes:
     got = 0
     while got < length:
         try:
-            data = os.pread(fd, length - got, offset + got)
+            want = faults.check("read", path, offset + got, length - got)
+            data = os.pread(fd, want, offset + got) if want else b""
+        except InterruptedError:
+            continue  # EINTR (also an injected one): retry, as PEP 475 does
         except OSError as exc:
             raise _fail(exc, "read", path, offset + got, length - got) from None
         if not data:
@@ -106,7 +115,10 @@ def preadv_full(fd: int, buffers: Sequence[memoryview], offset: int, path: str) 
     total = 0
     while bufs:
         try:
-            n = os.preadv(fd, bufs[:IOV_MAX], offset + total)
+            batch = _limit(bufs[:IOV_MAX], faults.check("read", path, offset + total, _size(bufs[:IOV_MAX])))
+            n = os.preadv(fd, batch, offset + total) if batch else 0
+        except InterruptedError:
+            continue  # EINTR (also an injected one): retry, as PEP 475 does
         except OSError as exc:
             raise _fail(exc, "read", path, offset + total, sum(len(b) for b in bufs)) from None
         if n == 0:
@@ -116,12 +128,29 @@ def preadv_full(fd: int, buffers: Sequence[memoryview], offset: int, path: str) 
     return total
 
 
+def preadv_exact(fd: int, buffers: Sequence[memoryview], offset: int, path: str) -> None:
+    """Fill ``buffers`` completely from ``offset`` on; a short read (the file shrank) is an error."""
+    want = _size(buffers)
+    got = preadv_full(fd, buffers, offset, path)
+    if got != want:
+        raise IOEngineError(
+            f"file ended early: read {got} of {want} bytes",
+            path=path,
+            offset=offset + got,
+            length=want - got,
+            errno=errno_mod.EIO,
+        )
+
+
 def pwrite_full(fd: int, data: bytes | memoryview, offset: int, path: str) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):
         try:
-            n = os.pwrite(fd, view[done:], offset + done)
+            want = faults.check("write", path, offset + done, len(view) - done)
+            n = os.pwrite(fd, view[done : done + want], offset + done)
+        except InterruptedError:
+            continue  # EINTR (also an injected one): retry, as PEP 475 does
         except OSError as exc:
             raise _fail(exc, "write", path, offset + done, len(view) - done) from None
         if n == 0:
@@ -134,7 +163,10 @@ def pwritev_full(fd: int, buffers: Sequence[memoryview], offset: int, path: str)
     total = 0
     while bufs:
         try:
-            n = os.pwritev(fd, bufs[:IOV_MAX], offset + total)
+            batch = _limit(bufs[:IOV_MAX], faults.check("write", path, offset + total, _size(bufs[:IOV_MAX])))
+            n = os.pwritev(fd, batch, offset + total) if batch else 0
+        except InterruptedError:
+            continue  # EINTR (also an injected one): retry, as PEP 475 does
         except OSError as exc:
             raise _fail(exc, "write", path, offset + total, sum(len(b) for b in bufs)) from None
         if n == 0:
@@ -142,6 +174,21 @@ def pwritev_full(fd: int, buffers: Sequence[memoryview], offset: int, path: str)
         total += n
         bufs = _advance(bufs, n)
     return total
+
+
+def _size(bufs: Sequence[memoryview]) -> int:
+    return sum(len(b) for b in bufs)
+
+
+def _limit(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """The first ``n`` bytes of ``bufs`` (a short transfer an injected fault asked for)."""
+    out = []
+    for b in bufs:
+        if n <= 0:
+            break
+        out.append(b[:n])
+        n -= len(b)
+    return out
 
 
 def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
@@ -238,3 +285,26 @@ def map_file(path: str, *, writable: bool, size: int | None = None) -> mmap.mmap
         raise _fail(exc, "mmap", path) from None
     finally:
         os.close(fd)
+
+
+def lock_exclusive(path: str, what: str) -> int:
+    """Take an exclusive, non-blocking flock on ``path`` (created); return its fd, to close to unlock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _fail(exc, "open", path) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno_mod.EWOULDBLOCK, errno_mod.EAGAIN):
+            raise IOEngineError(f"{what} is in use by another save", path=path, errno=exc.errno) from None
+        raise _fail(exc, "lock", path) from None
+    return fd
+
+
+def list_dir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as exc:
+        raise _fail(exc, "list", path) from None

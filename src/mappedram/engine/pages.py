@@ -30,7 +30,7 @@ from mappedram._runs import bit_runs
 
 from .copy import gather_pages, nonzero_pages
 from .directio import DIRECT_ALIGN, aligned_buffer, is_aligned
-from .fileio import close_fd, open_read, open_write, preadv_full, pwrite_full
+from .fileio import close_fd, open_read, open_write, preadv_exact, pwrite_full
 
 __all__ = [
     "MemoryPages",
@@ -221,7 +221,7 @@ class PageReadChannel:
                 iov.append(dest[s * ps : (s + ln) * ps])
                 pos = s + ln
                 k += 1
-            preadv_full(self.fd, iov, base + es * ps, self.path)
+            preadv_exact(self.fd, iov, base + es * ps, self.path)
 
     def _read_bounced(self, dest: memoryview, src: npt.NDArray[np.int64], present: npt.NDArray[np.bool_]) -> None:
         ps = self.page_size

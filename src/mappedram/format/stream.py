@@ -269,10 +269,12 @@ class _RamState:
 class Decoder:
     """Pull decoder of a QEMU migration stream starting at absolute offset ``start_offset``.
 
-    Feed it bytes starting at :attr:`feed_offset`; feed ``b""`` at end of file.
+    Feed it bytes starting at :attr:`feed_offset`; feed ``b""`` at end of file. With
+    ``stream_end`` (the file size) it rejects a legacy block list that claims more pages
+    than the file has bytes, before a caller sizes anything by the claim.
     """
 
-    def __init__(self, start_offset: int = 0) -> None:
+    def __init__(self, start_offset: int = 0, stream_end: int | None = None) -> None:
         self._buf = bytearray()
         self._base = start_offset  # absolute offset of _buf[0]
         self._pos = 0  # index in _buf of the next unconsumed byte
@@ -282,6 +284,8 @@ class Decoder:
         self._ram = _RamState()
         self._section: SectionHeader | None = None  # section whose body is being read
         self._sections: dict[int, str] = {}  # section_id -> idstr of START/FULL seen
+        self._stream_end = stream_end  # the file's size, when known: bounds what a header may claim
+        self._legacy_pages = 0
 
     # -- feeding -----------------------------------------------------------------------
 
@@ -342,6 +346,10 @@ class Decoder:
         raw, cur = self._take(cur, n, what)
         if n == 0:
             raise FormatError("empty name", offset=self._abs(start), field=what, expected="1..255 bytes", actual=0)
+        if 0 in raw:
+            raise FormatError(
+                "name contains a NUL byte", offset=self._abs(start + 1), field=what, expected="a C string", actual=raw
+            )
         try:
             return raw.decode("utf-8"), cur
         except UnicodeDecodeError:
@@ -787,6 +795,19 @@ class Decoder:
                 actual=used_length,
                 block=idstr,
             )
+        if not config.mapped_ram and not config.ignore_shared and self._stream_end is not None:
+            # A legacy stream sends every page at least once (a ZERO record is 9 bytes):
+            # a list claiming more pages than the file has bytes is corrupt.
+            self._legacy_pages += used_length // page_size
+            if self._legacy_pages > self._stream_end - self._abs(cur):
+                raise LayoutError(
+                    "RAM blocks claim more pages than the file has bytes",
+                    offset=self._abs(cur - 8),
+                    field="used_length",
+                    expected=f"<= {self._stream_end - self._abs(cur)} pages in all",
+                    actual=f"{self._legacy_pages} pages",
+                    block=idstr,
+                )
         gpa: int | None = None
         if config.ignore_shared:
             gpa, cur = self._be64(cur, "block GPA")

@@ -118,7 +118,7 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_file(tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         save(target, {"pc.ram": random_pages(5000, 0.5, 5)}, progress=boom)
     assert target.read_bytes() == before
-    assert [p for p in os.listdir(tmp_path) if TEMP_MARKER in p] == []
+    assert [p for p in os.listdir(tmp_path) if TEMP_MARKER in p and p.endswith(".tmp")] == []
     fresh = tmp_path / "new.mig"
     with pytest.raises(RuntimeError):
         save(fresh, {"pc.ram": random_pages(16, 0.5, 4)}, progress=boom)

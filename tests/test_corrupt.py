@@ -195,3 +195,22 @@ def test_random_corruption_only_format_errors(tmp_path, data):
         pass
     report = ops.verify(p)
     assert isinstance(report.ok, bool)
+
+
+SWEEP_EVERY = {"q35-64M-mapped-ram.mig": 1, "pc-64M-mapped-ram-offset4096.mig": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(__import__("conftest").VECTORS))
+def test_every_4k_truncation_of_qemu_vectors_is_rejected(vector, name):
+    """Cuts at 4 KiB steps: all of them for two vectors, every 8th (mapped-ram) or 64th (legacy)
+    for the others here; `python tools/sweep_truncations.py` checks them all."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from sweep_truncations import sweep
+
+    path, offset = vector(name)
+    every = SWEEP_EVERY.get(name, 64 if "legacy" in name else 8)
+    assert sweep(str(path), offset, every=every) > 100

@@ -71,46 +71,72 @@ CASES = {
     "machine name too long": (lambda d: _patch(d, 9, struct.pack(">I", 0xFFFFFFF0)), LayoutError, "too long", 9),
     "RAM version 5": (
         lambda d: _patch(d, d.index(b"\x03ram") + 8, struct.pack(">I", 5)),
-        UnsupportedError, "RAM section version", None,
+        UnsupportedError,
+        "RAM section version",
+        None,
     ),
     "header version 2": (
         lambda d: _patch(d, _entry_header_offset(d, b"pc.ram"), struct.pack(">I", 2)),
-        UnsupportedError, "version not supported", None,
+        UnsupportedError,
+        "version not supported",
+        None,
     ),
     "misaligned pages_offset": (
-        lambda d: _patch(d, _entry_header_offset(d, b"pc.ram") + 20,
-                         struct.pack(">Q", struct.unpack_from(">Q", d, _entry_header_offset(d, b"pc.ram") + 20)[0] + 8)),
-        FormatError, None, None,
+        lambda d: _patch(
+            d,
+            _entry_header_offset(d, b"pc.ram") + 20,
+            struct.pack(">Q", struct.unpack_from(">Q", d, _entry_header_offset(d, b"pc.ram") + 20)[0] + 8),
+        ),
+        FormatError,
+        None,
+        None,
     ),
     "pages_offset past the end": (
         lambda d: _patch(d, _entry_header_offset(d, b"pc.ram") + 20, struct.pack(">Q", 1 << 40)),
-        FormatError, None, None,
+        FormatError,
+        None,
+        None,
     ),
     "bitmap overlaps pages": (
-        lambda d: _patch(d, _entry_header_offset(d, b"pc.bios") + 12,
-                         struct.pack(">Q", struct.unpack_from(">Q", d, _entry_header_offset(d, b"pc.ram") + 20)[0])),
-        LayoutError, "overlaps", None,
+        lambda d: _patch(
+            d,
+            _entry_header_offset(d, b"pc.bios") + 12,
+            struct.pack(">Q", struct.unpack_from(">Q", d, _entry_header_offset(d, b"pc.ram") + 20)[0]),
+        ),
+        LayoutError,
+        "overlaps",
+        None,
     ),
     "huge used_length": (
         lambda d: _patch(d, d.index(b"\x06pc.ram") + 7, struct.pack(">Q", 1 << 62)),
-        LayoutError, "exceed the MEM_SIZE total", None,
+        LayoutError,
+        "exceed the MEM_SIZE total",
+        None,
     ),
     "misaligned used_length": (
         lambda d: _patch(d, d.index(b"\x06pc.ram") + 7, struct.pack(">Q", 16 * PAGE + 1)),
-        LayoutError, "multiple of the page size", None,
+        LayoutError,
+        "multiple of the page size",
+        None,
     ),
     "footer id mismatch": (
         lambda d: _patch(d, d.index(b"\x7e" + struct.pack(">I", RAM_ID)) + 1, struct.pack(">I", 9)),
-        FormatError, "Mismatched section id in footer", None,
+        FormatError,
+        "Mismatched section id in footer",
+        None,
     ),
     "vmdesc length lies": (
         lambda d: _patch(d, d.rindex(b"\x06"), b"\x06" + struct.pack(">I", 5)),
-        TruncatedError, "no vmdesc trailer", None,
+        TruncatedError,
+        "no vmdesc trailer",
+        None,
     ),
     "vmdesc not JSON": (lambda d: d[:-1] + b"!", FormatError, "not valid JSON", None),
     "device section renamed": (
         lambda d: _patch(d, d.index(b"\x05timer"), b"\x05tamer"),
-        FormatError, "does not match the vmdesc", None,
+        FormatError,
+        "does not match the vmdesc",
+        None,
     ),
     "idstr not UTF-8": (lambda d: _patch(d, d.index(b"\x06pc.ram") + 1, b"\xff\xfe"), FormatError, "UTF-8", None),
     "bit past the block": (None, LayoutError, "outside of the RAM block", None),
@@ -214,3 +240,17 @@ def test_every_4k_truncation_of_qemu_vectors_is_rejected(vector, name):
     path, offset = vector(name)
     every = SWEEP_EVERY.get(name, 64 if "legacy" in name else 8)
     assert sweep(str(path), offset, every=every) > 100
+
+
+def test_fuzz_briefly(tmp_path):
+    """A short run of tools/fuzz.py (the long one takes --inputs 1000000): only FormatError."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import fuzz
+
+    result = fuzz.run(4000, 2, seed=7, timeout=1.0, max_mem=2048, out=str(tmp_path / "crashes"))
+    crashes = sorted(p.name for p in (tmp_path / "crashes").glob("*.txt")) if (tmp_path / "crashes").exists() else []
+    assert result["crashes"] == 0 and result["hangs"] == 0, crashes
+    assert result["slowest"] < 1.0

@@ -254,3 +254,35 @@ def test_fuzz_briefly(tmp_path):
     crashes = sorted(p.name for p in (tmp_path / "crashes").glob("*.txt")) if (tmp_path / "crashes").exists() else []
     assert result["crashes"] == 0 and result["hangs"] == 0, crashes
     assert result["slowest"] < 1.0
+
+
+def test_mem_size_total_not_matching(tmp_path):
+    data = _mapped()
+    at = data.index(b"\x03ram") + 12  # MEM_SIZE word after the START header
+    total = struct.unpack_from(">Q", data, at)[0] & ~0xFFF
+    with pytest.raises(LayoutError, match="exceed the MEM_SIZE total"):
+        _open(tmp_path, _patch(data, at, struct.pack(">Q", (total - 4096) | 4)))
+    with pytest.raises(FormatError):  # more than the blocks: the EOS is read as another entry
+        _open(tmp_path, _patch(data, at, struct.pack(">Q", (total + 4096) | 4)))
+
+
+def test_nul_in_idstr(tmp_path):
+    data = _mapped()
+    with pytest.raises(FormatError, match="NUL") as info:
+        _open(tmp_path, _patch(data, data.index(b"\x06pc.ram") + 3, b"\x00"))
+    assert info.value.field == "RAM block idstr"
+
+
+def test_legacy_claim_larger_than_file_is_rejected_before_allocation(tmp_path):
+    import tracemalloc
+
+    data = legacy_stream([("pc.ram", DATA)])
+    at = data.index(b"\x06pc.ram") + 7
+    huge = _patch(data, at, struct.pack(">Q", 1 << 50))  # a 1 PiB block: 2**38 pages
+    huge = _patch(huge, data.index(b"\x03ram") + 12, struct.pack(">Q", (1 << 50) | 4))
+    tracemalloc.start()
+    with pytest.raises(LayoutError, match="more pages than the file has bytes"):
+        _open(tmp_path, huge)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 << 20

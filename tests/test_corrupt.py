@@ -239,7 +239,7 @@ def test_every_4k_truncation_of_qemu_vectors_is_rejected(vector, name):
 
     path, offset = vector(name)
     every = SWEEP_EVERY.get(name, 64 if "legacy" in name else 8)
-    assert sweep(str(path), offset, every=every) > 100
+    assert sweep(str(path), offset, every=every, restore_every=16) > 100
 
 
 def test_fuzz_briefly(tmp_path):

@@ -330,3 +330,30 @@ def test_qemu_loads_cli_save(tmp_path: Path) -> None:
         assert _qemu_machine_type(out) == machine_type
         _load(vm, out, MULTIFD4)
     _assert_dst_ram(tmp_path, src_ram.read_bytes(), "CLI save on pc")
+
+
+# -- 4. conversions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "to", "load"), [
+    pytest.param(MULTIFD4, "legacy", LEGACY, id="mapped-ram-to-legacy"),
+    pytest.param(LEGACY, "mapped-ram", MAPPED_RAM, id="legacy-to-mapped-ram"),
+])  # fmt: skip
+@pytest.mark.parametrize("machine", MACHINES)
+def test_qemu_loads_converted_file(tmp_path: Path, machine: str, source: Variant, to: str, load: Variant) -> None:
+    """`convert` both ways keeps the device state; QEMU loads the result with mapped-ram off/on."""
+    qemu_binary = require_qemu()
+    pattern, src_ram = _pattern(), _src_ram(tmp_path)
+    qemu_file, ours = tmp_path / "qemu.mig", tmp_path / "ours.mig"
+    _save(qemu_binary, machine, src_ram, qemu_file, source)
+    args = ["convert", os.fspath(qemu_file), os.fspath(ours), "--to", to, "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "mappedram", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with mappedram.open_file(qemu_file) as q, mappedram.open_file(ours) as f:
+        assert f.format_name == to and f.device_state() == q.device_state()
+    diff = subprocess.run([sys.executable, "-m", "mappedram", "diff", os.fspath(qemu_file), os.fspath(ours)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    with _destination(qemu_binary, machine, tmp_path) as vm:
+        _load(vm, ours, load)
+    _assert_dst_ram(tmp_path, pattern, f"{source.name} converted to {to} on {machine}")

@@ -224,3 +224,43 @@ def test_in_place_rewrite_onto_its_source_is_refused(tmp_path):
 def test_machine_alias_refused(tmp_path):
     with pytest.raises(UsageError, match="alias"):
         save(tmp_path / "x.mig", {"a": bytearray(4096)}, machine_type="q35")
+
+
+@pytest.mark.parametrize("name", ["q35-64M-mapped-ram.mig", "pc-64M-legacy.mig"])
+def test_convert_to_legacy_and_back(tmp_path, vector, expected_ram, name):
+    from mappedram.snapshot import convert
+
+    src, offset = vector(name)
+    legacy = tmp_path / "l.mig"
+    r = convert(src, legacy, to="legacy", source_offset=offset)
+    assert r.format == "legacy"
+    back = tmp_path / "m.mig"
+    convert(legacy, back, to="mapped-ram")
+    with mappedram.open_file(legacy) as f, mappedram.open_file(back) as g, mappedram.open_file(src, offset) as q:
+        assert not f.mapped_ram and g.mapped_ram
+        assert f.read_pages("m0", 0, 16384) == expected_ram == g.read_pages("m0", 0, 16384)
+        assert f.device_state() == q.device_state() == g.device_state()
+        assert f.machine_type == q.machine_type and f.ram_section_id == q.ram_section_id
+    assert ops.verify(legacy).ok and ops.diff(src, back, offset_a=offset).identical
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.sets(st.integers(0, 4999), max_size=40), zero=st.sampled_from([0.0, 0.5, 1.0]))
+def test_diff_finds_exactly_the_changed_pages(tmp_path, changes, zero):
+    base = random_pages(5000, zero, 12)
+    other = base.copy().reshape(-1, 4096)
+    for page in changes:
+        other[page, page % 4096] ^= 0xFF  # one byte flipped (a zero page becomes non-zero)
+    a, b = tmp_path / "a.mig", tmp_path / "b.mig"
+    save(a, {"pc.ram": base})
+    from mappedram.snapshot import convert
+
+    save(b, {"pc.ram": other.reshape(-1)})
+    convert(b, tmp_path / "b-legacy.mig", to="legacy")
+    for right in (b, tmp_path / "b-legacy.mig"):
+        report = ops.diff(a, right)
+        (blk,) = report.blocks
+        assert blk.pages_differ == len(changes)
+        got = {p for first, n in blk.ranges for p in range(first, first + n)}
+        assert got == changes
+        assert report.identical == (not changes)

@@ -1,4 +1,4 @@
-"""Command line: ``mappedram info|verify|extract|save|restore|rewrite``. Renders report objects only."""
+"""Command line: ``mappedram info|verify|extract|save|restore|rewrite|convert|diff``. Renders reports only."""
 
 from __future__ import annotations
 
@@ -129,8 +129,8 @@ def render_extract(r: ops.ExtractReport) -> str:
 
 def render_save(r: snapshot.SaveReport) -> str:
     lines = [
-        f"{r.path}: {_human(r.ram_bytes)} of RAM ({r.machine_type}), {r.pages_written} pages written, "
-        f"{r.pages_zero} zero pages left as holes",
+        f"{r.path}: {r.format}, {_human(r.ram_bytes)} of RAM ({r.machine_type}), {r.pages_written} pages written, "
+        + (f"{r.pages_zero} zero pages left as holes" if r.format == "mapped-ram" else f"{r.pages_zero} ZERO records"),
         f"file size {_human(r.file_size)}; {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}",
         f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
     ]
@@ -148,6 +148,22 @@ def render_restore(r: snapshot.RestoreReport) -> str:
     if r.skipped_blocks:
         lines.append(f"not restored (no destination given): {', '.join(r.skipped_blocks)}")
     lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def render_diff(r: ops.DiffReport, limit: int = 20) -> str:
+    lines = [f"{r.a} vs {r.b}: {'identical RAM' if r.identical else 'RAM differs'} ({r.seconds:.2f} s)"]
+    for d in r.blocks:
+        size = "" if d.size_a == d.size_b else f" (sizes differ: {d.size_a} vs {d.size_b})"
+        lines.append(f"  {d.idstr}: {d.pages_differ} of {max(d.size_a, d.size_b) // 4096} pages differ{size}")
+        for first, count in d.ranges[:limit]:
+            lines.append(f"    pages {first}..{first + count - 1} ({count})")
+        if len(d.ranges) > limit:
+            lines.append(f"    ... {len(d.ranges) - limit} more ranges (--output json lists all)")
+    for name in r.only_in_a:
+        lines.append(f"  {name}: only in {r.a}")
+    for name in r.only_in_b:
+        lines.append(f"  {name}: only in {r.b}")
     return "\n".join(lines)
 
 
@@ -271,6 +287,33 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.input, args.offset)
+    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
+    with _progress(show, "convert") as (update, start):
+        report = snapshot.convert(
+            path,
+            args.out,
+            to=args.to,
+            source_offset=offset,
+            channels=args.channels,
+            direct_io=args.direct_io,
+            direct_io_fallback=args.direct_io_fallback,
+            progress=update,
+            on_start=start,
+        )
+    _emit(args, report, render_save)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a, offset_a = parse_target(args.a, args.offset_a)
+    b, offset_b = parse_target(args.b, args.offset_b)
+    report = ops.diff(a, b, offset_a=offset_a, offset_b=offset_b, channels=args.channels)
+    _emit(args, report, render_diff)
+    return 0 if report.identical else 1
+
+
 def cmd_rewrite(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.input, args.offset)
     show = args.output != "json" and sys.stderr.isatty() and not args.quiet
@@ -365,6 +408,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", metavar="N", help="where the stream starts in IN")
     engine_opts(p)
     p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("convert", help="convert between mapped-ram and the legacy format, device state kept")
+    p.add_argument("input", metavar="IN", help="migration file, or QEMU's file:PATH[,offset=N]")
+    p.add_argument("out", metavar="OUT", help="the file to write")
+    p.add_argument("--to", choices=("mapped-ram", "legacy"), required=True, help="format of OUT")
+    p.add_argument("--offset", metavar="N", help="where the stream starts in IN")
+    engine_opts(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("diff", help="pages that differ between two files' RAM blocks; exit 1 if any")
+    p.add_argument("a", metavar="A", help="migration file, or QEMU's file:PATH[,offset=N]")
+    p.add_argument("b", metavar="B", help="migration file, or QEMU's file:PATH[,offset=N]")
+    p.add_argument("--offset-a", metavar="N", help="where the stream starts in A")
+    p.add_argument("--offset-b", metavar="N", help="where the stream starts in B")
+    p.add_argument("--channels", type=int, default=2, help="parallel readers")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
+    p.set_defaults(func=cmd_diff)
     return parser
 
 

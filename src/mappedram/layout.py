@@ -49,6 +49,8 @@ __all__ = [
     "RamLayout",
     "StreamSpec",
     "FilePlan",
+    "LegacyPlan",
+    "plan_legacy",
     "round_up",
     "plan_mapped_ram",
     "plan_file",
@@ -259,3 +261,37 @@ def machine_has_switchover_start(machine_type: str) -> bool:
     older versioned types); unversioned types (microvm, isapc) are current and send it."""
     m = re.search(r"-(\d+)\.(\d+)$", machine_type)
     return m is None or (int(m.group(1)), int(m.group(2))) >= (10, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyPlan:
+    """The fixed parts of a legacy (streamed) file: everything before the first page record,
+    and what follows the last. Page records are appended between them, in stream order."""
+
+    start: int
+    head: bytes  # header, configuration, RAM START (MEM_SIZE list, EOS, footer), PART header
+    pass_end: bytes  # EOS + footer closing a PART section
+    tail: bytes  # [SWITCHOVER_START], RAM END (EOS, footer), device state, vmdesc
+
+
+# reference: ram_save_setup, ram_save_iterate, ram_save_complete (legacy, without mapped-ram)
+def plan_legacy(blocks: Sequence[tuple[str, int]], spec: StreamSpec, *, start: int = 0) -> LegacyPlan:
+    if CAP_MAPPED_RAM in spec.capabilities or CAP_X_IGNORE_SHARED in spec.capabilities:
+        raise ValueError("a legacy file is written without mapped-ram and x-ignore-shared")
+    sid = spec.ram_section_id
+    head = bytearray(
+        encode_file_header()
+        + encode_configuration(spec.machine_type, spec.capabilities)
+        + encode_section_start(sid, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION_ID)
+        + encode_mem_size(sum(size for _, size in blocks))
+    )
+    for idstr, size in blocks:
+        head += encode_ram_block_entry(idstr, size)
+    head += encode_eos() + encode_footer(sid) + encode_section_part(sid)
+    tail = bytearray()
+    if spec.switchover_start:
+        tail += encode_command(MIG_CMD_SWITCHOVER_START)
+    tail += encode_section_end(sid) + encode_eos() + encode_footer(sid) + spec.device_state
+    if spec.vmdesc is not None:
+        tail += encode_vmdesc(spec.vmdesc)
+    return LegacyPlan(start=start, head=bytes(head), pass_end=encode_eos() + encode_footer(sid), tail=bytes(tail))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mappedram.engine.copy import nonzero_pages
 from mappedram.engine.directio import probe_direct_io
 from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import (
@@ -46,16 +47,19 @@ from mappedram.engine.pages import (
     FilePages,
     MemoryPages,
     PageReadChannel,
+    PageReader,
     PageSource,
     PageWriteChannel,
     ReadTask,
     WriteTask,
 )
+from mappedram.engine.sequential import SequentialWriter
 from mappedram.errors import IncompleteRestoreError, IOEngineError, UnsupportedError, UsageError
 from mappedram.format.bitmap import encode_bitmap
 from mappedram.format.constants import CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES
+from mappedram.format.stream import encode_page_records
 from mappedram.image import MigrationFile, RamBlock, open_file
-from mappedram.layout import FilePlan, StreamSpec, machine_has_switchover_start, plan_file
+from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
 __all__ = [
     "DEFAULT_MACHINE",
@@ -64,6 +68,7 @@ __all__ = [
     "save",
     "restore",
     "rewrite",
+    "convert",
     "save_files",
     "restore_files",
     "default_vmdesc",
@@ -122,6 +127,7 @@ class SaveReport(_Timed):
     direct_io: bool
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    format: str = "mapped-ram"
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +246,53 @@ def rewrite(
         )
 
 
+def convert(
+    source: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    to: str,
+    source_offset: int = 0,
+    channels: int = 4,
+    direct_io: bool = False,
+    direct_io_fallback: bool = False,
+    durable: bool = True,
+    progress: Progress | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> SaveReport:
+    """Write any QEMU file (mapped-ram or legacy, any number of passes) as ``to`` ("mapped-ram"
+    or "legacy"), keeping machine type, section ids, device state and vmdesc. QEMU loads the
+    result with the mapped-ram capability on or off to match."""
+    if to == "mapped-ram":
+        return rewrite(
+            source,
+            path,
+            source_offset=source_offset,
+            channels=channels,
+            direct_io=direct_io,
+            direct_io_fallback=direct_io_fallback,
+            durable=durable,
+            progress=progress,
+            on_start=on_start,
+        )
+    if to != "legacy":
+        raise UsageError(f"unknown format {to!r}: expected mapped-ram or legacy")
+    with open_file(source, source_offset) as mf:
+        spec = spec_from(mf)
+        spec = StreamSpec(
+            machine_type=spec.machine_type,
+            capabilities=tuple(c for c in spec.capabilities if c != CAP_MAPPED_RAM),
+            ram_section_id=spec.ram_section_id,
+            parts=1,
+            switchover_start=spec.switchover_start,
+            device_state=spec.device_state,
+            vmdesc=spec.vmdesc,
+        )
+        sources: list[tuple[str, int, PageSource]] = [
+            (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
+        ]
+        return _save_legacy(os.fspath(path), sources, spec, None, durable, progress, on_start)
+
+
 def spec_from(mf: MigrationFile) -> StreamSpec:
     """The non-RAM content of ``mf``, to write it again as mapped-ram."""
     if mf.machine_type is None:
@@ -286,6 +339,33 @@ def _remove_leftovers(target: str) -> list[str]:
     return gone
 
 
+@dataclass(slots=True)
+class _Written:
+    """What a format writer reports to the save protocol around it."""
+
+    pages: int = 0
+    pages_written: int = 0
+    bytes_written: int = 0
+    channels: int = 1
+    file_size: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+Body = Callable[[int, str], _Written]
+
+
+def _check_sources(target: str, sources: list[tuple[str, int, PageSource]], in_place: bool) -> None:
+    if not sources:
+        raise UsageError("nothing to save: no RAM blocks")
+    names = [n for n, _, _ in sources]
+    if len(set(names)) != len(names):
+        raise UsageError("block names must be unique")
+    if in_place and os.path.exists(target):
+        for _, _, src in sources:
+            if isinstance(src, FilePages) and os.path.exists(src.path) and os.path.samefile(src.path, target):
+                raise UsageError(f"{target}: cannot write in place onto the file being read; write a new file")
+
+
 def _save(
     target: str,
     sources: list[tuple[str, int, PageSource]],
@@ -298,71 +378,26 @@ def _save(
     progress: Progress | None,
     on_start: Callable[[int], None] | None,
 ) -> SaveReport:
-    if not sources:
-        raise UsageError("nothing to save: no RAM blocks")
-    names = [n for n, _, _ in sources]
-    if len(set(names)) != len(names):
-        raise UsageError("block names must be unique")
+    """A mapped-ram save: pages by N channels at their slots, then bitmaps, then the tail."""
+    _check_sources(target, sources, offset is not None)
     notes: list[str] = []
-    in_place = offset is not None
-    if in_place and os.path.exists(target):
-        for _, _, src in sources:
-            if isinstance(src, FilePages) and os.path.exists(src.path) and os.path.samefile(src.path, target):
-                raise UsageError(f"{target}: cannot write in place onto the file being read; write a new file")
     direct = _resolve_direct(target, direct_io, fallback, notes)
     start = offset or 0
     plan = plan_file([(n, size) for n, size, _ in sources], spec, start=start)
-    # One save per target at a time; what interrupted saves left is cleaned under the lock.
-    lock = lock_exclusive(_lock_name(target), target)
-    try:
-        leftovers = _remove_leftovers(target)
-        if leftovers:
-            notes.append(f"removed {len(leftovers)} temporary file(s) of interrupted saves")
-        return _save_locked(
-            target, sources, spec, plan, in_place, start, direct, channels, durable, notes, progress, on_start
-        )
-    finally:
-        close_fd(lock, _lock_name(target))
-
-
-def _save_locked(
-    target: str,
-    sources: list[tuple[str, int, PageSource]],
-    spec: StreamSpec,
-    plan: FilePlan,
-    in_place: bool,
-    start: int,
-    direct: bool,
-    channels: int,
-    durable: bool,
-    notes: list[str],
-    progress: Progress | None,
-    on_start: Callable[[int], None] | None,
-) -> SaveReport:
     ps = TARGET_PAGE_SIZE
-    work = target if in_place else _temp_name(target)
-    t0 = time.perf_counter()
-    fd = open_write(work, exclusive=not in_place, mode=0o600)
-    try:
-        if in_place:
-            # reference: file_connect_outgoing (truncate to the start offset, keep what lies before).
-            # A new temporary file is empty already; truncating it would make ext4 flush it at close.
-            truncate(fd, start, work)
+
+    def body(fd: int, work: str) -> _Written:
+        t0 = time.perf_counter()
         pwrite_full(fd, plan.head, start, work)
         for at, data in plan.entries:
             pwrite_full(fd, data, at, work)
         bits = [np.zeros(size // ps, dtype=np.bool_) for _, size, _ in sources]
         tasks = [
-            WriteTask(
-                i,
-                first,
-                min(CHUNK_PAGES, len(bits[i]) - first),
-                lay.pages_offset + first * ps,
-                bits[i][first : first + CHUNK_PAGES],
-            )
+            WriteTask(i, first, min(CHUNK_PAGES, len(bits[i]) - first), lay.pages_offset + first * ps,
+                      bits[i][first : first + CHUNK_PAGES])
             for i, lay in enumerate(plan.ram.blocks)
             for first in range(0, len(bits[i]), CHUNK_PAGES)
-        ]
+        ]  # fmt: skip
         made: list[PageWriteChannel] = []
 
         def make_channel(_: int) -> PageWriteChannel:
@@ -370,9 +405,8 @@ def _save_locked(
             made.append(ch)
             return ch
 
-        total = sum(size for _, size, _ in sources)
         if on_start is not None:
-            on_start(total)
+            on_start(sum(size for _, size, _ in sources))
         t1 = time.perf_counter()
         run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=progress)
         t2 = time.perf_counter()
@@ -381,41 +415,131 @@ def _save_locked(
             pwrite_full(fd, encode_bitmap(b), lay.bitmap_offset, work)
         pwrite_full(fd, plan.tail, plan.ram.eos_offset, work)
         t3 = time.perf_counter()
-        if durable:
-            fsync(fd, work)
-        close_fd(fd, work)
-        fd = -1
-        if not in_place:
-            replace(work, target)
+        return _Written(
+            pages=sum(len(b) for b in bits),
+            pages_written=sum(int(b.sum()) for b in bits),
+            bytes_written=sum(ch.bytes_written for ch in made),
+            channels=len(made),
+            file_size=plan.file_size,
+            seconds={"setup": t1 - t0, "pages": t2 - t1, "finalize": t3 - t2},
+        )
+
+    return _commit(target, offset, durable, notes, spec, direct, body)
+
+
+def _save_legacy(
+    target: str,
+    sources: list[tuple[str, int, PageSource]],
+    spec: StreamSpec,
+    offset: int | None,
+    durable: bool,
+    progress: Progress | None,
+    on_start: Callable[[int], None] | None,
+) -> SaveReport:
+    """A legacy (streamed) save: one pass of page records, PAGE or ZERO, in block order."""
+    _check_sources(target, sources, offset is not None)
+    start = offset or 0
+    plan = plan_legacy([(n, size) for n, size, _ in sources], spec, start=start)
+    ps = TARGET_PAGE_SIZE
+
+    def body(fd: int, work: str) -> _Written:
+        t0 = time.perf_counter()
+        out = SequentialWriter(fd, work, start)
+        out.append(plan.head)
+        if on_start is not None:
+            on_start(sum(size for _, size, _ in sources))
+        pages = written = 0
+        with PageReader([s for _, _, s in sources], ps, CHUNK_PAGES) as reader:
+            for index, (idstr, size, _) in enumerate(sources):
+                for first in range(0, size // ps, CHUNK_PAGES):
+                    n = min(CHUNK_PAGES, size // ps - first)
+                    view = reader.pages(index, first, n)
+                    written += _append_page_records(out, idstr if first == 0 else None, first, view, ps)
+                    out.flush()  # the views point into the reader's buffer: write before reusing it
+                    view.release()
+                    pages += n
+                    if progress is not None:
+                        progress(n * ps)
+        t1 = time.perf_counter()
+        out.append(plan.pass_end + plan.tail)
+        out.flush()
+        t2 = time.perf_counter()
+        return _Written(
+            pages=pages,
+            pages_written=written,
+            bytes_written=written * ps,
+            channels=1,
+            file_size=out.offset,
+            seconds={"setup": 0.0, "pages": t1 - t0, "finalize": t2 - t1},
+        )
+
+    return _commit(target, offset, durable, [], spec, False, body, "legacy")
+
+
+def _commit(
+    target: str,
+    offset: int | None,
+    durable: bool,
+    notes: list[str],
+    spec: StreamSpec,
+    direct: bool,
+    body: Body,
+    format_name: str = "mapped-ram",
+) -> SaveReport:
+    """Run a writer under the save protocol: lock the target, clean leftovers, write a temporary
+    file (or in place at ``offset``), fsync, rename over the target, fsync the directory."""
+    in_place = offset is not None
+    start = offset or 0
+    lock = lock_exclusive(_lock_name(target), target)
+    try:
+        leftovers = _remove_leftovers(target)
+        if leftovers:
+            notes.append(f"removed {len(leftovers)} temporary file(s) of interrupted saves")
+        work = target if in_place else _temp_name(target)
+        fd = open_write(work, exclusive=not in_place, mode=0o600)
+        try:
+            if in_place:
+                # reference: file_connect_outgoing (truncate to the start offset, keep what lies before).
+                # A new temporary file is empty already; truncating it would make ext4 flush it at close.
+                truncate(fd, start, work)
+            result = body(fd, work)
+            t0 = time.perf_counter()
             if durable:
-                fsync_dir(os.path.dirname(os.path.abspath(target)) or ".")
-        t4 = time.perf_counter()
-    except BaseException:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if in_place:
-            _cut_back(target, start)
-        else:
-            unlink_quiet(work)
-        raise
-    written = sum(int(b.sum()) for b in bits)
-    pages = sum(len(b) for b in bits)
+                fsync(fd, work)
+            close_fd(fd, work)
+            fd = -1
+            if not in_place:
+                replace(work, target)
+                if durable:
+                    fsync_dir(os.path.dirname(os.path.abspath(target)) or ".")
+            result.seconds["sync"] = time.perf_counter() - t0
+        except BaseException:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if in_place:
+                _cut_back(target, start)
+            else:
+                unlink_quiet(work)
+            raise
+    finally:
+        close_fd(lock, _lock_name(target))
     return SaveReport(
         path=target,
         offset=start,
-        file_size=plan.file_size,
+        file_size=result.file_size,
         machine_type=spec.machine_type,
-        ram_bytes=pages * ps,
-        pages_written=written,
-        pages_zero=pages - written,
-        bytes_written=sum(ch.bytes_written for ch in made),
-        channels=len(made),
+        ram_bytes=result.pages * TARGET_PAGE_SIZE,
+        pages_written=result.pages_written,
+        pages_zero=result.pages - result.pages_written,
+        bytes_written=result.bytes_written,
+        channels=result.channels,
         direct_io=direct,
-        seconds={"setup": t1 - t0, "pages": t2 - t1, "finalize": t3 - t2, "sync": t4 - t3},
+        seconds=result.seconds,
         notes=notes,
+        format=format_name,
     )
 
 
@@ -564,3 +688,13 @@ def _incomplete(
         errno=exc.errno,
         incomplete=ranges,
     )
+
+
+def _append_page_records(out: SequentialWriter, idstr: str | None, first: int, view: memoryview, ps: int) -> int:
+    """Append the legacy records of the pages in ``view``; return how many are PAGE records."""
+    n = len(view) // ps
+    pages = np.frombuffer(view, dtype=np.uint8, count=n * ps).reshape(n, ps)
+    nonzero = nonzero_pages(view, n, ps)
+    for piece in encode_page_records(idstr, first * ps, pages, nonzero):
+        out.append(piece)
+    return int(np.count_nonzero(nonzero))

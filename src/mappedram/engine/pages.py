@@ -36,6 +36,7 @@ __all__ = [
     "MemoryPages",
     "FilePages",
     "PageSource",
+    "PageReader",
     "WriteTask",
     "PageWriteChannel",
     "ReadTask",
@@ -87,6 +88,43 @@ def merge_runs(
     return starts[first], ends[last] - starts[first]
 
 
+class PageReader:
+    """Pages of the sources as memory: a view of a memory source, or a file source's pages
+    read into this reader's (reused) buffer. Use as a context manager."""
+
+    def __init__(self, sources: Sequence[PageSource], page_size: int, max_pages: int) -> None:
+        self.sources = sources
+        self.page_size = page_size
+        self.buffer = aligned_buffer(max_pages * page_size)
+        self.read_fds: dict[str, int] = {}
+
+    def pages(self, source: int, first: int, count: int) -> memoryview:
+        src = self.sources[source]
+        ps = self.page_size
+        if isinstance(src, MemoryPages):
+            return src.view[first * ps : (first + count) * ps]
+        fd = self.read_fds.get(src.path)
+        if fd is None:
+            fd = self.read_fds[src.path] = open_read(src.path)
+        out = memoryview(self.buffer)[: count * ps]
+        gather_pages(fd, src.path, src.offsets(first, count), ps, out)
+        return out
+
+    def close(self) -> None:
+        for fd in self.read_fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.buffer.close()
+
+    def __enter__(self) -> PageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class PageWriteChannel:
     """One writer: its own descriptor on the target (O_DIRECT or not), and its own buffers."""
 
@@ -101,31 +139,18 @@ class PageWriteChannel:
         merge_gap: int = 64,
     ) -> None:
         self.path = path
-        self.sources = sources
         self.page_size = page_size
         self.direct = direct
         self.merge_gap = merge_gap
         self.fd = open_write(path, create=False, direct=direct)
-        self.read_fds: dict[str, int] = {}
-        self.buffer = aligned_buffer(max_pages * page_size)
+        self.reader = PageReader(sources, page_size, max_pages)
+        self.buffer = self.reader.buffer
         self.pages_written = 0
         self.bytes_written = 0
 
-    def _pages(self, task: WriteTask) -> memoryview:
-        src = self.sources[task.source]
-        ps = self.page_size
-        if isinstance(src, MemoryPages):
-            return src.view[task.first_page * ps : (task.first_page + task.npages) * ps]
-        fd = self.read_fds.get(src.path)
-        if fd is None:
-            fd = self.read_fds[src.path] = open_read(src.path)
-        out = memoryview(self.buffer)[: task.npages * ps]
-        gather_pages(fd, src.path, src.offsets(task.first_page, task.npages), ps, out)
-        return out
-
     def run(self, task: WriteTask) -> int:
         ps = self.page_size
-        view = self._pages(task)
+        view = self.reader.pages(task.source, task.first_page, task.npages)
         keep = nonzero_pages(view, task.npages, ps)
         task.bits[:] = keep
         starts, lengths = bit_runs(keep)
@@ -148,12 +173,7 @@ class PageWriteChannel:
         try:
             close_fd(self.fd, self.path)
         finally:
-            for fd in self.read_fds.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self.buffer.close()
+            self.reader.close()
 
 
 @dataclass(frozen=True, slots=True)

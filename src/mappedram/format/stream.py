@@ -39,6 +39,9 @@ import struct
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+import numpy.typing as npt
+
 from mappedram.errors import BadMagicError, FormatError, LayoutError, TruncatedError, UnsupportedError
 
 from .constants import (
@@ -102,6 +105,7 @@ __all__ = [
     "encode_ram_block_entry",
     "encode_eos",
     "encode_page_record",
+    "encode_page_records",
     "encode_vmdesc",
     "MAX_MACHINE_NAME",
     "MAX_CAPABILITIES",
@@ -995,3 +999,39 @@ def encode_page_record(idstr: str | None, addr: int, data: bytes | None) -> byte
 
 def encode_vmdesc(json_text: bytes) -> bytes:
     return bytes([QEMU_VM_VMDESCRIPTION]) + be32(len(json_text)) + json_text
+
+
+# reference: ram_save_target_page_legacy, save_zero_page, save_normal_page (one pass, no XBZRLE)
+def encode_page_records(
+    idstr: str | None, first_addr: int, pages: npt.NDArray[np.uint8], nonzero: npt.NDArray[np.bool_]
+) -> list[bytes]:
+    """Legacy records for consecutive pages (``pages`` is (n, page_size)), vectorised per run.
+
+    Zero pages become ZERO records (be64 addr|flags, u8 0), the others PAGE records. The
+    first record names the block when ``idstr`` is given; every other one has CONTINUE.
+    Returns the pieces to write in order (each run of like records is one bytes object).
+    """
+    n, page_size = pages.shape
+    addrs = first_addr + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
+    flags = np.where(nonzero, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO).astype(np.uint64) | RAM_SAVE_FLAG_CONTINUE
+    words = (addrs | flags).astype(">u8")
+    pieces: list[bytes] = []
+    start = 0
+    if idstr is not None and n:
+        word = int(words[0]) & ~RAM_SAVE_FLAG_CONTINUE
+        first = be64(word) + pack_idstr(idstr)
+        pieces.append(first + (pages[0].tobytes() if nonzero[0] else b"\x00"))
+        start = 1
+    bounds = np.flatnonzero(np.diff(nonzero[start:].astype(np.int8))) + 1 + start
+    for lo, hi in zip([start, *bounds.tolist()], [*bounds.tolist(), n]):
+        if lo >= hi:
+            continue
+        if nonzero[lo]:
+            rec = np.empty((hi - lo, 8 + page_size), dtype=np.uint8)
+            rec[:, :8] = words[lo:hi].view(np.uint8).reshape(-1, 8)
+            rec[:, 8:] = pages[lo:hi]
+        else:
+            rec = np.zeros((hi - lo, 9), dtype=np.uint8)
+            rec[:, :8] = words[lo:hi].view(np.uint8).reshape(-1, 8)
+        pieces.append(rec.tobytes())
+    return pieces

@@ -250,58 +250,49 @@ def _block_args(items: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def cmd_save(args: argparse.Namespace) -> int:
+def _run_engine(args: argparse.Namespace, label: str, operation: Callable[..., Any], *pos: Any, **kw: Any) -> Any:
+    """Run a save-like operation with the shared engine options and a progress bar on a terminal."""
     show = args.output != "json" and sys.stderr.isatty() and not args.quiet
-    with _progress(show, "save") as (update, start):
-        report = snapshot.save_files(
-            args.o,
-            _block_args(args.block),
-            machine_type=args.machine,
+    with _progress(show, label) as (update, start):
+        return operation(
+            *pos,
             channels=args.channels,
             direct_io=args.direct_io,
             direct_io_fallback=args.direct_io_fallback,
-            offset=None if args.offset is None else parse_size(args.offset),
             progress=update,
             on_start=start,
+            **kw,
         )
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    offset = None if args.offset is None else parse_size(args.offset)
+    report = _run_engine(
+        args, "save", snapshot.save_files, args.o, _block_args(args.block), machine_type=args.machine, offset=offset
+    )
     _emit(args, report, render_save)
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.file, args.offset)
-    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
-    with _progress(show, "restore") as (update, start):
-        report = snapshot.restore_files(
-            path,
-            _block_args(args.block),
-            offset=offset,
-            channels=args.channels,
-            direct_io=args.direct_io,
-            direct_io_fallback=args.direct_io_fallback,
-            zero_absent=args.zero,
-            progress=update,
-            on_start=start,
-        )
+    report = _run_engine(
+        args, "restore", snapshot.restore_files, path, _block_args(args.block), offset=offset, zero_absent=args.zero
+    )
     _emit(args, report, render_restore)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.input, args.offset)
-    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
-    with _progress(show, "convert") as (update, start):
-        report = snapshot.convert(
-            path,
-            args.out,
-            to=args.to,
-            source_offset=offset,
-            channels=args.channels,
-            direct_io=args.direct_io,
-            direct_io_fallback=args.direct_io_fallback,
-            progress=update,
-            on_start=start,
-        )
+    report = _run_engine(args, "convert", snapshot.convert, path, args.out, to=args.to, source_offset=offset)
+    _emit(args, report, render_save)
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.input, args.offset)
+    report = _run_engine(args, "rewrite", snapshot.rewrite, path, args.out, source_offset=offset)
     _emit(args, report, render_save)
     return 0
 
@@ -312,24 +303,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
     report = ops.diff(a, b, offset_a=offset_a, offset_b=offset_b, channels=args.channels)
     _emit(args, report, render_diff)
     return 0 if report.identical else 1
-
-
-def cmd_rewrite(args: argparse.Namespace) -> int:
-    path, offset = parse_target(args.input, args.offset)
-    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
-    with _progress(show, "rewrite") as (update, start):
-        report = snapshot.rewrite(
-            path,
-            args.out,
-            source_offset=offset,
-            channels=args.channels,
-            direct_io=args.direct_io,
-            direct_io_fallback=args.direct_io_fallback,
-            progress=update,
-            on_start=start,
-        )
-    _emit(args, report, render_save)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,20 +29,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import drop_caches, fio  # noqa: E402
 
 import mappedram  # noqa: E402
 from qemu_harness import QemuVM, file_uri, require_qemu  # noqa: E402
 
 PAGE = 4096
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def write_ram(path: Path, size: int, zero_fraction: float = 0.5, seed: int = 0x5EED) -> int:
@@ -66,29 +60,6 @@ def timed(cmd: list[str] | str, *, shell: bool = False) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, shell=shell, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def fio_read(path: Path, size: int) -> float:
-    """fio sequential O_DIRECT read of ``size`` bytes (1 MiB blocks, iodepth 16); seconds."""
-    out = subprocess.run(
-        [
-            "fio",
-            "--name=read",
-            f"--filename={path}",
-            "--rw=read",
-            "--bs=1M",
-            "--direct=1",
-            "--ioengine=libaio",
-            "--iodepth=16",
-            f"--size={size}",
-            "--output-format=json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    job = json.loads(out)["jobs"][0]["read"]
-    return size / job["bw_bytes"]
 
 
 def main() -> int:
@@ -142,7 +113,7 @@ def main() -> int:
         drop_caches()
         results["cat"].append(timed(f"cat {mig} > /dev/null", shell=True))
         drop_caches()
-        results["fio_read"].append(fio_read(fio_file, data_bytes))
+        results["fio_read"].append(fio("read", fio_file, data_bytes)["seconds"])
         out.unlink(missing_ok=True)
         drop_caches()
         results["extract"].append(

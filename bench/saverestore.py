@@ -35,7 +35,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +45,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import drop_caches, fio  # noqa: E402
 
 import mappedram  # noqa: E402
 from mappedram import snapshot  # noqa: E402
@@ -66,15 +68,6 @@ GOALS = {"save_vs_qemu": 2.0, "dio_save_vs_qemu_dio": 20.0, "save_vs_fio_write":
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def write_ram(path: Path, size: int, density: float, seed: int) -> int:
@@ -134,17 +127,6 @@ def fsync_path(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def fio(rw: str, path: Path, size: int) -> dict[str, float]:
-    """fio sequential O_DIRECT ``rw`` (write/read) of ``size`` bytes, bs=1M, iodepth 16, libaio."""
-    out = subprocess.run(
-        ["fio", f"--name={rw}", f"--filename={path}", f"--rw={rw}", "--bs=1M", "--direct=1",
-         "--ioengine=libaio", "--iodepth=16", f"--size={size}", "--output-format=json"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    job = json.loads(out)["jobs"][0][rw]
-    return {"seconds": size / job["bw_bytes"], "fio_runtime_ms": job["runtime"]}
 
 
 def unlink(*paths: Path) -> None:

@@ -61,11 +61,15 @@ def mapped_ram_stream(
     alignment: int = PAGE,
     parts: int = 1,
     stale: bool = True,
+    machine: str = MACHINE,
+    ram_id: int = RAM_ID,
+    device: tuple[bytes, bytes] | None = None,
 ) -> bytes:
     """A mapped-ram file (bytes from offset 0, stream at ``start``): zero pages have bit 0 and,
-    with ``stale``, their slots hold 0xEE garbage that a reader must never return."""
-    head = bytearray(start) + encode_file_header() + encode_configuration(MACHINE, ("mapped-ram",))
-    head += encode_section_start(RAM_ID, "ram", 0, 4)
+    with ``stale``, their slots hold 0xEE garbage that a reader must never return. ``device``
+    is (device sections + EOF, vmdesc trailer), by default one made-up section."""
+    head = bytearray(start) + encode_file_header() + encode_configuration(machine, ("mapped-ram",))
+    head += encode_section_start(ram_id, "ram", 0, 4)
     head += encode_mem_size(sum(len(d) for _, d in blocks))
     plan = plan_mapped_ram([(n, len(d)) for n, d in blocks], entries_offset=len(head), alignment=alignment)
     out = bytearray(plan.eos_offset)
@@ -83,12 +87,12 @@ def mapped_ram_stream(
         out[lay.pages_offset : lay.end] = region.tobytes()
         bm = encode_bitmap(bits)
         out[lay.bitmap_offset : lay.bitmap_offset + len(bm)] = bm
-    out += encode_eos() + encode_footer(RAM_ID)
+    out += encode_eos() + encode_footer(ram_id)
     for _ in range(parts):
-        out += encode_section_part(RAM_ID) + encode_eos() + encode_footer(RAM_ID)
+        out += encode_section_part(ram_id) + encode_eos() + encode_footer(ram_id)
     out += encode_command(MIG_CMD_SWITCHOVER_START)
-    out += encode_section_end(RAM_ID) + encode_eos() + encode_footer(RAM_ID)
-    blob, trailer = device_state()
+    out += encode_section_end(ram_id) + encode_eos() + encode_footer(ram_id)
+    blob, trailer = device if device is not None else device_state()
     return bytes(out + blob + trailer)
 
 

@@ -31,33 +31,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import numpy as np  # noqa: E402
 
 import mappedram  # noqa: E402
 from mappedram import ops  # noqa: E402
-from mappedram.format.bitmap import encode_bitmap  # noqa: E402
-from mappedram.layout import StreamSpec, plan_file  # noqa: E402
+from mappedram.format.stream import encode_vmdesc  # noqa: E402
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0x1000, 0xFFF, 0x100000, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 40, (1 << 64) - 1]
 
 
 class Hang(Exception):
     pass
-
-
-def _mapped_ram(blocks: list[tuple[str, bytes]], spec: StreamSpec) -> bytes:
-    plan = plan_file([(n, len(d)) for n, d in blocks], spec, alignment=4096)
-    out = bytearray(plan.file_size)
-    out[: len(plan.head)] = plan.head
-    for at, data in plan.entries:
-        out[at : at + len(data)] = data
-    for lay, (_, data) in zip(plan.ram.blocks, blocks):
-        pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, 4096)
-        out[lay.pages_offset : lay.end] = data
-        bm = encode_bitmap(pages.any(axis=1))
-        out[lay.bitmap_offset : lay.bitmap_offset + len(bm)] = bm
-    out[plan.ram.eos_offset :] = plan.tail
-    return bytes(out)
 
 
 def seeds() -> list[bytes]:
@@ -81,13 +64,10 @@ def seeds() -> list[bytes]:
                 zstandard.ZstdDecompressor().copy_stream(fin, tmp)
             tmp.flush()
             with mappedram.open_file(tmp.name) as f:
-                spec = StreamSpec(
-                    machine_type=f.machine_type or "pc-q35-10.0",
-                    ram_section_id=f.ram_section_id,
-                    device_state=f.device_state(),
-                    vmdesc=f.vmdesc.raw if f.vmdesc else None,
-                )
-        out.append(_mapped_ram([("m0", a), ("pc.bios", b)], spec))
+                assert f.vmdesc is not None
+                device = (f.device_state(), encode_vmdesc(f.vmdesc.raw))
+                out.append(mapped_ram_stream([("m0", a), ("pc.bios", b)], machine=f.machine_type or "pc-q35-10.0",
+                                             ram_id=f.ram_section_id, device=device))  # fmt: skip
     except (ImportError, OSError):
         pass
     return out

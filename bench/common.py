@@ -7,7 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["drop_caches", "fio"]
+import numpy as np
+
+__all__ = ["PAGE", "drop_caches", "fio", "write_ram"]
+
+PAGE = 4096
 
 
 def drop_caches() -> bool:
@@ -29,3 +33,22 @@ def fio(rw: str, path: Path, size: int) -> dict[str, float]:
     ).stdout  # fmt: skip
     job = json.loads(out)["jobs"][0][rw]
     return {"seconds": size / job["bw_bytes"], "fio_runtime_ms": job["runtime"]}
+
+
+def write_ram(path: Path, size: int, density: float, seed: int) -> int:
+    """A guest RAM image: page i non-zero (random bytes) with probability ``density``; returns non-zero pages."""
+    rng = np.random.default_rng(seed)
+    chunk_pages = 16384
+    nonzero = 0
+    with path.open("wb") as f:
+        for first in range(0, size // PAGE, chunk_pages):
+            n = min(chunk_pages, size // PAGE - first)
+            keep = rng.random(n) < density
+            k = int(keep.sum())
+            pages = np.zeros((n, PAGE), dtype=np.uint8)
+            data = np.frombuffer(rng.bytes(k * PAGE), dtype=np.uint8).reshape(k, PAGE).copy()
+            data[:, 0] |= 1  # never an all-zero page by chance
+            pages[keep] = data
+            nonzero += k
+            f.write(pages.tobytes())
+    return nonzero

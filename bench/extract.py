@@ -25,35 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import drop_caches, fio  # noqa: E402
+from common import drop_caches, fio, write_ram  # noqa: E402
 
 import mappedram  # noqa: E402
 from qemu_harness import QemuVM, file_uri, require_qemu  # noqa: E402
 
 PAGE = 4096
-
-
-def write_ram(path: Path, size: int, zero_fraction: float = 0.5, seed: int = 0x5EED) -> int:
-    """A guest RAM image: page i zero with probability ``zero_fraction``; returns non-zero pages."""
-    rng = np.random.default_rng(seed)
-    chunk_pages = 16384
-    nonzero = 0
-    with path.open("wb") as f:
-        for first in range(0, size // PAGE, chunk_pages):
-            n = min(chunk_pages, size // PAGE - first)
-            words = rng.integers(1, 2**63, size=(n, PAGE // 8), dtype=np.uint64)
-            words[:, 0] = np.arange(first, first + n, dtype=np.uint64)
-            zero = rng.random(n) < zero_fraction
-            words[zero] = 0
-            nonzero += int((~zero).sum())
-            f.write(words.tobytes())
-    return nonzero
 
 
 def timed(cmd: list[str] | str, *, shell: bool = False) -> float:
@@ -79,7 +60,7 @@ def main() -> int:
     if not mig.exists():
         require_qemu()
         print(f"making a {size >> 20} MiB half-zero guest and saving it with QEMU ...", flush=True)
-        write_ram(ram, size)
+        write_ram(ram, size, density=0.5, seed=0x5EED)
         with QemuVM(ram, machine="q35", ram_mib=size >> 20, workdir=work, timeout=120) as vm:
             vm.save(file_uri(mig), {"mapped-ram": True, "multifd": True}, {"multifd-channels": 4}, timeout=1800)
         ram.unlink()

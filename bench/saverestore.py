@@ -41,13 +41,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import drop_caches, fio  # noqa: E402
+from common import drop_caches, fio, write_ram  # noqa: E402
 
 import mappedram  # noqa: E402
 from mappedram import snapshot  # noqa: E402
@@ -68,25 +66,6 @@ GOALS = {"save_vs_qemu": 2.0, "dio_save_vs_qemu_dio": 20.0, "save_vs_fio_write":
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def write_ram(path: Path, size: int, density: float, seed: int) -> int:
-    """A guest RAM image: page i non-zero (random bytes) with probability ``density``; returns non-zero pages."""
-    rng = np.random.default_rng(seed)
-    chunk_pages = 16384
-    nonzero = 0
-    with path.open("wb") as f:
-        for first in range(0, size // PAGE, chunk_pages):
-            n = min(chunk_pages, size // PAGE - first)
-            keep = rng.random(n) < density
-            k = int(keep.sum())
-            pages = np.zeros((n, PAGE), dtype=np.uint8)
-            data = np.frombuffer(rng.bytes(k * PAGE), dtype=np.uint8).reshape(k, PAGE).copy()
-            data[:, 0] |= 1  # never an all-zero page by chance
-            pages[keep] = data
-            nonzero += k
-            f.write(pages.tobytes())
-    return nonzero
 
 
 def map_shm(path: Path, size: int, *, writable: bool, fresh: bool = False) -> mmap.mmap:

@@ -34,8 +34,6 @@ from common import drop_caches, fio, write_ram  # noqa: E402
 import mappedram  # noqa: E402
 from qemu_harness import QemuVM, file_uri, require_qemu  # noqa: E402
 
-PAGE = 4096
-
 
 def timed(cmd: list[str] | str, *, shell: bool = False) -> float:
     start = time.perf_counter()

@@ -45,13 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import drop_caches, fio, write_ram  # noqa: E402
+from common import PAGE, drop_caches, fio, write_ram  # noqa: E402
 
 import mappedram  # noqa: E402
 from mappedram import snapshot  # noqa: E402
 from qemu_harness import BACKEND_ID, QemuVM, file_uri, find_qemu, first_mismatch, qemu_version  # noqa: E402
 
-PAGE = 4096
 SHM = Path("/dev/shm")
 CHANNELS = (1, 2, 4)
 #: QEMU variants: (name, capabilities, parameters).

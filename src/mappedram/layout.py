@@ -266,12 +266,24 @@ def machine_has_switchover_start(machine_type: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class LegacyPlan:
     """The fixed parts of a legacy (streamed) file: everything before the first page record,
-    and what follows the last. Page records are appended between them, in stream order."""
+    and what follows the last. Page records are appended between them, in stream order.
+
+    A save of several passes writes ``head``, the first pass's records, ``pass_end``; then
+    for each further pass ``part_head``, its records, ``pass_end``; then ``end_head``, the
+    last pass's records (sent while the guest is stopped), ``end_tail``.
+    """
 
     start: int
     head: bytes  # header, configuration, RAM START (MEM_SIZE list, EOS, footer), PART header
     pass_end: bytes  # EOS + footer closing a PART section
-    tail: bytes  # [SWITCHOVER_START], RAM END (EOS, footer), device state, vmdesc
+    part_head: bytes  # the header of a further PART section
+    end_head: bytes  # [SWITCHOVER_START], the RAM END section header
+    end_tail: bytes  # EOS + footer closing RAM END, device state, vmdesc
+
+    @property
+    def tail(self) -> bytes:
+        """What follows the last PART section when the END section carries no pages."""
+        return self.end_head + self.end_tail
 
 
 # reference: ram_save_setup, ram_save_iterate, ram_save_complete (legacy, without mapped-ram)
@@ -288,10 +300,16 @@ def plan_legacy(blocks: Sequence[tuple[str, int]], spec: StreamSpec, *, start: i
     for idstr, size in blocks:
         head += encode_ram_block_entry(idstr, size)
     head += encode_eos() + encode_footer(sid) + encode_section_part(sid)
-    tail = bytearray()
-    if spec.switchover_start:
-        tail += encode_command(MIG_CMD_SWITCHOVER_START)
-    tail += encode_section_end(sid) + encode_eos() + encode_footer(sid) + spec.device_state
+    end_head = encode_command(MIG_CMD_SWITCHOVER_START) if spec.switchover_start else b""
+    end_head += encode_section_end(sid)
+    end_tail = encode_eos() + encode_footer(sid) + spec.device_state
     if spec.vmdesc is not None:
-        tail += encode_vmdesc(spec.vmdesc)
-    return LegacyPlan(start=start, head=bytes(head), pass_end=encode_eos() + encode_footer(sid), tail=bytes(tail))
+        end_tail += encode_vmdesc(spec.vmdesc)
+    return LegacyPlan(
+        start=start,
+        head=bytes(head),
+        pass_end=encode_eos() + encode_footer(sid),
+        part_head=encode_section_part(sid),
+        end_head=end_head,
+        end_tail=end_tail,
+    )

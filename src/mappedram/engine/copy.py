@@ -22,7 +22,15 @@ from mappedram.errors import IOEngineError
 
 from .fileio import close_fd, open_read, open_write, pread_upto, preadv_exact, pwrite_full
 
-__all__ = ["PageCopy", "SparseCopyChannel", "PageCompare", "CompareChannel", "gather_pages", "nonzero_pages"]
+__all__ = [
+    "PageCopy",
+    "SparseCopyChannel",
+    "PageCompare",
+    "CompareChannel",
+    "gather_pages",
+    "nonzero_pages",
+    "nonzero_pages_at",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,12 @@ def nonzero_pages(buf: memoryview, npages: int, page_size: int) -> npt.NDArray[n
     """Vectorised zero-page detection over ``npages`` pages of ``buf``."""
     words = np.frombuffer(buf, dtype=np.uint64, count=npages * page_size // 8).reshape(npages, page_size // 8)
     return np.asarray(words.any(axis=1), dtype=np.bool_)
+
+
+def nonzero_pages_at(buf: memoryview, pages: npt.NDArray[np.intp], page_size: int) -> npt.NDArray[np.bool_]:
+    """Zero-page detection for the pages numbered ``pages`` of ``buf`` only (vectorised gather)."""
+    words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, page_size // 8)
+    return np.asarray(words[pages].any(axis=1), dtype=np.bool_)
 
 
 class SparseCopyChannel:

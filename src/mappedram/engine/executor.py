@@ -8,10 +8,11 @@ nothing of RAM blocks: it runs whatever a channel does with a task.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Channel", "run_tasks"]
+__all__ = ["Channel", "Throttle", "run_tasks"]
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -97,3 +98,26 @@ def run_tasks(
     if shared.error is not None:
         raise shared.error
     return sum(totals)
+
+
+class Throttle:
+    """Hold the caller back so that bytes reported through it stay under ``bytes_per_second``.
+
+    Call it with each amount moved (as a ``progress`` callback; the executor calls it under
+    one lock, so a sleep here holds every channel back). ``None`` or 0 means no limit.
+    """
+
+    def __init__(self, bytes_per_second: float | None, then: Callable[[int], None] | None = None) -> None:
+        self.limit = bytes_per_second or None
+        self.then = then
+        self.start = time.monotonic()
+        self.moved = 0
+
+    def __call__(self, n: int) -> None:
+        self.moved += n
+        if self.limit is not None:
+            ahead = self.moved / self.limit - (time.monotonic() - self.start)
+            if ahead > 0:
+                time.sleep(ahead)
+        if self.then is not None:
+            self.then(n)

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from mappedram._runs import bit_runs
 
-from .copy import gather_pages, nonzero_pages
+from .copy import gather_pages, nonzero_pages, nonzero_pages_at
 from .directio import DIRECT_ALIGN, aligned_buffer, is_aligned
 from .fileio import close_fd, open_read, open_write, preadv_exact, pwrite_full
 
@@ -73,6 +73,9 @@ class WriteTask:
     npages: int
     file_offset: int  # where page ``first_page`` goes
     bits: npt.NDArray[np.bool_]  # out: True where a page was written (a view of the bitmap)
+    # Only these pages (True) are considered; the others keep their bit. None: all of them
+    # (a later pass of a live save sends only the pages dirtied since the previous one).
+    mask: npt.NDArray[np.bool_] | None = None
 
 
 def merge_runs(
@@ -151,8 +154,14 @@ class PageWriteChannel:
     def run(self, task: WriteTask) -> int:
         ps = self.page_size
         view = self.reader.pages(task.source, task.first_page, task.npages)
-        keep = nonzero_pages(view, task.npages, ps)
-        task.bits[:] = keep
+        if task.mask is None:
+            keep = nonzero_pages(view, task.npages, ps)
+            task.bits[:] = keep
+        else:
+            chosen = np.flatnonzero(task.mask)
+            keep = np.zeros(task.npages, dtype=np.bool_)
+            keep[chosen] = nonzero_pages_at(view, chosen, ps)
+            task.bits[chosen] = keep[chosen]
         starts, lengths = bit_runs(keep)
         if self.direct:
             starts, lengths = merge_runs(starts, lengths, self.merge_gap)
@@ -167,7 +176,7 @@ class PageWriteChannel:
             pwrite_full(self.fd, data, task.file_offset + s * ps, self.path)
             self.bytes_written += n * ps
         self.pages_written += int(np.count_nonzero(keep))
-        return task.npages * ps
+        return (task.npages if task.mask is None else len(chosen)) * ps  # RAM bytes this task covered
 
     def close(self) -> None:
         try:

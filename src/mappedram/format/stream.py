@@ -106,6 +106,7 @@ __all__ = [
     "encode_eos",
     "encode_page_record",
     "encode_page_records",
+    "encode_page_records_at",
     "encode_vmdesc",
     "MAX_MACHINE_NAME",
     "MAX_CAPABILITIES",
@@ -1013,8 +1014,17 @@ def encode_page_records(
     """
     n, page_size = pages.shape
     addrs = first_addr + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
+    return encode_page_records_at(idstr, addrs, pages, nonzero)
+
+
+def encode_page_records_at(
+    idstr: str | None, addrs: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8], nonzero: npt.NDArray[np.bool_]
+) -> list[bytes]:
+    """As :func:`encode_page_records`, for pages at any offsets ``addrs`` of one block (in
+    stream order): the records of a later pass, which sends only the pages dirtied since."""
+    n, page_size = pages.shape
     flags = np.where(nonzero, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO).astype(np.uint64) | RAM_SAVE_FLAG_CONTINUE
-    words = (addrs | flags).astype(">u8")
+    words = (np.asarray(addrs, dtype=np.uint64) | flags).astype(">u8")
     pieces: list[bytes] = []
     start = 0
     if idstr is not None and n:

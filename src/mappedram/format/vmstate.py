@@ -22,8 +22,18 @@ from typing import Any
 from mappedram.errors import FormatError, TruncatedError
 
 from .constants import QEMU_VM_EOF, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL, QEMU_VM_VMDESCRIPTION
+from .structs import be32, pack_idstr
 
-__all__ = ["DeviceSection", "VmDesc", "find_vmdesc", "parse_vmdesc", "split_device_sections"]
+__all__ = [
+    "DeviceRecord",
+    "DeviceSection",
+    "VmDesc",
+    "encode_device_state",
+    "encode_vmdesc_json",
+    "find_vmdesc",
+    "parse_vmdesc",
+    "split_device_sections",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +200,51 @@ def truncated_tail(offset: int, needed: int) -> TruncatedError:
     return TruncatedError(
         "file ends inside the device state", offset=offset, field="device state", expected=f"{needed} more bytes"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """One device's state, to be written as a FULL section with its vmdesc entry.
+
+    ``body`` is the vmstate-encoded fields; ``fields`` describes them as QEMU's vmdesc does
+    (``{"name", "type", "size"}`` each), so analyze-migration.py style readers can walk it.
+    """
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    body: bytes
+    fields: tuple[dict[str, Any], ...] = ()
+    vmsd_name: str | None = None
+
+
+# reference: qemu_savevm_state_complete_precopy_non_iterable, save_section_header, vmstate_save
+def encode_device_state(records: list[DeviceRecord], *, first_section_id: int) -> tuple[bytes, list[dict[str, Any]]]:
+    """The device state of a stream (FULL sections, then QEMU_VM_EOF) and its vmdesc entries.
+
+    Sections are numbered from ``first_section_id`` in the order given.
+    """
+    out = bytearray()
+    devices: list[dict[str, Any]] = []
+    for k, rec in enumerate(records):
+        sid = first_section_id + k
+        out += bytes([QEMU_VM_SECTION_FULL]) + be32(sid) + pack_idstr(rec.idstr)
+        out += be32(rec.instance_id) + be32(rec.version_id) + rec.body
+        out += bytes([QEMU_VM_SECTION_FOOTER]) + be32(sid)
+        devices.append(
+            {
+                "name": rec.idstr,
+                "instance_id": rec.instance_id,
+                "vmsd_name": rec.vmsd_name or rec.idstr,
+                "version": rec.version_id,
+                "fields": list(rec.fields),
+            }
+        )
+    out.append(QEMU_VM_EOF)
+    return bytes(out), devices
+
+
+# reference: qemu_savevm_state_end_precopy (json_writer: "page_size", "devices")
+def encode_vmdesc_json(devices: list[dict[str, Any]], *, page_size: int) -> bytes:
+    """The vmdesc trailer's JSON text, in QEMU's style (``": "`` and ``", "`` separators)."""
+    return json.dumps({"page_size": page_size, "devices": devices}).encode("utf-8")

@@ -1,0 +1,421 @@
+"""Live save: write RAM while its owner keeps writing it, in passes that converge.
+
+Theory of operation (QEMU's precopy, migration/migration.c migration_iteration_run and
+migration/ram.c ram_save_iterate / migration_bitmap_sync / ram_save_complete):
+
+* Rule 1, sync then send. Each pass first syncs the dirty trackers, then reads and writes
+  the pages they named. A write that lands after the sync is named by the next sync, so
+  a page is never left stale once the last pass (guest stopped) is written.
+* Rule 2, mapped-ram writes in place. Pass 1 writes every non-zero page at its slot; a
+  later pass rewrites only dirtied pages at the same slots, and a page that became zero
+  only clears its bit. The file is exactly the planned layout (``plan_file``) whatever
+  the number of passes: it never grows with the dirty rate.
+* Rule 3, legacy appends. The streamed format has no slots: each pass appends its pages
+  as PAGE/ZERO records (one PART section per pass, the last pass in the END section), so
+  the file grows by every pass's dirty set; the reader applies them in order.
+* Rule 4, stop and finish. Iteration ends when the pages left to send fit the downtime
+  limit at the bandwidth measured in the previous pass (QEMU's threshold_size =
+  bandwidth * downtime_limit), or after ``max_passes``. Then the ``stop`` callback pauses
+  the guest and returns its device state; the final pass sends what is still dirty;
+  then the bitmaps, the device sections, QEMU_VM_EOF and the vmdesc are written.
+* The save protocol is :func:`mappedram.snapshot.save`'s: temporary file, fsync, rename,
+  fsync of the directory; a failure (in ``stop`` too) leaves nothing at the target.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from mappedram.engine.executor import Throttle, run_tasks
+from mappedram.engine.fileio import file_size, pwrite_full
+from mappedram.engine.pages import MemoryPages, PageSource, PageWriteChannel, WriteTask
+from mappedram.engine.sequential import SequentialWriter
+from mappedram.engine.trackers import DirtyTracker
+from mappedram.errors import UsageError
+from mappedram.format.bitmap import encode_bitmap
+from mappedram.format.constants import TARGET_PAGE_SIZE
+from mappedram.format.stream import encode_page_records_at
+from mappedram.format.vmstate import DeviceRecord, encode_device_state, encode_vmdesc_json
+from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
+from mappedram.snapshot import (
+    CHUNK_PAGES,
+    DEFAULT_MACHINE,
+    MACHINE_ALIASES,
+    Progress,
+    _as_bytes_view,
+    _commit,
+    _resolve_direct,
+    _Timed,
+    _Written,
+)
+
+__all__ = ["FORMATS", "PassStats", "LiveSaveReport", "live_save"]
+
+FORMATS = ("mapped-ram", "legacy")
+Bits = npt.NDArray[np.bool_]
+StopGuest = Callable[[], Sequence[DeviceRecord]]
+
+
+@dataclass(frozen=True, slots=True)
+class PassStats:
+    """One pass of a live save."""
+
+    index: int  # 1-based
+    stopped: bool  # the final pass, sent with the guest stopped
+    pages_sent: int  # pages this pass covered: every page in pass 1, the dirty ones after
+    pages_written: int  # of those, non-zero pages written (PAGE records in legacy)
+    pages_zero: int  # of those, zero pages (bit cleared / ZERO records)
+    bytes_written: int  # bytes this pass added to the file (page data and records)
+    seconds: float
+    dirty_rate: float  # pages dirtied per second between the previous sync and this one
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSaveReport(_Timed):
+    path: str
+    format: str
+    file_size: int
+    planned_size: int | None  # mapped-ram: the layout planner's size (equal to file_size)
+    machine_type: str
+    ram_bytes: int
+    channels: int
+    direct_io: bool
+    passes: list[PassStats]
+    stop_reason: str  # "converged" or "max-passes"
+    downtime: float  # seconds from the stop request to the last byte of the stream
+    bandwidth: float  # RAM bytes per second sent in the last live pass
+    downtime_limit: float
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def growth(self) -> float:
+        """File size as a multiple of the RAM it holds."""
+        return self.file_size / self.ram_bytes if self.ram_bytes else 0.0
+
+
+class _Loop:
+    """The pass loop shared by both formats; ``send`` writes one pass of pages."""
+
+    def __init__(
+        self,
+        trackers: Sequence[DirtyTracker],
+        npages: Sequence[int],
+        *,
+        max_passes: int,
+        downtime_limit: float,
+        bandwidth_limit: float | None,
+        on_pass: Callable[[PassStats], None] | None,
+        progress: Progress | None,
+    ) -> None:
+        self.trackers = trackers
+        self.npages = npages
+        self.max_passes = max_passes
+        self.downtime_limit = downtime_limit
+        self.throttle = Throttle(bandwidth_limit, progress)
+        self.on_pass = on_pass
+        self.passes: list[PassStats] = []
+        self.bandwidth = 0.0
+        self.stop_reason = ""
+        self.downtime = 0.0
+        self.last_sync = 0.0
+        self.t_stop = 0.0
+
+    def _sync(self) -> tuple[list[Bits], float]:
+        now = time.perf_counter()
+        dirty = [t.sync() for t in self.trackers]
+        elapsed = now - self.last_sync
+        self.last_sync = now
+        count = sum(int(np.count_nonzero(d)) for d in dirty)
+        return dirty, count / elapsed if elapsed > 0 else 0.0
+
+    def _record(self, stopped: bool, sent: int, result: tuple[int, int, int], t0: float, rate: float) -> None:
+        written, zero, nbytes = result
+        seconds = time.perf_counter() - t0
+        stats = PassStats(len(self.passes) + 1, stopped, sent, written, zero, nbytes, seconds, rate)
+        self.passes.append(stats)
+        if not stopped and seconds > 0:
+            self.bandwidth = sent * TARGET_PAGE_SIZE / seconds
+        if self.on_pass is not None:
+            self.on_pass(stats)
+
+    # reference: migration_iteration_run (pending vs threshold), ram_save_complete
+    def run(
+        self, send: Callable[[list[Bits] | None, bool], tuple[int, int, int]], stop: StopGuest
+    ) -> Sequence[DeviceRecord]:
+        for t in self.trackers:  # start tracking: what was written before is sent in pass 1 anyway
+            t.sync()
+        self.last_sync = time.perf_counter()
+        t0 = time.perf_counter()
+        self._record(False, sum(self.npages), send(None, False), t0, 0.0)
+        carried: list[Bits] | None = None
+        while True:
+            dirty, rate = self._sync()
+            pending = sum(int(np.count_nonzero(d)) for d in dirty) * TARGET_PAGE_SIZE
+            if self.bandwidth > 0 and pending / self.bandwidth <= self.downtime_limit:
+                self.stop_reason = "converged"
+                carried = dirty
+                break
+            if len(self.passes) >= self.max_passes:
+                self.stop_reason = "max-passes"
+                carried = dirty
+                break
+            t0 = time.perf_counter()
+            self._record(False, pending // TARGET_PAGE_SIZE, send(dirty, False), t0, rate)
+        self.t_stop = time.perf_counter()
+        records = stop()
+        dirty, rate = self._sync()
+        final = [a | b for a, b in zip(dirty, carried)]
+        t0 = time.perf_counter()
+        self._record(True, sum(int(np.count_nonzero(d)) for d in final), send(final, True), t0, rate)
+        return records
+
+
+def live_save(
+    path: str | os.PathLike[str],
+    blocks: Mapping[str, object] | Sequence[tuple[str, object]],
+    trackers: Sequence[DirtyTracker],
+    *,
+    stop: StopGuest,
+    format: str = "mapped-ram",
+    machine_type: str = DEFAULT_MACHINE,
+    channels: int = 4,
+    direct_io: bool = False,
+    direct_io_fallback: bool = False,
+    max_passes: int = 10,
+    downtime_limit: float = 0.3,
+    bandwidth_limit: float | None = None,
+    ram_section_id: int = 1,
+    durable: bool = True,
+    on_pass: Callable[[PassStats], None] | None = None,
+    progress: Progress | None = None,
+) -> LiveSaveReport:
+    """Save RAM that keeps changing, in passes, as a mapped-ram (or legacy) file QEMU loads.
+
+    ``blocks`` are the guest's RAM buffers (by QEMU block name, largest first) and
+    ``trackers`` their dirty trackers, one per block, in the same order. ``stop`` is
+    called once, after the last live pass: it must stop every writer of the buffers and
+    return the guest's device state (:class:`DeviceRecord` s, written as FULL sections
+    with their vmdesc entries). ``bandwidth_limit`` caps RAM bytes sent per second (as
+    QEMU's max-bandwidth); ``downtime_limit`` is in seconds (QEMU's downtime-limit).
+    """
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
+    if machine_type in MACHINE_ALIASES:
+        raise UsageError(f"machine type {machine_type!r} is an alias; use e.g. {MACHINE_ALIASES[machine_type]!r}")
+    if max_passes < 1:
+        raise UsageError(f"max_passes must be at least 1, not {max_passes}")
+    items = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
+    if len(trackers) != len(items):
+        raise UsageError(f"{len(items)} blocks but {len(trackers)} dirty trackers: give one per block")
+    ps = TARGET_PAGE_SIZE
+    views: list[tuple[str, memoryview]] = []
+    for (name, buf), tracker in zip(items, trackers):
+        view = _as_bytes_view(buf, writable=False, name=name)
+        if len(view) == 0 or len(view) % ps:
+            raise UsageError(f"block {name!r}: size {len(view)} is not a positive multiple of {ps}")
+        if tracker.npages != len(view) // ps:
+            raise UsageError(f"block {name!r}: tracker covers {tracker.npages} pages, the block {len(view) // ps}")
+        views.append((name, view))
+    target = os.fspath(path)
+    layout = [(name, len(view)) for name, view in views]
+    loop = _Loop(
+        trackers,
+        [size // ps for _, size in layout],
+        max_passes=max_passes,
+        downtime_limit=downtime_limit,
+        bandwidth_limit=bandwidth_limit,
+        on_pass=on_pass,
+        progress=progress,
+    )
+
+    def spec(records: Sequence[DeviceRecord], mapped: bool) -> StreamSpec:
+        state, devices = encode_device_state(list(records), first_section_id=ram_section_id + 1)
+        return StreamSpec(
+            machine_type=machine_type,
+            capabilities=("mapped-ram",) if mapped else (),
+            ram_section_id=ram_section_id,
+            parts=max(1, len(loop.passes) - 1),
+            switchover_start=machine_has_switchover_start(machine_type),
+            device_state=state,
+            vmdesc=encode_vmdesc_json(devices, page_size=ps),
+        )
+
+    notes: list[str] = []
+    planned: list[int] = []
+    if format == "mapped-ram":
+        direct = _resolve_direct(target, direct_io, direct_io_fallback, notes)
+        body = _mapped_body(views, layout, spec, loop, stop, channels, direct, planned)
+    else:
+        direct = False
+        if direct_io:
+            notes.append("legacy stream: written through the page cache (its records are not aligned)")
+        body = _legacy_body(views, layout, spec, loop, stop)
+    report = _commit(target, None, durable, notes, spec([], format == "mapped-ram"), direct, body, format)
+    return LiveSaveReport(
+        path=report.path,
+        format=format,
+        file_size=report.file_size,
+        planned_size=planned[0] if planned else None,
+        machine_type=machine_type,
+        ram_bytes=report.ram_bytes,
+        channels=report.channels,
+        direct_io=direct,
+        passes=loop.passes,
+        stop_reason=loop.stop_reason,
+        downtime=loop.downtime,
+        bandwidth=loop.bandwidth,
+        downtime_limit=downtime_limit,
+        seconds=report.seconds,
+        notes=notes,
+    )
+
+
+def _mapped_body(
+    views: list[tuple[str, memoryview]],
+    layout: list[tuple[str, int]],
+    spec: Callable[[Sequence[DeviceRecord], bool], StreamSpec],
+    loop: _Loop,
+    stop: StopGuest,
+    channels: int,
+    direct: bool,
+    planned: list[int],
+) -> Callable[[int, str], _Written]:
+    ps = TARGET_PAGE_SIZE
+    sources: list[PageSource] = [MemoryPages(v) for _, v in views]
+
+    def body(fd: int, work: str) -> _Written:
+        t0 = time.perf_counter()
+        plan = plan_file(layout, spec([], True))  # page offsets do not depend on the tail
+        pwrite_full(fd, plan.head, plan.start, work)
+        for at, data in plan.entries:
+            pwrite_full(fd, data, at, work)
+        bits = [np.zeros(size // ps, dtype=np.bool_) for _, size in layout]
+        used = [0]
+
+        # reference: ram_save_iterate, ram_find_and_save_block, multifd_queue_page (mapped-ram slots)
+        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int]:
+            tasks = []
+            for i, lay in enumerate(plan.ram.blocks):
+                n = len(bits[i])
+                for first in range(0, n, CHUNK_PAGES):
+                    count = min(CHUNK_PAGES, n - first)
+                    mask = None if dirty is None else dirty[i][first : first + count]
+                    if mask is not None and not mask.any():
+                        continue
+                    tasks.append(
+                        WriteTask(i, first, count, lay.pages_offset + first * ps, bits[i][first : first + count], mask)
+                    )
+            if not tasks:
+                return 0, 0, 0
+            made: list[PageWriteChannel] = []
+
+            def make_channel(_: int) -> PageWriteChannel:
+                ch = PageWriteChannel(work, sources, ps, CHUNK_PAGES, direct=direct)
+                made.append(ch)
+                return ch
+
+            run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=loop.throttle)
+            used[0] = max(used[0], len(made))
+            if dirty is None:
+                sent = sum(len(b) for b in bits)
+                written = sum(int(np.count_nonzero(b)) for b in bits)
+            else:
+                sent = sum(int(np.count_nonzero(d)) for d in dirty)
+                written = sum(int(np.count_nonzero(b & d)) for b, d in zip(bits, dirty))
+            return written, sent - written, sum(ch.bytes_written for ch in made)
+
+        t1 = time.perf_counter()
+        records = loop.run(send, stop)
+        final = plan_file(layout, spec(records, True))
+        if final.ram != plan.ram:
+            raise AssertionError("the page layout moved with the device state")
+        # reference: ram_save_complete (mapped-ram: the bitmaps are written at completion)
+        for lay, b in zip(final.ram.blocks, bits):
+            pwrite_full(fd, encode_bitmap(b), lay.bitmap_offset, work)
+        pwrite_full(fd, final.tail, final.ram.eos_offset, work)
+        t2 = time.perf_counter()
+        loop.downtime = t2 - loop.t_stop
+        size = file_size(fd, work)
+        if size != final.file_size:
+            raise AssertionError(f"{work}: file is {size} bytes, the layout plans {final.file_size}")
+        planned.append(final.file_size)
+        return _Written(
+            pages=sum(len(b) for b in bits),
+            pages_written=sum(int(np.count_nonzero(b)) for b in bits),
+            bytes_written=sum(p.bytes_written for p in loop.passes),
+            channels=used[0],
+            file_size=size,
+            seconds={"setup": t1 - t0, "live": loop.t_stop - t1, "stopped": t2 - loop.t_stop},
+        )
+
+    return body
+
+
+def _legacy_body(
+    views: list[tuple[str, memoryview]],
+    layout: list[tuple[str, int]],
+    spec: Callable[[Sequence[DeviceRecord], bool], StreamSpec],
+    loop: _Loop,
+    stop: StopGuest,
+) -> Callable[[int, str], _Written]:
+    ps = TARGET_PAGE_SIZE
+    words = [np.frombuffer(v, dtype=np.uint64).reshape(-1, ps // 8) for _, v in views]
+
+    def body(fd: int, work: str) -> _Written:
+        t0 = time.perf_counter()
+        plan = plan_legacy(layout, spec([], False))
+        out = SequentialWriter(fd, work, plan.start)
+        out.append(plan.head)
+
+        # reference: ram_save_iterate / ram_save_complete -> ram_save_target_page_legacy
+        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int]:
+            if len(loop.passes) > 0:  # pass 1 follows the PART header ending ``head``
+                out.append(plan.end_head if stopped else plan.part_head)
+            before = out.offset
+            written = sent = 0
+            for i, (idstr, _) in enumerate(layout):
+                pages = np.arange(len(words[i])) if dirty is None else np.flatnonzero(dirty[i])
+                for k in range(0, len(pages), CHUNK_PAGES):
+                    chosen = pages[k : k + CHUNK_PAGES]
+                    data = words[i][chosen]  # a copy: the records hold one instant of each page
+                    nonzero: Bits = np.asarray(data.any(axis=1), dtype=np.bool_)
+                    pieces = encode_page_records_at(
+                        idstr if k == 0 else None,
+                        chosen.astype(np.uint64) * np.uint64(ps),
+                        data.view(np.uint8).reshape(len(chosen), ps),
+                        nonzero,
+                    )
+                    for piece in pieces:
+                        out.append(piece)
+                    written += int(np.count_nonzero(nonzero))
+                    sent += len(chosen)
+                    loop.throttle(len(chosen) * ps)
+            if not stopped:
+                out.append(plan.pass_end)
+            out.flush()
+            return written, sent - written, out.offset - before
+
+        t1 = time.perf_counter()
+        records = loop.run(send, stop)
+        out.append(plan_legacy(layout, spec(records, False)).end_tail)
+        out.flush()
+        t2 = time.perf_counter()
+        loop.downtime = t2 - loop.t_stop
+        final = loop.passes[-1]
+        return _Written(
+            pages=sum(len(w) for w in words),
+            pages_written=final.pages_written,
+            bytes_written=out.offset - plan.start,
+            channels=1,
+            file_size=out.offset,
+            seconds={"setup": t1 - t0, "live": loop.t_stop - t1, "stopped": t2 - loop.t_stop},
+        )
+
+    return body

@@ -251,3 +251,30 @@ def test_bad_requests() -> None:
         live_save("x.mig", [("pc.ram", buf)], [OwnerTracker(3)], stop=list)
     with pytest.raises(UsageError, match="unknown format"):
         live_save("x.mig", [("pc.ram", buf)], [OwnerTracker(256)], stop=list, format="qcow2")
+
+
+# -- QEMU loads what a live save wrote -------------------------------------------------
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("fmt", ["mapped-ram", "legacy"])
+def test_qemu_loads_live_save(tmp_path: Path, fmt: str) -> None:
+    """A live save of many passes loads into QEMU (mapped-ram on or off to match); its RAM
+    equals the writer's RAM at the stop point."""
+    from qemu_harness import BACKEND_ID, first_mismatch, require_qemu
+    from test_qemu_interop import LEGACY, MULTIFD4, RAM_MIB
+    from test_qemu_loads_ours import _destination, _load, _resolved_machine
+
+    qemu_binary = require_qemu()
+    buf = _ram(RAM_MIB, 8000)
+    tracker = OwnerTracker(len(buf) // PAGE)
+    writer = Writer(buf, tracker, hot_pages=12000)
+    out = tmp_path / "live.mig"
+    with _destination(qemu_binary, "q35", tmp_path) as vm:
+        writer.start()
+        report = live_save(out, {BACKEND_ID: buf}, [tracker], stop=lambda: (writer.stop(), [])[1], format=fmt,
+                           machine_type=_resolved_machine(vm), max_passes=4, downtime_limit=0.0)
+        assert len(report.passes) == 5 and all(p.pages_sent for p in report.passes), report.passes
+        _load(vm, out, MULTIFD4 if fmt == "mapped-ram" else LEGACY)
+    mismatch = first_mismatch((tmp_path / "dst.ram").read_bytes(), writer.at_stop)
+    assert mismatch is None, f"QEMU's RAM after loading the live {fmt} save: {mismatch}"

@@ -35,8 +35,9 @@ PAGE = 4096
 class Writer:
     """Writes a counter into pseudo-random pages of ``buf`` (8 pages per step), then marks them."""
 
-    def __init__(self, buf: mmap.mmap, tracker: OwnerTracker | None = None, *, hot_pages: int | None = None,
-                 seed: int = 7) -> None:
+    def __init__(
+        self, buf: mmap.mmap, tracker: OwnerTracker | None = None, *, hot_pages: int | None = None, seed: int = 7
+    ) -> None:
         self.words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, PAGE // 8)
         self.tracker = tracker
         self.rng = np.random.default_rng(seed)
@@ -142,8 +143,18 @@ def test_live_save_holds_the_ram_at_the_stop_point(tmp_path: Path, fmt: str, cha
     writer.start()
     out = tmp_path / "live.mig"
     seen = []
-    report = live_save(out, {"pc.ram": buf}, [tracker], stop=writer.stop, format=fmt, channels=channels,
-                       max_passes=4, downtime_limit=0.0, on_pass=seen.append, durable=False)
+    report = live_save(
+        out,
+        {"pc.ram": buf},
+        [tracker],
+        stop=writer.stop,
+        format=fmt,
+        channels=channels,
+        max_passes=4,
+        downtime_limit=0.0,
+        on_pass=seen.append,
+        durable=False,
+    )
     assert writer.at_stop is not None
     assert report.stop_reason == "max-passes" and len(report.passes) == 5 and report.passes[-1].stopped
     assert seen == report.passes
@@ -168,8 +179,15 @@ def test_mapped_ram_size_is_the_plan_whatever_the_passes(tmp_path: Path) -> None
         tracker = OwnerTracker(len(buf) // PAGE)
         writer = Writer(buf, tracker)
         writer.start()
-        report = live_save(tmp_path / f"p{passes}.mig", [("pc.ram", buf)], [tracker], stop=writer.stop,
-                           max_passes=passes, downtime_limit=0.0, durable=False)
+        report = live_save(
+            tmp_path / f"p{passes}.mig",
+            [("pc.ram", buf)],
+            [tracker],
+            stop=writer.stop,
+            max_passes=passes,
+            downtime_limit=0.0,
+            durable=False,
+        )
         assert len(report.passes) == passes + 1
         assert report.file_size == report.planned_size == (tmp_path / f"p{passes}.mig").stat().st_size
         _assert_same(_file_ram(tmp_path / f"p{passes}.mig"), writer.at_stop)  # type: ignore[arg-type]
@@ -186,8 +204,16 @@ def test_legacy_file_grows_with_every_pass(tmp_path: Path) -> None:
     tracker = OwnerTracker(len(buf) // PAGE)
     writer = Writer(buf, tracker)
     writer.start()
-    report = live_save(tmp_path / "legacy.mig", [("pc.ram", buf)], [tracker], stop=writer.stop, format="legacy",
-                       max_passes=6, downtime_limit=0.0, durable=False)
+    report = live_save(
+        tmp_path / "legacy.mig",
+        [("pc.ram", buf)],
+        [tracker],
+        stop=writer.stop,
+        format="legacy",
+        max_passes=6,
+        downtime_limit=0.0,
+        durable=False,
+    )
     assert report.planned_size is None
     sent = sum(p.pages_written for p in report.passes)
     assert report.file_size >= sent * PAGE, (report.file_size, sent)
@@ -199,8 +225,9 @@ def test_legacy_file_grows_with_every_pass(tmp_path: Path) -> None:
 def test_converges_when_the_writer_is_idle(tmp_path: Path) -> None:
     buf = _ram(8, 500)
     tracker = OwnerTracker(len(buf) // PAGE)
-    report = live_save(tmp_path / "idle.mig", [("pc.ram", buf)], [tracker], stop=list, max_passes=10,
-                       downtime_limit=0.3, durable=False)
+    report = live_save(
+        tmp_path / "idle.mig", [("pc.ram", buf)], [tracker], stop=list, max_passes=10, downtime_limit=0.3, durable=False
+    )
     assert report.stop_reason == "converged" and len(report.passes) == 2, report.passes
     assert report.passes[-1].pages_sent == 0
     _assert_same(_file_ram(tmp_path / "idle.mig"), bytes(buf))
@@ -225,8 +252,15 @@ def test_page_that_became_zero_clears_its_bit(tmp_path: Path) -> None:
 def test_bandwidth_limit_is_honoured(tmp_path: Path) -> None:
     buf = _ram(8, 2048)  # 8 MiB of data at 32 MiB/s: at least ~0.25 s
     tracker = OwnerTracker(len(buf) // PAGE)
-    report = live_save(tmp_path / "bw.mig", [("pc.ram", buf)], [tracker], stop=list, bandwidth_limit=32 << 20,
-                       durable=False, channels=1)
+    report = live_save(
+        tmp_path / "bw.mig",
+        [("pc.ram", buf)],
+        [tracker],
+        stop=list,
+        bandwidth_limit=32 << 20,
+        durable=False,
+        channels=1,
+    )
     assert report.passes[0].seconds >= 0.2, report.passes[0]
 
 
@@ -272,8 +306,16 @@ def test_qemu_loads_live_save(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "live.mig"
     with _destination(qemu_binary, "q35", tmp_path) as vm:
         writer.start()
-        report = live_save(out, {BACKEND_ID: buf}, [tracker], stop=lambda: (writer.stop(), [])[1], format=fmt,
-                           machine_type=_resolved_machine(vm), max_passes=4, downtime_limit=0.0)
+        report = live_save(
+            out,
+            {BACKEND_ID: buf},
+            [tracker],
+            stop=lambda: (writer.stop(), [])[1],
+            format=fmt,
+            machine_type=_resolved_machine(vm),
+            max_passes=4,
+            downtime_limit=0.0,
+        )
         assert len(report.passes) == 5 and all(p.pages_sent for p in report.passes), report.passes
         _load(vm, out, MULTIFD4 if fmt == "mapped-ram" else LEGACY)
     mismatch = first_mismatch((tmp_path / "dst.ram").read_bytes(), writer.at_stop)

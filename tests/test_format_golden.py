@@ -136,3 +136,48 @@ def test_decoder_errors_are_format_errors_with_offsets():
     with pytest.raises(FormatError, match="version not supported") as info:
         _events(bytes(bad))
     assert info.value.offset == 0x72 and info.value.block == "pc.ram"
+
+
+def test_device_state_golden_and_split_back():
+    """FULL sections numbered from the given id, each with its footer, then EOF; the vmdesc
+    entries delimit them again (as for QEMU's own device state)."""
+    import json
+
+    from mappedram.format.vmstate import DeviceRecord, encode_device_state, encode_vmdesc_json, split_device_sections
+
+    records = [
+        DeviceRecord("mappedram-cpu", 0, 1, bytes.fromhex("0000000000000005"),
+                     ({"name": "rax", "type": "uint64", "size": 8},)),
+        DeviceRecord("dev", 3, 2, b"\x7e\x00\x00\x00\x03"),  # a body that looks like its own footer
+    ]
+    state, devices = encode_device_state(records, first_section_id=2)
+    assert state.hex() == (
+        "0400000002" + "0d" + b"mappedram-cpu".hex() + "00000000" + "00000001" + "0000000000000005" + "7e00000002"
+        + "0400000003" + "03" + b"dev".hex() + "00000003" + "00000002" + "7e00000003" + "7e00000003"
+        + "00"
+    )
+    assert devices[0] == {"name": "mappedram-cpu", "instance_id": 0, "vmsd_name": "mappedram-cpu", "version": 1,
+                          "fields": [{"name": "rax", "type": "uint64", "size": 8}]}
+    text = encode_vmdesc_json(devices, page_size=4096)
+    assert json.loads(text) == {"page_size": 4096, "devices": devices}
+    assert text.startswith(b'{"page_size": 4096, "devices": [{"name": ')
+    sections = split_device_sections(state, 100, devices)
+    assert [(d.idstr, d.section_id, d.instance_id, d.version_id) for d in sections] == [
+        ("mappedram-cpu", 2, 0, 1), ("dev", 3, 3, 2)]
+    assert state[sections[0].body_offset - 100 :][: sections[0].body_length] == records[0].body
+    assert state[sections[1].body_offset - 100 :][: sections[1].body_length] == records[1].body
+
+
+def test_page_records_at_scattered_offsets():
+    import numpy as np
+
+    pages = np.zeros((3, 4096), dtype=np.uint8)
+    pages[0] = 0xAB
+    pages[2] = 0xCD
+    addrs = np.array([0x5000, 0x9000, 0x20000], dtype=np.uint64)
+    pieces = s.encode_page_records_at("pc.ram", addrs, pages, pages.any(axis=1))
+    assert b"".join(pieces) == (
+        s.encode_page_record("pc.ram", 0x5000, b"\xab" * 4096)
+        + s.encode_page_record(None, 0x9000, None)
+        + s.encode_page_record(None, 0x20000, b"\xcd" * 4096)
+    )

@@ -246,6 +246,30 @@ def test_dirty_log_is_exactly_what_the_guest_wrote():
 
 
 @needs_kvm
+def test_dirty_log_turned_on_later():
+    """A VM made without the log fills fast; turned on (here while it runs) the log is exact from then on."""
+    with MicroVM(16, seed=2, batch=512, dirty_log=False) as vm:
+        vm.start()
+        vm.wait_filled(10)
+        with pytest.raises(UsageError, match="dirty log is off"):
+            vm.dirty_pages()
+        vm.set_dirty_log(True)
+        first = vm.pause()
+        vm.dirty_pages()
+        vm.resume()
+        time.sleep(0.05)
+        second = vm.pause()
+        expected = pages_written(vm.memory, first.r8, second.r8)
+        expected[STATUS_PAGE] = True
+        dirty = vm.dirty_pages()
+        assert np.array_equal(dirty, expected), np.flatnonzero(dirty != expected)[:20]
+        vm.set_dirty_log(False)
+        with pytest.raises(UsageError):
+            vm.dirty_pages()
+        assert vm.check(second).ok
+
+
+@needs_kvm
 def test_pause_state_round_trip_and_ram_check():
     with MicroVM(32, seed=7, batch=2048) as vm:
         vm.start()

@@ -153,7 +153,7 @@ GDT_DATA = 0x00CFF3000000FFFF  # present, DPL 3, read/write, accessed, D/B=1, G=
 SEL_CODE, SEL_DATA = 0x08 | 3, 0x10 | 3  # GDT entries 1 and 2, RPL 3
 RFLAGS_FIXED, RFLAGS_IOPL3 = 1 << 1, 3 << 12
 
-_ITER_CHUNK = 1 << 22  # iterations recomputed at a time
+_ITER_CHUNK = 1 << 16  # iterations recomputed at a time (small enough for the arrays to stay in cache)
 _PAGE_CHUNK = 4096  # pages compared at a time (16 MiB)
 
 U64 = npt.NDArray[np.uint64]
@@ -293,12 +293,28 @@ def expected_ram_check(memory: Any, counter: int) -> RamCheckReport:
         raise UsageError(
             f"the loop ran {counter} iterations, yet the fill covers {fill_done} of {params.fill_pages} pages"
         )
+    return _check_ram(memory, params, fill_done, counter, _replay(params, counter)[0], started)
+
+
+def _replay(params: GuestParams, counter: int) -> tuple[npt.NDArray[np.int64], int]:
+    """One pass over iterations ``0 .. counter - 1``: the last iteration that wrote each data
+    page (-1: none), and the checksum."""
     last = np.full(params.data_pages, -1, dtype=np.int64)
+    checksum = np.uint64(0)
+    nn = np.uint64(params.data_pages)
     for first in range(0, counter, _ITER_CHUNK):
         stop = min(counter, first + _ITER_CHUNK)
-        # the last iteration that wrote each page (maximum.at: repeated pages resolved by value)
-        index = guest_pages(params, first, stop) - params.data_first
-        np.maximum.at(last, index, np.arange(first, stop, dtype=np.int64))
+        z = guest_values(params.seed, first, stop)
+        with np.errstate(over="ignore"):
+            checksum = checksum + z.sum(dtype=np.uint64)
+        # maximum.at resolves pages written more than once by value: the last iteration wins
+        np.maximum.at(last, _mulhi(z, int(nn)).astype(np.int64), np.arange(first, stop, dtype=np.int64))
+    return last, int(checksum)
+
+
+def _check_ram(
+    memory: Any, params: GuestParams, fill_done: int, counter: int, last: npt.NDArray[np.int64], started: float
+) -> RamCheckReport:
     words = _qwords(memory, 0, None)
     pages = words.reshape(-1, PAGE_SIZE // 8)
     if pages.shape[0] < params.data_first + params.data_pages:
@@ -399,15 +415,20 @@ def check_guest(memory: Any, cpu: CpuState) -> GuestCheckReport:
         "interrupts off": not cpu.rflags & (1 << 9),
         "long mode": bool(cpu.efer & EFER_LMA) and cpu.cs.l == 1,
     }
+    started = time.perf_counter()
     counter = cpu.r8
     status_counter = int(status[S_COUNTER // 8]) if phase == PHASE_LOOP else 0
+    fill_done = int(status[S_FILL_DONE // 8])
+    if counter and fill_done != params.fill_pages:
+        raise UsageError(f"r8 says {counter} loop iterations ran, yet the fill covers {fill_done} pages")
+    last, checksum = _replay(params, counter)
     return GuestCheckReport(
         counter=counter,
         status_counter=status_counter,
         checksum=cpu.r9,
-        expected_checksum=expected_checksum(params.seed, counter),
+        expected_checksum=checksum,
         registers=registers,
-        ram=expected_ram_check(memory, counter),
+        ram=_check_ram(memory, params, fill_done, counter, last, started),
     )
 
 
@@ -651,10 +672,20 @@ class MicroVM:
 
     # -- observation
 
+    def set_dirty_log(self, enabled: bool) -> None:
+        """Turn KVM's dirty log of the RAM on or off, also while the guest runs.
+
+        A VM made with ``dirty_log=False`` fills its RAM much faster (KVM can map the guest's
+        first touches with large pages); a live save turns the log on when it starts, as
+        QEMU does at the start of a migration. The log starts empty.
+        """
+        self._vm.set_dirty_log(0, enabled)
+        self.dirty_log = enabled
+
     def dirty_pages(self) -> npt.NDArray[np.bool_]:
         """One bool per 4 KiB page: written by the guest since the last call (KVM_GET_DIRTY_LOG; clears it)."""
         if not self.dirty_log:
-            raise UsageError("this VM was made with dirty_log=False")
+            raise UsageError("the dirty log is off (dirty_log=False; see set_dirty_log)")
         words = self._vm.get_dirty_log(0)
         bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.pages]
         return bits.astype(bool)

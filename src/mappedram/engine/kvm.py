@@ -70,7 +70,7 @@ __all__ = [
     "memory_address",
 ]
 
-#: The type of guest RAM: an anonymous shared mapping (a writable buffer).
+#: The type of guest RAM: an anonymous mapping (a writable buffer).
 GuestMemory = mmap.mmap
 
 # ---------------------------------------------------------------------------------------------
@@ -345,15 +345,26 @@ def _close(fd: int) -> None:
 
 
 def anonymous_memory(size: int) -> GuestMemory:
-    """Zero-filled, page-aligned guest RAM: ``mmap(MAP_SHARED | MAP_ANONYMOUS)`` of ``size`` bytes."""
+    """Zero-filled, page-aligned guest RAM of ``size`` bytes: ``mmap(MAP_PRIVATE | MAP_ANONYMOUS)``.
+
+    Private anonymous memory (not shared, i.e. not shmem) so that pages never touched cost
+    nothing, even when read (they map the zero page), and transparent huge pages are asked
+    for (``MADV_HUGEPAGE``): the host then allocates 2 MiB at a time, which makes the
+    guest's first touches several times cheaper when KVM is not logging dirty pages.
+    """
     if size <= 0 or size % mmap.PAGESIZE:
         raise ValueError(f"guest memory size {size} is not a positive multiple of the page size")
     try:
-        return mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as exc:
         raise KvmError(
             f"cannot map {size} bytes of guest memory: {exc.strerror}", ioctl="mmap", errno=exc.errno
         ) from None
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass  # no THP on this kernel: 4 KiB pages work the same, only slower to fault in
+    return memory
 
 
 def memory_address(memory: GuestMemory) -> int:
@@ -513,6 +524,26 @@ class KvmVm:
         )
         self._ioctl("KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION, region)
         self._slots[slot] = region
+
+    def set_dirty_log(self, slot: int, enabled: bool) -> None:
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for an existing slot (allowed while vCPUs run).
+
+        Turning it on starts an empty log and write-protects the slot, so every page the
+        guest writes from then on is recorded, as QEMU does when a migration starts
+        (kvm_slot_update_flags).
+        """
+        region = self._slots.get(slot)
+        if region is None:
+            raise KvmError(f"no memory slot {slot}", ioctl="KVM_SET_USER_MEMORY_REGION", errno=errno_mod.ENOENT)
+        updated = kvm_userspace_memory_region.from_buffer_copy(region)
+        updated.flags = region.flags & ~KVM_MEM_LOG_DIRTY_PAGES | (KVM_MEM_LOG_DIRTY_PAGES if enabled else 0)
+        self._ioctl("KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION, updated)
+        self._slots[slot] = updated
+
+    def dirty_logging(self, slot: int) -> bool:
+        """Whether ``slot`` has KVM_MEM_LOG_DIRTY_PAGES on."""
+        region = self._slots.get(slot)
+        return region is not None and bool(region.flags & KVM_MEM_LOG_DIRTY_PAGES)
 
     def get_dirty_log(self, slot: int) -> npt.NDArray[np.uint64]:
         """KVM_GET_DIRTY_LOG: the pages of ``slot`` written since the last call, and clear the log.

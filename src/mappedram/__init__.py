@@ -20,6 +20,9 @@ from mappedram.errors import (
     IOEngineError as IOEngineError,
 )
 from mappedram.errors import (
+    KvmError as KvmError,
+)
+from mappedram.errors import (
     LayoutError as LayoutError,
 )
 from mappedram.errors import (
@@ -45,6 +48,7 @@ __all__ = [
     "FormatError",
     "IncompleteRestoreError",
     "IOEngineError",
+    "KvmError",
     "LayoutError",
     "MappedRamError",
     "MigrationFile",

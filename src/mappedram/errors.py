@@ -9,8 +9,9 @@
     │   ├── UnsupportedError            valid QEMU input this project does not handle
     │   └── LayoutError                 offsets, sizes or alignment that cannot be right
     ├── UsageError                      the caller asked for something impossible; exit_code 2
-    └── IOEngineError                   an OS call failed on a file (errno, path, offset)
-        └── IncompleteRestoreError      ... during a restore: lists the page ranges not restored
+    ├── IOEngineError                   an OS call failed on a file (errno, path, offset)
+    │   └── IncompleteRestoreError      ... during a restore: lists the page ranges not restored
+    └── KvmError                        /dev/kvm is missing or refused, or a KVM ioctl failed
 
 Every error carries keyword-only structured fields and renders them in ``str()``.
 Any exception other than :class:`FormatError` (or :class:`IOEngineError` for
@@ -31,6 +32,7 @@ __all__ = [
     "UsageError",
     "IOEngineError",
     "IncompleteRestoreError",
+    "KvmError",
 ]
 
 
@@ -164,6 +166,33 @@ class IncompleteRestoreError(IOEngineError):
         super().__init__(message, **kw)
         self.incomplete = incomplete
         self.fields["incomplete"] = incomplete
+
+
+class KvmError(MappedRamError):
+    """KVM is unusable here, or one of its ioctls failed: names the ioctl and the errno.
+
+    Args:
+        message: what failed and why, in words.
+        ioctl: the ioctl (``KVM_RUN``, ...) or the call (``open``, ``mmap``) that failed.
+        errno: the OS error number, when there is one.
+        exit_reason: for a guest that stopped unexpectedly, the KVM exit reason's name.
+        details: what else KVM reported (registers, hardware reasons).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        ioctl: str | None = None,
+        errno: int | None = None,
+        exit_reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, ioctl=ioctl, errno=errno, exit_reason=exit_reason, details=details)
+        self.ioctl = ioctl
+        self.errno = errno
+        self.exit_reason = exit_reason
+        self.details = details or {}
 
 
 def _render(value: Any) -> str:

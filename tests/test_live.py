@@ -46,6 +46,7 @@ class Writer:
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
         self.at_stop: bytes | None = None
+        self.lock = threading.Lock()  # one writer at a time (the thread, or SteppingTracker)
 
     def step(self, n: int = 8) -> np.ndarray:
         pages = self.rng.integers(0, self.hot, size=n)
@@ -65,7 +66,8 @@ class Writer:
     def start(self) -> None:
         def run() -> None:
             while not self.stop_event.is_set():
-                self.step()
+                with self.lock:
+                    self.step()
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -77,6 +79,25 @@ class Writer:
         self.at_stop = bytes(memoryview(self.words).cast("B"))
         body = self.counter.to_bytes(8, "big")
         return [DeviceRecord("test-writer", 0, 1, body, ({"name": "counter", "type": "uint64", "size": 8},))]
+
+
+class SteppingTracker:
+    """The writer's tracker, with one more write of the writer before each sync: every pass
+    then has pages to send however the threads are scheduled."""
+
+    def __init__(self, writer: Writer) -> None:
+        assert writer.tracker is not None
+        self.writer, self.tracker = writer, writer.tracker
+
+    @property
+    def npages(self) -> int:
+        return self.tracker.npages
+
+    def sync(self) -> np.ndarray:
+        if not self.writer.stop_event.is_set():
+            with self.writer.lock:
+                self.writer.step()
+        return self.tracker.sync()
 
 
 def _ram(mib: int, fill_pages: int) -> mmap.mmap:
@@ -146,7 +167,7 @@ def test_live_save_holds_the_ram_at_the_stop_point(tmp_path: Path, fmt: str, cha
     report = live_save(
         out,
         {"pc.ram": buf},
-        [tracker],
+        [SteppingTracker(writer)],
         stop=writer.stop,
         format=fmt,
         channels=channels,
@@ -182,7 +203,7 @@ def test_mapped_ram_size_is_the_plan_whatever_the_passes(tmp_path: Path) -> None
         report = live_save(
             tmp_path / f"p{passes}.mig",
             [("pc.ram", buf)],
-            [tracker],
+            [SteppingTracker(writer)],
             stop=writer.stop,
             max_passes=passes,
             downtime_limit=0.0,
@@ -207,7 +228,7 @@ def test_legacy_file_grows_with_every_pass(tmp_path: Path) -> None:
     report = live_save(
         tmp_path / "legacy.mig",
         [("pc.ram", buf)],
-        [tracker],
+        [SteppingTracker(writer)],
         stop=writer.stop,
         format="legacy",
         max_passes=6,
@@ -309,7 +330,7 @@ def test_qemu_loads_live_save(tmp_path: Path, fmt: str) -> None:
         report = live_save(
             out,
             {BACKEND_ID: buf},
-            [tracker],
+            [SteppingTracker(writer)],
             stop=lambda: (writer.stop(), [])[1],
             format=fmt,
             machine_type=_resolved_machine(vm),

@@ -398,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=2, help="parallel readers")
     p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
     p.set_defaults(func=cmd_diff)
+
+    from mappedram.cli_vm import add_commands
+
+    add_commands(sub)
     return parser
 
 

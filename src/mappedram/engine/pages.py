@@ -148,6 +148,7 @@ class PageWriteChannel:
         self.fd = open_write(path, create=False, direct=direct)
         self.reader = PageReader(sources, page_size, max_pages)
         self.buffer = self.reader.buffer
+        self._buffered = -1  # a page-cache descriptor for sparse dirty sets, opened when needed
         self.pages_written = 0
         self.bytes_written = 0
 
@@ -163,24 +164,36 @@ class PageWriteChannel:
             keep[chosen] = nonzero_pages_at(view, chosen, ps)
             task.bits[chosen] = keep[chosen]
         starts, lengths = bit_runs(keep)
-        if self.direct:
+        # A sparse dirty set (a later pass of a live save) is scattered single pages: O_DIRECT
+        # would write each synchronously, or whole merged extents of clean pages; the page
+        # cache takes them at memory speed and the save's fsync makes them durable.
+        direct = self.direct and (task.mask is None or 2 * len(chosen) >= task.npages)
+        fd = self.fd if direct or not self.direct else self._buffered_fd()
+        if direct:
             starts, lengths = merge_runs(starts, lengths, self.merge_gap)
         for s, n in zip(starts.tolist(), lengths.tolist()):
             data = view[s * ps : (s + n) * ps]
-            if self.direct and not is_aligned(data, DIRECT_ALIGN):
+            if direct and not is_aligned(data, DIRECT_ALIGN):
                 # slow path: O_DIRECT needs aligned memory; copy through the bounce buffer
                 bounce = memoryview(self.buffer)[: n * ps]
                 if data.obj is not self.buffer:
                     bounce[:] = data
                 data = bounce
-            pwrite_full(self.fd, data, task.file_offset + s * ps, self.path)
+            pwrite_full(fd, data, task.file_offset + s * ps, self.path)
             self.bytes_written += n * ps
         self.pages_written += int(np.count_nonzero(keep))
         return (task.npages if task.mask is None else len(chosen)) * ps  # RAM bytes this task covered
 
+    def _buffered_fd(self) -> int:
+        if self._buffered < 0:
+            self._buffered = open_write(self.path, create=False)
+        return self._buffered
+
     def close(self) -> None:
         try:
             close_fd(self.fd, self.path)
+            if self._buffered >= 0:
+                close_fd(self._buffered, self.path)
         finally:
             self.reader.close()
 

@@ -1,0 +1,250 @@
+"""The built-in guest without /dev/kvm: the micro-VM's workload run by a software guest.
+
+:class:`SoftVM` lays out its RAM as :class:`~mappedram.microvm.MicroVM` does (params page,
+status page, data region from page ``DATA_FIRST``) and runs the same program, iteration
+for iteration, in numpy batches on a thread (:class:`~mappedram.engine.softguest.SoftGuest`):
+the fill writes ``FILL_TAG ^ p`` into every qword of the first ``fill_pages`` data pages;
+iteration ``i`` writes ``(i, z_i)`` into qwords 0 and 1 of page
+``data_first + mulhi(z_i, data_pages)`` with ``z_i = splitmix64(seed + i)``. So the same
+verifiers (:func:`~mappedram.microvm.expected_ram_check`) prove a restored copy exact.
+Its writes are marked in an owner tracker after they land: :meth:`SoftVM.dirty_pages` is
+that tracker's sync, as KVM's dirty log is the micro-VM's.
+
+Its "vCPU" is two registers: the iteration counter and the running checksum
+(:class:`SoftCpu`, saved as the device section ``mappedram-soft-cpu``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from mappedram.engine.softguest import SoftGuest, SoftState
+from mappedram.errors import TruncatedError, UsageError
+from mappedram.format.vmstate import DeviceRecord
+from mappedram.microvm import (
+    DATA_FIRST,
+    FILL_REPORT,
+    FILL_TAG,
+    MAX_MEM_MIB,
+    P_BATCH,
+    P_DATA_FIRST,
+    P_DATA_PAGES,
+    P_FILL_PAGES,
+    P_FILL_REPORT,
+    P_FILL_TAG,
+    P_MAGIC,
+    P_SEED,
+    P_VERSION,
+    PAGE_SIZE,
+    PARAMS_ADDR,
+    PARAMS_MAGIC,
+    PARAMS_VERSION,
+    PHASE_LOOP,
+    S_CHECKSUM,
+    S_COUNTER,
+    S_FILL_DONE,
+    S_PHASE,
+    STATUS_ADDR,
+    STATUS_PAGE,
+    GuestCheckReport,
+    GuestParams,
+    expected_checksum,
+    expected_ram_check,
+    guest_pages,
+    guest_values,
+    read_params,
+)
+
+__all__ = ["SoftCpu", "SoftVM", "SOFTCPU_IDSTR"]
+
+SOFTCPU_IDSTR = "mappedram-soft-cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class SoftCpu:
+    """The software guest's registers at a pause point: ``be64 counter, be64 checksum``."""
+
+    counter: int
+    checksum: int
+
+    _STRUCT: ClassVar[struct.Struct] = struct.Struct(">QQ")
+    SIZE: ClassVar[int] = 16
+    IDSTR: ClassVar[str] = SOFTCPU_IDSTR
+    VERSION: ClassVar[int] = 1
+
+    def encode(self) -> bytes:
+        return self._STRUCT.pack(self.counter, self.checksum)
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview, *, offset: int = 0) -> SoftCpu:
+        if len(data) - offset < cls.SIZE:
+            raise TruncatedError(
+                f"{SOFTCPU_IDSTR} body is cut off",
+                offset=offset + (0 if len(data) - offset < 8 else 8),
+                field="counter" if len(data) - offset < 8 else "checksum",
+                expected=f"{cls.SIZE} bytes",
+                actual=f"{max(len(data) - offset, 0)} bytes",
+            )
+        counter, checksum = cls._STRUCT.unpack_from(data, offset)
+        return cls(counter, checksum)
+
+    def record(self) -> DeviceRecord:
+        fields = ({"name": "counter", "type": "uint64", "size": 8}, {"name": "checksum", "type": "uint64", "size": 8})
+        return DeviceRecord(SOFTCPU_IDSTR, 0, self.VERSION, self.encode(), fields)
+
+
+class SoftVM:
+    """The micro-VM's guest, in software; the same interface as :class:`~mappedram.microvm.MicroVM`."""
+
+    page_size = PAGE_SIZE
+    ram_idstr = "pc.ram"
+
+    def __init__(
+        self,
+        mem_mib: int = 1024,
+        *,
+        seed: int = 1,
+        fill_fraction: float = 0.5,
+        rate: float | None = None,
+        batch: int = 4096,
+        _state: SoftState | None = None,
+    ) -> None:
+        if not 1 <= mem_mib <= MAX_MEM_MIB:
+            raise UsageError(f"mem_mib must be 1 .. {MAX_MEM_MIB}, got {mem_mib}")
+        if not 0.0 <= fill_fraction <= 1.0:
+            raise UsageError(f"fill_fraction must be within 0 .. 1, got {fill_fraction}")
+        if rate is not None and not rate > 0:
+            raise UsageError(f"rate must be positive (or None), got {rate}")
+        self.mem_mib = mem_mib
+        self.size = mem_mib << 20
+        pages = self.size // PAGE_SIZE
+        self.params = GuestParams(
+            seed=seed & (2**64 - 1),
+            data_first=DATA_FIRST,
+            data_pages=pages - DATA_FIRST,
+            fill_pages=int(fill_fraction * (pages - DATA_FIRST)),
+            batch=batch,
+            fill_tag=FILL_TAG,
+            fill_report=FILL_REPORT,
+        )
+        self._restored = _state is not None
+        self._guest = SoftGuest(self.size, self._advance, self._fill, batch=batch, rate=rate, state=_state)
+        self.memory = self._guest.memory
+        self._started = False
+
+    # -- the workload, on the guest's thread
+
+    def _status(self) -> npt.NDArray[np.uint64]:
+        status: npt.NDArray[np.uint64] = self._guest.words[STATUS_PAGE]
+        return status
+
+    def _fill(self, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        p = self.params
+        first, stop = p.data_first, p.data_first + p.fill_pages
+        words[first:stop] = (np.uint64(p.fill_tag) ^ np.arange(first, stop, dtype=np.uint64))[:, None]
+        status = self._status()
+        status[S_FILL_DONE // 8] = p.fill_pages
+        status[S_PHASE // 8] = PHASE_LOOP
+        return np.concatenate((np.arange(first, stop, dtype=np.int64), [STATUS_PAGE]))
+
+    def _advance(
+        self, words: npt.NDArray[np.uint64], counter: int, count: int, checksum: int
+    ) -> tuple[npt.NDArray[np.int64], int]:
+        p = self.params
+        z = guest_values(p.seed, counter, counter + count)
+        pages = guest_pages(p, counter, counter + count)
+        # Repeated pages in one batch: numpy assigns in order, so the last iteration wins, as in the guest.
+        words[pages, 0] = np.arange(counter, counter + count, dtype=np.uint64)
+        words[pages, 1] = z
+        with np.errstate(over="ignore"):
+            total = int(np.uint64(checksum) + z.sum(dtype=np.uint64))
+        status = self._status()
+        status[S_COUNTER // 8] = counter + count
+        status[S_CHECKSUM // 8] = total
+        return np.append(pages, STATUS_PAGE), total
+
+    def _write_params(self) -> None:
+        p = self.params
+        words = self._guest.words[PARAMS_ADDR // PAGE_SIZE]
+        for at, value in (
+            (P_MAGIC, PARAMS_MAGIC), (P_VERSION, PARAMS_VERSION), (P_SEED, p.seed), (P_DATA_FIRST, p.data_first),
+            (P_DATA_PAGES, p.data_pages), (P_FILL_PAGES, p.fill_pages), (P_BATCH, p.batch),
+            (P_FILL_TAG, p.fill_tag), (P_FILL_REPORT, p.fill_report),
+        ):  # fmt: skip
+            words[at // 8] = value
+        self._guest.tracker.mark_pages([PARAMS_ADDR // PAGE_SIZE])
+
+    # -- lifecycle (MicroVM's interface)
+
+    def start(self) -> None:
+        if self._restored:
+            raise UsageError("a VM made by from_state() continues with resume(), not start()")
+        if self._started:
+            raise UsageError("the VM was already started")
+        self._started = True
+        self._write_params()
+        self._guest.start()
+
+    def wait_filled(self, timeout: float) -> None:
+        self._guest.wait_filled(timeout)
+
+    def pause(self, timeout: float = 10.0) -> SoftCpu:
+        state = self._guest.pause()
+        return SoftCpu(state.counter, state.checksum)
+
+    def resume(self) -> None:
+        if not self._started and not self._restored:
+            raise UsageError("start() the VM first")
+        if not self._started:
+            self.adopt_params()  # a restored guest: its parameters came with its RAM
+        self._started = True
+        self._guest.start()
+
+    def dirty_pages(self) -> npt.NDArray[np.bool_]:
+        return self._guest.tracker.sync()
+
+    @property
+    def counter(self) -> int:
+        return self._guest.state.counter
+
+    @classmethod
+    def from_state(cls, cpu: SoftCpu, mem_mib: int, **params: Any) -> SoftVM:
+        """A fresh software guest at ``cpu``: fill :attr:`memory` (the restore), then :meth:`resume`.
+
+        The guest's own parameters (seed, fill, batch) are read from the restored params
+        page at :meth:`resume`; ``params`` may set ``rate``.
+        """
+        rate = params.get("rate")
+        return cls(mem_mib, rate=rate, _state=SoftState(cpu.counter, cpu.checksum, True))
+
+    def adopt_params(self) -> None:
+        """After a restore: take the guest's parameters from its params page."""
+        self.params = read_params(self.memory)
+        self._guest.batch = self.params.batch
+
+    def check(self, cpu: SoftCpu) -> GuestCheckReport:
+        """Registers (counter = status page, checksum = recomputation) and RAM, as check_guest."""
+        status = self._guest.words[STATUS_ADDR // PAGE_SIZE]
+        params = read_params(self.memory)
+        return GuestCheckReport(
+            counter=cpu.counter,
+            status_counter=int(status[S_COUNTER // 8]),
+            checksum=cpu.checksum,
+            expected_checksum=expected_checksum(params.seed, cpu.counter),
+            registers={"counter = status page": cpu.counter == int(status[S_COUNTER // 8])},
+            ram=expected_ram_check(self.memory, cpu.counter),
+        )
+
+    def close(self) -> None:
+        self._guest.close()
+
+    def __enter__(self) -> SoftVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -41,7 +41,7 @@ What the guest does (see guest/workload.S):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -519,8 +519,8 @@ class GuestStatus:
     iterations_per_second: float  # measured over the last half second or so of running
     state: str  # the vCPU thread: new, running, paused, stopped, failed
     io_exits: int
-    running: bool = field(default=False)
-    paused: bool = field(default=False)
+    running: bool
+    paused: bool
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

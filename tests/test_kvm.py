@@ -385,3 +385,18 @@ def test_kvm_errors_name_the_ioctl():
         MicroVM(16, batch=0)
     with MicroVM(16, dirty_log=False) as vm, pytest.raises(UsageError, match="dirty_log=False"):
         vm.dirty_pages()
+    with MicroVM(16) as vm:
+        with pytest.raises(UsageError, match="new"):
+            vm.pause()
+        with pytest.raises(UsageError, match="start"):
+            vm.resume()
+        vm.start()
+        with pytest.raises(UsageError, match="already started"):
+            vm.start()
+        with pytest.raises(UsageError, match="running"):
+            vm.resume()
+        vm.pause()
+        vm.close()
+        vm.close()  # idempotent
+        with pytest.raises(UsageError, match="closed"):
+            vm.status()

@@ -507,6 +507,7 @@ class KvmVm:
 
     def add_memslot(self, slot: int, guest_phys: int, mmap_obj: GuestMemory, log_dirty: bool = True) -> None:
         """KVM_SET_USER_MEMORY_REGION: ``mmap_obj`` becomes guest-physical RAM at ``guest_phys``.
+        # reference: kvm_set_user_memory_region (accel/kvm/kvm-all.c)
 
         With ``log_dirty`` (KVM_MEM_LOG_DIRTY_PAGES) KVM records every page the guest writes;
         :meth:`get_dirty_log` returns and clears that record. Writes by this process to the
@@ -532,6 +533,7 @@ class KvmVm:
         guest writes from then on is recorded, as QEMU does when a migration starts
         (kvm_slot_update_flags).
         """
+        # reference: kvm_slot_update_flags (accel/kvm/kvm-all.c)
         region = self._slots.get(slot)
         if region is None:
             raise KvmError(f"no memory slot {slot}", ioctl="KVM_SET_USER_MEMORY_REGION", errno=errno_mod.ENOENT)
@@ -551,6 +553,7 @@ class KvmVm:
         One bit per page, as the kernel's ``unsigned long`` bitmap: bit ``p % 64`` of word
         ``p // 64`` is page ``p`` (little-endian words on x86-64).
         """
+        # reference: kvm_slot_get_dirty_log (accel/kvm/kvm-all.c)
         region = self._slots.get(slot)
         if region is None:
             raise KvmError(f"no memory slot {slot}", ioctl="KVM_GET_DIRTY_LOG", errno=errno_mod.ENOENT)
@@ -628,6 +631,8 @@ class KvmVcpu:
         at once (Documentation/virt/kvm/api.rst, "immediate_exit"). The vCPU state read
         after this is the exact, resumable state.
         """
+        # reference: kvm_cpu_kick, kvm_cpu_exec (accel/kvm/kvm-all.c): a kicked vCPU
+        # re-enters KVM_RUN with immediate_exit set, completing its last exit, and returns
         run = self.kvm_run
         run.immediate_exit = 1
         try:

@@ -11,8 +11,9 @@ Theory of operation:
       registers read by anyone (any thread may issue the GET ioctls while it is parked).
     * A pacing wait is interruptible: a pause or a stop request cuts it short.
     * Any other exit (HLT, SHUTDOWN, FAIL_ENTRY, INTERNAL_ERROR, ...) or an exception from
-      ``on_io`` ends the thread; the error is kept and re-raised by :meth:`pause`,
-      :meth:`resume` and :meth:`wait_for`.
+      ``on_io`` ends the thread; the error is kept and re-raised (as a KvmError) by
+      :meth:`pause`, :meth:`resume` and :meth:`wait_for`. Asking for what the state does
+      not allow (resuming a running vCPU, starting twice) is a UsageError.
     * How long a pause takes is bounded by the guest's distance between two I/O exits.
 """
 
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mappedram.errors import KvmError
+from mappedram.errors import KvmError, UsageError
 
 from .kvm import EXIT_REASONS, KVM_EXIT_INTR, KVM_EXIT_IO, IoExit, KvmVcpu
 
@@ -53,7 +54,7 @@ class VcpuThread:
     def start(self) -> None:
         with self._cond:
             if self._state != NEW:
-                raise KvmError(f"the vCPU thread was already started (state {self._state})")
+                raise UsageError(f"the vCPU thread was already started (state {self._state})")
             self._state = RUNNING
         self._thread.start()
 
@@ -64,7 +65,7 @@ class VcpuThread:
             if self._state == PAUSED:
                 return
             if self._state != RUNNING:
-                raise KvmError(f"cannot pause a vCPU that is {self._state}")
+                raise UsageError(f"cannot pause a vCPU that is {self._state}")
             self._pause_requested = True
             self._cond.notify_all()
             if not self._cond.wait_for(lambda: self._state != RUNNING, timeout):
@@ -77,7 +78,7 @@ class VcpuThread:
         with self._cond:
             self._raise_failure()
             if self._state != PAUSED:
-                raise KvmError(f"cannot resume a vCPU that is {self._state}")
+                raise UsageError(f"cannot resume a vCPU that is {self._state}")
             self._pause_requested = False
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._state != PAUSED)

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram.engine.executor import Throttle, run_tasks
-from mappedram.engine.fileio import file_size, pwrite_full
+from mappedram.engine.fileio import allocated_bytes, file_size, pwrite_full
 from mappedram.engine.pages import MemoryPages, PageSource, PageWriteChannel, WriteTask
 from mappedram.engine.sequential import SequentialWriter
 from mappedram.engine.trackers import DirtyTracker
@@ -81,6 +81,7 @@ class LiveSaveReport(_Timed):
     path: str
     format: str
     file_size: int
+    allocated_bytes: int  # what the file occupies on disk (zero pages are holes in mapped-ram)
     planned_size: int | None  # mapped-ram: the layout planner's size (equal to file_size)
     machine_type: str
     ram_bytes: int
@@ -89,8 +90,9 @@ class LiveSaveReport(_Timed):
     passes: list[PassStats]
     stop_reason: str  # "converged" or "max-passes"
     downtime: float  # seconds from the stop request to the last byte of the stream
-    bandwidth: float  # RAM bytes per second sent in the last live pass
+    bandwidth: float  # page data (bytes) per second written by the last live pass that wrote any
     downtime_limit: float
+    bandwidth_limit: float | None
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
 
@@ -118,7 +120,8 @@ class _Loop:
         self.npages = npages
         self.max_passes = max_passes
         self.downtime_limit = downtime_limit
-        self.throttle = Throttle(bandwidth_limit, progress)
+        self.throttle = Throttle(bandwidth_limit)
+        self.progress = progress
         self.on_pass = on_pass
         self.passes: list[PassStats] = []
         self.bandwidth = 0.0
@@ -140,8 +143,8 @@ class _Loop:
         seconds = time.perf_counter() - t0
         stats = PassStats(len(self.passes) + 1, stopped, sent, written, zero, nbytes, seconds, rate)
         self.passes.append(stats)
-        if not stopped and seconds > 0:
-            self.bandwidth = sent * TARGET_PAGE_SIZE / seconds
+        if not stopped and seconds > 0 and written:
+            self.bandwidth = written * TARGET_PAGE_SIZE / seconds  # page data per second
         if self.on_pass is not None:
             self.on_pass(stats)
 
@@ -202,8 +205,9 @@ def live_save(
     ``trackers`` their dirty trackers, one per block, in the same order. ``stop`` is
     called once, after the last live pass: it must stop every writer of the buffers and
     return the guest's device state (:class:`DeviceRecord` s, written as FULL sections
-    with their vmdesc entries). ``bandwidth_limit`` caps RAM bytes sent per second (as
-    QEMU's max-bandwidth); ``downtime_limit`` is in seconds (QEMU's downtime-limit).
+    with their vmdesc entries). ``bandwidth_limit`` caps the bytes written per second (as
+    QEMU's max-bandwidth caps bytes sent); ``downtime_limit`` is in seconds (QEMU's
+    downtime-limit). ``progress`` is called with the RAM bytes each piece of work covered.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
@@ -262,6 +266,7 @@ def live_save(
         path=report.path,
         format=format,
         file_size=report.file_size,
+        allocated_bytes=allocated_bytes(report.path),
         planned_size=planned[0] if planned else None,
         machine_type=machine_type,
         ram_bytes=report.ram_bytes,
@@ -272,6 +277,7 @@ def live_save(
         downtime=loop.downtime,
         bandwidth=loop.bandwidth,
         downtime_limit=downtime_limit,
+        bandwidth_limit=bandwidth_limit,
         seconds=report.seconds,
         notes=notes,
     )
@@ -317,11 +323,11 @@ def _mapped_body(
             made: list[PageWriteChannel] = []
 
             def make_channel(_: int) -> PageWriteChannel:
-                ch = PageWriteChannel(work, sources, ps, CHUNK_PAGES, direct=direct)
+                ch = PageWriteChannel(work, sources, ps, CHUNK_PAGES, direct=direct, on_write=loop.throttle)
                 made.append(ch)
                 return ch
 
-            run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=loop.throttle)
+            run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=loop.progress)
             used[0] = max(used[0], len(made))
             if dirty is None:
                 sent = sum(len(b) for b in bits)
@@ -396,7 +402,9 @@ def _legacy_body(
                         out.append(piece)
                     written += int(np.count_nonzero(nonzero))
                     sent += len(chosen)
-                    loop.throttle(len(chosen) * ps)
+                    loop.throttle(sum(len(piece) for piece in pieces))
+                    if loop.progress is not None:
+                        loop.progress(len(chosen) * ps)
             if not stopped:
                 out.append(plan.pass_end)
             out.flush()

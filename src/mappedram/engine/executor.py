@@ -101,23 +101,23 @@ def run_tasks(
 
 
 class Throttle:
-    """Hold the caller back so that bytes reported through it stay under ``bytes_per_second``.
+    """Hold callers back so that the bytes reported through it stay under ``bytes_per_second``.
 
-    Call it with each amount moved (as a ``progress`` callback; the executor calls it under
-    one lock, so a sleep here holds every channel back). ``None`` or 0 means no limit.
+    Call it from any thread with each amount written; the caller sleeps for as long as it
+    is ahead of the limit (so every channel is held back). ``None`` or 0 means no limit.
     """
 
-    def __init__(self, bytes_per_second: float | None, then: Callable[[int], None] | None = None) -> None:
+    def __init__(self, bytes_per_second: float | None) -> None:
         self.limit = bytes_per_second or None
-        self.then = then
         self.start = time.monotonic()
         self.moved = 0
+        self._lock = threading.Lock()
 
     def __call__(self, n: int) -> None:
-        self.moved += n
-        if self.limit is not None:
+        if self.limit is None:
+            return
+        with self._lock:
+            self.moved += n
             ahead = self.moved / self.limit - (time.monotonic() - self.start)
-            if ahead > 0:
-                time.sleep(ahead)
-        if self.then is not None:
-            self.then(n)
+        if ahead > 0:
+            time.sleep(ahead)

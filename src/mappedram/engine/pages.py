@@ -140,8 +140,10 @@ class PageWriteChannel:
         *,
         direct: bool = False,
         merge_gap: int = 64,
+        on_write: Callable[[int], None] | None = None,
     ) -> None:
         self.path = path
+        self.on_write = on_write  # called with the bytes of each write (a bandwidth limit)
         self.page_size = page_size
         self.direct = direct
         self.merge_gap = merge_gap
@@ -164,10 +166,10 @@ class PageWriteChannel:
             keep[chosen] = nonzero_pages_at(view, chosen, ps)
             task.bits[chosen] = keep[chosen]
         starts, lengths = bit_runs(keep)
-        # A sparse dirty set (a later pass of a live save) is scattered single pages: O_DIRECT
-        # would write each synchronously, or whole merged extents of clean pages; the page
-        # cache takes them at memory speed and the save's fsync makes them durable.
-        direct = self.direct and (task.mask is None or 2 * len(chosen) >= task.npages)
+        # The dirty pages of a later pass of a live save are scattered: O_DIRECT would write
+        # each run synchronously, or rewrite the clean pages between them in merged extents.
+        # The page cache takes them at memory speed; the save's fsync makes them durable.
+        direct = self.direct and task.mask is None
         fd = self.fd if direct or not self.direct else self._buffered_fd()
         if direct:
             starts, lengths = merge_runs(starts, lengths, self.merge_gap)
@@ -181,6 +183,8 @@ class PageWriteChannel:
                 data = bounce
             pwrite_full(fd, data, task.file_offset + s * ps, self.path)
             self.bytes_written += n * ps
+            if self.on_write is not None:
+                self.on_write(n * ps)
         self.pages_written += int(np.count_nonzero(keep))
         return (task.npages if task.mask is None else len(chosen)) * ps  # RAM bytes this task covered
 

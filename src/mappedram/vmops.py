@@ -38,6 +38,7 @@ __all__ = [
     "choose_guest",
     "make_guest",
     "guest_record",
+    "live_save_guest",
     "VmRunReport",
     "VmSaveReport",
     "VmRestoreReport",
@@ -170,9 +171,12 @@ class VmSaveReport:
         return {**asdict(self), "save": self.save.to_dict()}
 
 
-def _live(
+def live_save_guest(
     vm: Guest, path: str | os.PathLike[str], fmt: str, stopped: list[Cpu], **options: Any
 ) -> LiveSaveReport:
+    """Save the running guest ``vm`` live (its dirty log as the tracker); ``stopped`` gets the
+    vCPU state it was paused at. ``options`` are :func:`~mappedram.live.live_save`'s."""
+
     def stop() -> list[DeviceRecord]:
         cpu = vm.pause()
         stopped.append(cpu)
@@ -198,7 +202,7 @@ def vm_save(
         fill = _start(vm)
         time.sleep(warmup)
         stopped: list[Cpu] = []
-        report = _live(vm, path, format, stopped, **options)
+        report = live_save_guest(vm, path, format, stopped, **options)
         check = _check(vm, stopped[0]).to_dict() if verify_source else None
     return VmSaveReport(choice.kind, choice.reason, mem_mib, fill, warmup, _counter(stopped[0]), report, check)
 
@@ -399,7 +403,7 @@ def demo(
         phase(f"guest running; live save after {warmup:g} s")
         time.sleep(warmup)
         stopped: list[Cpu] = []
-        mapped = _live(
+        mapped = live_save_guest(
             source, mapped_path, "mapped-ram", stopped, direct_io=direct_io, direct_io_fallback=True, **options
         )
         cpu = stopped[0]
@@ -426,6 +430,6 @@ def demo(
         source.resume()
         live_passes = sum(1 for p in mapped.passes if not p.stopped)
         same = {**options, "max_passes": live_passes, "downtime_limit": 0.0}
-        legacy = _live(source, legacy_path, "legacy", [], **same)
+        legacy = live_save_guest(source, legacy_path, "legacy", [], **same)
     notes = list(mapped.notes)
     return DemoReport(choice.kind, choice.reason, mem_mib, fill, warmup, mapped, legacy, restore, match, notes)

@@ -141,5 +141,8 @@ class SoftGuest:
             self._run.set()
             self._thread.join()
             self._thread = None
-        del self.words  # the last view of the memory: mmap refuses to close while one is exported
-        self.memory.close()
+        del self.words
+        try:
+            self.memory.close()
+        except BufferError:
+            pass  # views of it are alive elsewhere; the mapping goes with the last of them

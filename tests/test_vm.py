@@ -11,9 +11,9 @@ workload grows with every pass.
 from __future__ import annotations
 
 import json
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest

@@ -87,6 +87,7 @@ __all__ = [
     "expected_checksum",
     "expected_ram_check",
     "check_guest",
+    "check_params",
     "read_params",
     "PAGE_SIZE",
     "DATA_FIRST",
@@ -529,6 +530,18 @@ class GuestStatus:
         return asdict(self)
 
 
+def check_params(mem_mib: int, *, fill_fraction: float, batch: int, rate: float | None) -> None:
+    """Raise UsageError unless the guest's parameters are in range (MicroVM's and SoftVM's)."""
+    if not 1 <= mem_mib <= MAX_MEM_MIB:
+        raise UsageError(f"mem_mib must be 1 .. {MAX_MEM_MIB}, got {mem_mib}")
+    if not 0.0 <= fill_fraction <= 1.0:
+        raise UsageError(f"fill_fraction must be within 0 .. 1, got {fill_fraction}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise UsageError(f"batch must be 1 .. {MAX_BATCH}, got {batch}")
+    if rate is not None and not rate > 0:
+        raise UsageError(f"rate must be positive (or None), got {rate}")
+
+
 class MicroVM:
     """A KVM guest of ``mem_mib`` MiB running the workload; see the module docstring.
 
@@ -555,14 +568,7 @@ class MicroVM:
         batch: int = 4096,
         dirty_log: bool = True,
     ) -> None:
-        if not 1 <= mem_mib <= MAX_MEM_MIB:
-            raise UsageError(f"mem_mib must be 1 .. {MAX_MEM_MIB}, got {mem_mib}")
-        if not 0.0 <= fill_fraction <= 1.0:
-            raise UsageError(f"fill_fraction must be within 0 .. 1, got {fill_fraction}")
-        if not 1 <= batch <= MAX_BATCH:
-            raise UsageError(f"batch must be 1 .. {MAX_BATCH}, got {batch}")
-        if rate is not None and not rate > 0:
-            raise UsageError(f"rate must be positive (or None), got {rate}")
+        check_params(mem_mib, fill_fraction=fill_fraction, batch=batch, rate=rate)
         self.mem_mib = mem_mib
         self.seed = seed & (2**64 - 1)
         self.fill_fraction = fill_fraction

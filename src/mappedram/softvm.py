@@ -30,7 +30,6 @@ from mappedram.microvm import (
     DATA_FIRST,
     FILL_REPORT,
     FILL_TAG,
-    MAX_MEM_MIB,
     P_BATCH,
     P_DATA_FIRST,
     P_DATA_PAGES,
@@ -53,6 +52,7 @@ from mappedram.microvm import (
     STATUS_PAGE,
     GuestCheckReport,
     GuestParams,
+    check_params,
     expected_checksum,
     expected_ram_check,
     guest_pages,
@@ -114,12 +114,7 @@ class SoftVM:
         batch: int = 4096,
         _state: SoftState | None = None,
     ) -> None:
-        if not 1 <= mem_mib <= MAX_MEM_MIB:
-            raise UsageError(f"mem_mib must be 1 .. {MAX_MEM_MIB}, got {mem_mib}")
-        if not 0.0 <= fill_fraction <= 1.0:
-            raise UsageError(f"fill_fraction must be within 0 .. 1, got {fill_fraction}")
-        if rate is not None and not rate > 0:
-            raise UsageError(f"rate must be positive (or None), got {rate}")
+        check_params(mem_mib, fill_fraction=fill_fraction, batch=batch, rate=rate)
         self.mem_mib = mem_mib
         self.size = mem_mib << 20
         pages = self.size // PAGE_SIZE

@@ -20,6 +20,7 @@ from mappedram.engine.copy import CompareChannel, PageCompare, PageCopy, sparse_
 from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import allocated_bytes
 from mappedram.errors import FormatError, UsageError
+from mappedram.forensics import ExportReport, export
 from mappedram.image import MigrationFile, RamBlock, open_file
 from mappedram.layout import plan_mapped_ram
 
@@ -39,6 +40,8 @@ __all__ = [
     "DiffReport",
     "diff",
     "EXTRACT_CHUNK_PAGES",
+    "ExportReport",
+    "export",
 ]
 
 Progress = Callable[[int], None]

@@ -36,7 +36,7 @@ if os.fspath(Path(__file__).parent) not in sys.path:
 import mappedram
 from mappedram import forensics, snapshot
 from mappedram.format.elf import ELF64_PHDR, PT_LOAD, Elf64Ehdr, Elf64Phdr, plan_core
-from mappedram.format.x86cpu import decode_cpu_section
+from mappedram.format.x86cpu import R_CS, decode_cpu_section
 from mappedram.format.x86map import (
     FAMILY_I440FX,
     FAMILY_Q35,
@@ -122,6 +122,13 @@ def test_plan_core_layout() -> None:
         (PT_LOAD, 0x100000, 0x100000, plan.memory_offset + 0x2000, 0x1000),
     ]
     assert plan.tail_offset == plan.memory_offset + 0x3000 and plan.tail == b"\0.shstrtab\0"
+    aligned = plan_core([(0, 0x2000), (0x100000, 0x1000)], b"\1" * 8, 62, data_alignment=PAGE_SIZE)
+    assert aligned.memory_offset == PAGE_SIZE and aligned.tail_offset == PAGE_SIZE + 0x3000
+    assert [s.file_offset for s in aligned.segments] == [PAGE_SIZE, PAGE_SIZE + 0x2000]
+    assert [Elf64Phdr.unpack(aligned.head, 0xC0 + i * ELF64_PHDR.size).p_offset for i in (1, 2)] == [
+        PAGE_SIZE, PAGE_SIZE + 0x2000,
+    ]  # fmt: skip
+    assert aligned.head[plan.memory_offset :] == bytes(PAGE_SIZE - plan.memory_offset)  # the padding: a hole
     with pytest.raises(ValueError, match="ascend"):
         plan_core([(0x1000, 0x1000), (0, 0x1000)], b"", 62)
 
@@ -151,6 +158,10 @@ def test_export_without_device_state_says_so(tmp_path: Path) -> None:
         f.seek(seg.file_offset)
         assert f.read(seg.size) == ram.tobytes()
     assert os.stat(elf).st_blocks * 512 < 64 * PAGE_SIZE  # zero pages are holes
+    with pytest.raises(mappedram.UsageError, match="overwrite"):
+        forensics.export(path, path)
+    with mappedram.open_file(path) as f:
+        assert f.blocks[0].pages_present == 6
 
 
 def test_cli_warns_about_an_unknown_machine(tmp_path: Path) -> None:
@@ -172,7 +183,10 @@ def test_cpu_section_decodes_only_with_matching_sizes(vector) -> None:  # type: 
     with mappedram.open_file(path) as f:
         [(index, body, fields)] = forensics._section_bodies(f, "cpu")
         cpu = decode_cpu_section(body, fields, index)
-        assert cpu.cpu_index == 0 and len(cpu.regs) == 16 and cpu.segs[1].selector == cpu.segs[1].selector
+        # the vectors' CPU never ran: x86 reset state (x86_cpu_reset_hold)
+        assert cpu.cpu_index == 0 and not cpu.lma and cpu.eip == 0xFFF0 and cpu.cr[0] == 0x60000010
+        assert (cpu.segs[R_CS].selector, cpu.segs[R_CS].base, cpu.segs[R_CS].limit) == (0xF000, 0xFFFF0000, 0xFFFF)
+        assert cpu.gdt.limit == cpu.idt.limit == 0xFFFF and cpu.eflags == 0x2
         bad = json.loads(json.dumps(fields))
         next(e for e in bad if e["name"] == "env.eflags")["size"] = 4
         with pytest.raises(mappedram.FormatError, match="do not match the section body"):
@@ -342,7 +356,8 @@ def _assert_same_bytes(ours: Path, ours_at: list[int], dump: Path, loads: list[E
         del mm
 
 
-def _assert_elf_equals_dump(ours: Path, dump: Path, *, whole: bool) -> None:
+def _assert_qemu_layout_equals_dump(ours: Path, dump: Path, *, whole: bool) -> None:
+    """With ``qemu_layout`` the export is QEMU's dump but for e_ehsize."""
     loads = _loads(dump)
     assert [(p.p_paddr, p.p_offset, p.p_filesz, p.p_memsz, p.p_vaddr) for p in _loads(ours)] == [
         (p.p_paddr, p.p_offset, p.p_filesz, p.p_memsz, p.p_vaddr) for p in loads
@@ -366,13 +381,35 @@ def _assert_elf_equals_dump(ours: Path, dump: Path, *, whole: bool) -> None:
         _assert_same_bytes(ours, [p.p_offset for p in loads], dump, loads)
 
 
+def _notes(path: Path) -> bytes:
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    ehdr = Elf64Ehdr.unpack(head)
+    note = Elf64Phdr.unpack(head, ehdr.e_phoff)
+    return head[note.p_offset : note.p_offset + note.p_filesz]
+
+
+def _assert_aligned_equals_dump(ours: Path, dump: Path) -> None:
+    """By default the data is page-aligned: the same segments, notes and bytes as QEMU's dump."""
+    loads, ours_loads = _loads(dump), _loads(ours)
+    assert [(p.p_paddr, p.p_vaddr, p.p_filesz, p.p_memsz) for p in ours_loads] == [
+        (p.p_paddr, p.p_vaddr, p.p_filesz, p.p_memsz) for p in loads
+    ]
+    assert all(p.p_offset % PAGE_SIZE == 0 for p in ours_loads)
+    assert _notes(ours) == _notes(dump) != b""
+    _assert_same_bytes(ours, [p.p_offset for p in ours_loads], dump, loads)
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("source", ["mapped", "legacy"])
 def test_small_elf_equals_qemu_dump(small: Saved, source: str, tmp_path: Path) -> None:
-    out = tmp_path / "ours.elf"
-    report = forensics.export(getattr(small, source), out, channels=2)
+    qemu = tmp_path / "qemu-layout.elf"
+    report = forensics.export(getattr(small, source), qemu, channels=2, qemu_layout=True)
     assert report.e_machine == "EM_X86_64" and report.cpus == 2 and not report.warnings
-    _assert_elf_equals_dump(out, small.dump, whole=True)
+    _assert_qemu_layout_equals_dump(qemu, small.dump, whole=True)
+    aligned = tmp_path / "ours.elf"
+    assert forensics.export(getattr(small, source), aligned).layout == "page-aligned"
+    _assert_aligned_equals_dump(aligned, small.dump)
 
 
 @pytest.mark.qemu
@@ -405,11 +442,14 @@ def test_small_core_opens_in_readelf_pyelftools_and_gdb(small: Saved, tmp_path: 
     out = tmp_path / "ours.elf"
     forensics.export(small.mapped, out)
 
-    def readelf(path: Path) -> list[str]:
+    def readelf(path: Path) -> list[list[str]]:
         text = subprocess.run(["readelf", "-lW", os.fspath(path)], capture_output=True, text=True, check=True).stdout
         return [line.split() for line in text.splitlines() if line.strip().startswith(("LOAD", "NOTE"))]
 
-    assert readelf(out) == readelf(small.dump) and len(readelf(out)) > 5
+    ours, qemu = readelf(out), readelf(small.dump)
+    # type, vaddr, paddr, filesz, memsz: QEMU's; the offsets (column 1) are page-aligned
+    assert [r[:1] + r[2:] for r in ours] == [r[:1] + r[2:] for r in qemu] and len(ours) > 5
+    assert all(int(r[1], 16) % PAGE_SIZE == 0 for r in ours if r[0] == "LOAD")
 
     with out.open("rb") as f:
         elf = ELFFile(f)
@@ -441,14 +481,18 @@ def test_large_exports_equal_qemu_dump(large: Saved) -> None:
     """RAM across 4 GiB; the split derived from the machine type and RAM size; both formats; ELF and raw."""
     guest = large.guest
     out = large.work / "ours.elf"
-    for source in (large.mapped, large.legacy):
-        report = forensics.export(source, out, channels=2)
+    for source, qemu_layout in ((large.mapped, False), (large.legacy, True)):
+        report = forensics.export(source, out, channels=2, qemu_layout=qemu_layout)
         below = {"pc": 3 * GIB, "q35": 2 * GIB}[guest.machine]
         assert (report.below_4g_mem_size, report.above_4g_mem_size) == (below, guest.ram_size - below)
         assert report.e_machine == "EM_386" and report.cpus == 1 and not report.warnings  # reset: real mode
         assert report.segments[-1].paddr == 4 * GIB and report.segments[-1].block_offset == below
-        _assert_elf_equals_dump(out, large.dump, whole=False)
-        assert out.stat().st_blocks * 512 < 16 * MIB, "the export is not sparse"
+        if qemu_layout:
+            _assert_qemu_layout_equals_dump(out, large.dump, whole=False)
+        else:
+            _assert_aligned_equals_dump(out, large.dump)
+            # only the non-zero pages (pattern, ROMs) and the headers take space
+            assert out.stat().st_blocks * 512 <= (len(guest.addresses(below)) + 2 * 96 + 2) * PAGE_SIZE
         out.unlink()
     raw = large.work / "ours.raw"
     forensics.export(large.mapped, raw, format="raw")

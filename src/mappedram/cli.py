@@ -135,7 +135,9 @@ def render_export(r: forensics.ExportReport) -> str:
         f"({_human(r.below_4g_mem_size)} below 4 GiB, {_human(r.above_4g_mem_size)} above)",
     ]
     if r.format == "elf":
-        lines.append(f"  {r.e_machine}, notes of {r.cpus} CPU(s), {len(r.segments)} PT_LOAD segment(s)")
+        lines.append(
+            f"  {r.e_machine}, notes of {r.cpus} CPU(s), {len(r.segments)} PT_LOAD segment(s), {r.layout} data"
+        )
     for s in r.segments:
         lines.append(
             f"  {s.paddr:#014x}-{s.paddr + s.size - 1:#014x}  {_human(s.size):>10}  {s.block}+{s.block_offset:#x}"
@@ -274,6 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             offset=offset,
             channels=args.channels,
             max_ram_below_4g=below,
+            qemu_layout=args.qemu_layout,
             progress=update,
             on_start=start,
         )
@@ -387,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-ram-below-4g",
         metavar="SIZE",
         help="the guest's max-ram-below-4g machine property, when it was set (not in the file)",
+    )
+    p.add_argument(
+        "--qemu-layout",
+        action="store_true",
+        help="ELF: page data right after the notes, as dump-guest-memory (default: page-aligned)",
     )
     p.add_argument("--channels", type=int, default=min(4, os.cpu_count() or 1), help="parallel readers")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

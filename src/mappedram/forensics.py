@@ -183,6 +183,7 @@ class ExportReport:
     source: str
     output: str
     format: str
+    layout: str  # ELF: "page-aligned" or "qemu"; raw: "guest-physical"
     machine_type: str | None
     machine_family: str
     ram_block: str
@@ -219,6 +220,7 @@ def export(
     offset: int = 0,
     channels: int = 2,
     max_ram_below_4g: int | None = None,
+    qemu_layout: bool = False,
     progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> ExportReport:
@@ -226,12 +228,16 @@ def export(
 
     ``format="elf"``: the layout of QEMU's ``dump-guest-memory`` (paging off): one PT_NOTE
     (the CPU notes, when the ``cpu`` sections decode) and one PT_LOAD per guest-physical
-    block. ``format="raw"``: byte A of the file is guest-physical address A; the gaps
-    between blocks are holes. Zero pages are holes in both.
+    block. The data starts on a page boundary, so zero pages are exact holes;
+    ``qemu_layout`` puts it where QEMU does, right after the notes (the file then equals
+    QEMU's dump but for e_ehsize). ``format="raw"``: byte A of the file is guest-physical
+    address A; the gaps between blocks are holes. Zero pages are holes in both.
     """
     if format not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     out = os.fspath(output)
+    if os.path.exists(out) and os.path.samefile(out, path):
+        raise UsageError(f"{out}: the output would overwrite the migration file it is exported from")
     with open_file(path, offset) as mf:
         gmap = guest_memory_map(mf, max_ram_below_4g=max_ram_below_4g)
         if not gmap.blocks:
@@ -249,7 +255,8 @@ def export(
                 if not cpus:
                     warnings.append("no CPU notes: the file has no cpu sections described by a vmdesc")
             note_bytes, e_machine = core_notes(cpus)
-            plan = plan_core([(b.target_start, b.size) for b in gmap.blocks], note_bytes, e_machine)
+            plan = plan_core([(b.target_start, b.size) for b in gmap.blocks], note_bytes, e_machine,
+                             data_alignment=1 if qemu_layout else mf.page_size)  # fmt: skip
             offsets = [s.file_offset for s in plan.segments]
             pieces = [(0, plan.head), (plan.tail_offset, plan.tail)]
             size = plan.file_size
@@ -280,6 +287,7 @@ def export(
             source=mf.path,
             output=out,
             format=format,
+            layout="guest-physical" if format == "raw" else "qemu" if qemu_layout else "page-aligned",
             machine_type=mf.machine_type,
             machine_family=gmap.family,
             ram_block=gmap.ram_block,

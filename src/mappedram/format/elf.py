@@ -11,12 +11,15 @@ QEMU's layout (dump_begin, prepare_elf_headers, prepare_elf_section_hdrs)::
     0x40          Elf64_Shdr[0] (all zero), Elf64_Shdr[1] (".shstrtab")
     0xc0          Elf64_Phdr: PT_NOTE, then one PT_LOAD per guest-physical block
     note_offset   the notes: NT_PRSTATUS per CPU, then one "QEMU" note per CPU
-    memory_offset block data, in address order, back to back (not page-aligned)
+    memory_offset block data, in address order, back to back
     strtab_offset "\\0.shstrtab\\0", ending the file
 
-Every field is QEMU's, with one exception: QEMU 7.2 to 10.x store ``e_ehsize = 8``
-(``sizeof`` of a pointer in prepare_elf64_header); this module writes 64, the size of
-Elf64_Ehdr, as the ELF specification requires.
+QEMU's memory_offset is the end of the notes, so no page of data is aligned to the
+file's blocks; ``data_alignment`` (the writer passes the page size by default) rounds it
+up, so that each guest page fills whole file blocks and a zero page is an exact hole.
+With ``data_alignment=1`` every field is QEMU's, with one exception: QEMU 7.2 to 10.x
+store ``e_ehsize = 8`` (``sizeof`` of a pointer in prepare_elf64_header); this module
+writes 64, the size of Elf64_Ehdr, as the ELF specification requires.
 
 References:
     QEMU dump/dump.c (prepare_elf64_header, write_elf64_load, get_offset_range,
@@ -195,12 +198,17 @@ class CorePlan:
 
 
 # reference: dump_init, prepare_elf_headers, write_elf_loads, get_offset_range
-def plan_core(blocks: Sequence[tuple[int, int]], notes: bytes, e_machine: int) -> CorePlan:
+def plan_core(
+    blocks: Sequence[tuple[int, int]], notes: bytes, e_machine: int, *, data_alignment: int = 1
+) -> CorePlan:
     """Lay out a core file of the guest-physical ``blocks`` (paddr, size) and the encoded ``notes``.
 
     Blocks must be in ascending address order and must not overlap, as QEMU's
-    guest_phys_blocks are.
+    guest_phys_blocks are. The block data starts at the end of the notes rounded up to
+    ``data_alignment`` (1: exactly where dump-guest-memory puts it).
     """
+    if data_alignment < 1:
+        raise ValueError(f"data_alignment must be >= 1, got {data_alignment}")
     end = -1
     for paddr, size in blocks:
         if size <= 0 or paddr < end:
@@ -213,7 +221,7 @@ def plan_core(blocks: Sequence[tuple[int, int]], notes: bytes, e_machine: int) -
     shoff = ELF64_EHDR.size
     phoff = shoff + shnum * ELF64_SHDR.size
     note_offset = phoff + phnum * ELF64_PHDR.size
-    memory_offset = note_offset + len(notes)
+    memory_offset = -(-(note_offset + len(notes)) // data_alignment) * data_alignment
     segments = []
     at = memory_offset
     for paddr, size in blocks:
@@ -227,5 +235,5 @@ def plan_core(blocks: Sequence[tuple[int, int]], notes: bytes, e_machine: int) -
     # reference: write_elf64_load (p_vaddr = virt_addr ?: p_paddr; virt_addr is 0 with paging off)
     phdrs += [Elf64Phdr(PT_LOAD, s.file_offset, s.paddr, s.paddr, s.size, s.size).pack() for s in segments]
     head = ehdr.pack() + shdrs + b"".join(phdrs) + notes
-    assert len(head) == memory_offset
+    head += bytes(memory_offset - len(head))
     return CorePlan(head, tuple(segments), note_offset, len(notes), memory_offset, tail_offset, SHSTRTAB)

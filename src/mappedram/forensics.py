@@ -128,10 +128,11 @@ def guest_memory_map(mf: MigrationFile, *, max_ram_below_4g: int | None = None) 
         )
     bridge = _host_bridge(mf, family)
     if family != FAMILY_UNKNOWN and bridge is None:
-        bridge = HostBridge(pam=(3,) * 13, smram=0x40)
+        # as firmware leaves it: PAM all RAM, SMRAM closed (a VGA window shows at 0xa0000)
+        bridge = HostBridge(pam=(3,) * 13, smram=0x02)
         warnings.append(
             f"the {_HOST_BRIDGE_VMSD[family]} host bridge state could not be decoded (no vmdesc or no section): "
-            "0xa0000-0xfffff is assumed to be RAM, as firmware leaves it"
+            "0xc0000-0xfffff is assumed to be RAM and SMRAM closed, as firmware leaves them"
         )
     limit = f"{max_ram_below_4g:#x} (given)" if max_ram_below_4g else f"QEMU's default {split.max_ram_below_4g:#x}"
     notes.append(

@@ -227,6 +227,7 @@ class QemuVM:
         name: str | None = None,
         timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        smp: int = 1,
     ) -> None:
         found = binary or find_qemu()
         if found is None:
@@ -241,6 +242,7 @@ class QemuVM:
         self.name = name or ("dst" if incoming else "src")
         self.timeout = timeout
         self.extra_args = tuple(extra_args)
+        self.smp = smp
         self.log_path = self.workdir / f"{self.name}.qemu.log"
         self.events: list[dict[str, Any]] = []
         self._proc: subprocess.Popen[bytes] | None = None
@@ -275,7 +277,7 @@ class QemuVM:
             "-m",
             f"{self.ram_size >> 20}M",
             "-smp",
-            "1",
+            str(self.smp),
             "-object",
             f"memory-backend-file,id={BACKEND_ID},size={self.ram_size >> 20}M,mem-path={_opt(self.ram_path)},share=on",
             "-qmp",
@@ -466,6 +468,20 @@ class QemuVM:
         self.configure_migration(capabilities, parameters)
         self.cmd("migrate-incoming", {"uri": uri, "exit-on-error": False})
         return self.wait_migration(timeout)
+
+    def dump_guest_memory(self, path: str | os.PathLike[str], *, timeout: float = 300.0) -> None:
+        """QEMU's own ELF core of the guest (``dump-guest-memory``, paging off), written to ``path``."""
+        self.cmd("dump-guest-memory", {"paging": False, "protocol": f"file:{os.fspath(path)}"}, timeout=timeout)
+
+    def run_until_halted(self, timeout: float = 30.0) -> None:
+        """Let the guest run until vCPU 0 executes HLT (``info registers`` shows HLT=1), then stop it."""
+        self.cmd("cont")
+        deadline = time.monotonic() + timeout
+        while "HLT=1" not in self.cmd("human-monitor-command", {"command-line": "info registers"}):
+            if time.monotonic() > deadline:
+                raise QemuError(f"vCPU 0 did not halt within {timeout} s", self.stderr)
+            time.sleep(0.01)
+        self.cmd("stop")
 
     def wait_migration(self, timeout: float = 120.0) -> dict[str, Any]:
         """Poll ``query-migrate`` (and watch MIGRATION events) until it completes."""

@@ -1,4 +1,4 @@
-"""Command line: ``mappedram info|verify|extract|save|restore|rewrite|convert|diff``. Renders reports only."""
+"""Command line: ``mappedram info|verify|extract|export|save|restore|rewrite|convert|diff``. Renders reports only."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from mappedram import __version__, ops, snapshot
+from mappedram import __version__, forensics, ops, snapshot
 from mappedram.errors import MappedRamError, UsageError
 
 __all__ = ["main", "parse_size", "parse_target"]
@@ -124,6 +124,30 @@ def render_extract(r: ops.ExtractReport) -> str:
         for b in r.blocks
     ]
     lines.append(f"{_human(r.bytes_read_logical)} in {r.seconds:.2f} s ({r.gbps:.2f} GB/s, {r.channels} channels)")
+    return "\n".join(lines)
+
+
+def render_export(r: forensics.ExportReport) -> str:
+    what = "ELF core" if r.format == "elf" else "raw guest-physical image"
+    machine = f"{r.machine_type or '(no machine type)'} ({r.machine_family})"
+    lines = [
+        f"{r.output}: {what} of {r.source}, {machine}, {_human(r.ram_size)} of RAM in {r.ram_block!r} "
+        f"({_human(r.below_4g_mem_size)} below 4 GiB, {_human(r.above_4g_mem_size)} above)",
+    ]
+    if r.format == "elf":
+        lines.append(
+            f"  {r.e_machine}, notes of {r.cpus} CPU(s), {len(r.segments)} PT_LOAD segment(s), {r.layout} data"
+        )
+    for s in r.segments:
+        lines.append(
+            f"  {s.paddr:#014x}-{s.paddr + s.size - 1:#014x}  {_human(s.size):>10}  {s.block}+{s.block_offset:#x}"
+            f"  at file offset {s.file_offset:#x}"
+        )
+    lines.append(
+        f"file size {_human(r.file_size)}, {_human(r.bytes_written)} written (the rest are holes); "
+        f"{r.seconds:.2f} s ({r.gbps:.2f} GB/s, {r.channels} channels)"
+    )
+    lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
 
 
@@ -240,6 +264,28 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    below = None if args.max_ram_below_4g is None else parse_size(args.max_ram_below_4g)
+    show = args.output != "json" and sys.stderr.isatty() and not args.quiet
+    with _progress(show, "export") as (update, start):
+        report = forensics.export(
+            path,
+            args.o,
+            format=args.format,
+            offset=offset,
+            channels=args.channels,
+            max_ram_below_4g=below,
+            qemu_layout=args.qemu_layout,
+            progress=update,
+            on_start=start,
+        )
+    for w in report.warnings:
+        print(f"mappedram: warning: {w}", file=sys.stderr)
+    _emit(args, report, render_export)
+    return 0
+
+
 def _block_args(items: Sequence[str]) -> list[tuple[str, str]]:
     out = []
     for item in items:
@@ -335,6 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=min(4, os.cpu_count() or 1), help="parallel readers")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("export", help="write guest-physical memory as an ELF core (as dump-guest-memory) or raw image")
+    common(p)
+    p.add_argument("--format", choices=forensics.EXPORT_FORMATS, default="elf", help="ELF core, or flat raw image")
+    p.add_argument("-o", metavar="OUT", required=True, help="the file to write (sparse)")
+    p.add_argument(
+        "--max-ram-below-4g",
+        metavar="SIZE",
+        help="the guest's max-ram-below-4g machine property, when it was set (not in the file)",
+    )
+    p.add_argument(
+        "--qemu-layout",
+        action="store_true",
+        help="ELF: page data right after the notes, as dump-guest-memory (default: page-aligned)",
+    )
+    p.add_argument("--channels", type=int, default=min(4, os.cpu_count() or 1), help="parallel readers")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
 
     def engine_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--channels", type=int, default=4, help="parallel channels (threads with their own fds)")

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from mappedram._runs import bit_runs
-from mappedram.engine.copy import CompareChannel, PageCompare, PageCopy, SparseCopyChannel
+from mappedram.engine.copy import CompareChannel, PageCompare, PageCopy, sparse_copy, write_sparse_file
 from mappedram.engine.executor import run_tasks
-from mappedram.engine.fileio import allocated_bytes, create_sparse
+from mappedram.engine.fileio import allocated_bytes
 from mappedram.errors import FormatError, UsageError
+from mappedram.forensics import ExportReport, export
 from mappedram.image import MigrationFile, RamBlock, open_file
 from mappedram.layout import plan_mapped_ram
 
@@ -39,6 +40,8 @@ __all__ = [
     "DiffReport",
     "diff",
     "EXTRACT_CHUNK_PAGES",
+    "ExportReport",
+    "export",
 ]
 
 Progress = Callable[[int], None]
@@ -369,25 +372,13 @@ def extract(
 def _extract_block(
     mf: MigrationFile, b: RamBlock, dest: str, channels: int, progress: Progress | None
 ) -> ExtractedBlock:
-    create_sparse(dest, b.used_length)
+    write_sparse_file(dest, b.used_length)
     tasks = [
         PageCopy(first * b.page_size, b.sources(first, min(EXTRACT_CHUNK_PAGES, b.num_pages - first)))
         for first in range(0, b.num_pages, EXTRACT_CHUNK_PAGES)
-        if b.num_pages
     ]
-    tasks = [t for t in tasks if np.any(t.src_offsets >= 0)] or tasks[:0]
-    made: list[SparseCopyChannel] = []
-
-    def make_channel(_: int) -> SparseCopyChannel:
-        ch = SparseCopyChannel(mf.path, dest, b.page_size, EXTRACT_CHUNK_PAGES)
-        made.append(ch)
-        return ch
-
-    skipped = (b.num_pages - sum(len(t.src_offsets) for t in tasks)) * b.page_size
-    if progress is not None and skipped:
-        progress(skipped)
-    run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=progress)
-    written = sum(ch.written for ch in made)
+    written = sparse_copy(mf.path, dest, tasks, page_size=b.page_size, max_pages=EXTRACT_CHUNK_PAGES,
+                          channels=channels, progress=progress)  # fmt: skip
     return ExtractedBlock(b.idstr, dest, b.used_length, written, written // b.page_size)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,8 @@ import numpy.typing as npt
 from mappedram._runs import bit_runs
 from mappedram.errors import IOEngineError
 
-from .fileio import close_fd, open_read, open_write, pread_upto, preadv_exact, pwrite_full
+from .executor import run_tasks
+from .fileio import close_fd, create_sparse, open_read, open_write, pread_upto, preadv_exact, pwrite_full
 
 __all__ = [
     "PageCopy",
@@ -30,6 +32,8 @@ __all__ = [
     "gather_pages",
     "nonzero_pages",
     "nonzero_pages_at",
+    "sparse_copy",
+    "write_sparse_file",
 ]
 
 
@@ -155,6 +159,52 @@ class SparseCopyChannel:
             except OSError:
                 pass  # a source close error loses nothing
             self.buffer.close()
+
+
+def sparse_copy(
+    src_path: str,
+    dst_path: str,
+    tasks: Sequence[PageCopy],
+    *,
+    page_size: int,
+    max_pages: int,
+    channels: int,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Run ``tasks`` (each at most ``max_pages`` pages) over up to ``channels`` SparseCopyChannels.
+
+    ``dst_path`` must exist (see :func:`write_sparse_file`). Tasks without a present page
+    are not run: their pages are zeros, already holes in the destination; ``progress``
+    is still told of them. Returns the bytes written (non-zero pages only).
+    """
+    work = [t for t in tasks if np.any(t.src_offsets >= 0)]
+    skipped = sum(len(t.src_offsets) for t in tasks) - sum(len(t.src_offsets) for t in work)
+    if progress is not None and skipped:
+        progress(skipped * page_size)
+    made: list[SparseCopyChannel] = []
+
+    def make_channel(_: int) -> SparseCopyChannel:
+        ch = SparseCopyChannel(src_path, dst_path, page_size, max_pages)
+        made.append(ch)
+        return ch
+
+    run_tasks(work, make_channel, channels=max(1, min(channels, len(work))), progress=progress)
+    return sum(ch.written for ch in made)
+
+
+def write_sparse_file(path: str, size: int, pieces: Sequence[tuple[int, bytes]] = ()) -> None:
+    """Create (or truncate) ``path`` as a hole of ``size`` bytes, then write each (offset, bytes) piece."""
+    create_sparse(path, size)
+    if not pieces:
+        return
+    fd = open_write(path, create=False)
+    try:
+        for offset, data in pieces:
+            pwrite_full(fd, data, offset, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    close_fd(fd, path)
 
 
 @dataclass(frozen=True, slots=True)

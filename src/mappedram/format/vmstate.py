@@ -30,6 +30,9 @@ __all__ = [
     "VmDesc",
     "encode_device_state",
     "encode_vmdesc_json",
+    "FieldSpan",
+    "field_spans",
+    "find_field",
     "find_vmdesc",
     "parse_vmdesc",
     "split_device_sections",
@@ -248,3 +251,59 @@ def encode_device_state(records: list[DeviceRecord], *, first_section_id: int) -
 def encode_vmdesc_json(devices: list[dict[str, Any]], *, page_size: int) -> bytes:
     """The vmdesc trailer's JSON text, in QEMU's style (``": "`` and ``", "`` separators)."""
     return json.dumps({"page_size": page_size, "devices": devices}).encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpan:
+    """Where one vmdesc field lies in a section body: ``count`` elements of ``size`` bytes from ``offset``."""
+
+    name: str
+    offset: int
+    size: int
+    count: int
+    struct_fields: tuple[object, ...] | None  # the fields of a struct element, when the field is one
+
+
+def field_spans(fields: object, base: int = 0) -> list[FieldSpan]:
+    """The byte spans of vmdesc ``fields`` (a JSON list), laid end to end from ``base``.
+
+    QEMU writes one vmdesc entry per field it sends, in order, with ``size`` the bytes one
+    element took and ``array_len`` the element count of a compressed array
+    (vmsd_desc_field_start, vmsd_desc_field_end in migration/vmstate.c). The spans cover
+    the fields only: subsections follow them in the stream.
+    """
+    if not isinstance(fields, list):
+        raise FormatError("vmdesc fields are not a list", field="vmdesc", expected="a JSON list",
+                          actual=type(fields).__name__)  # fmt: skip
+    spans = []
+    at = base
+    for entry in fields:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        size = entry.get("size") if isinstance(entry, dict) else None
+        count = entry.get("array_len", 1) if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _count(size) or not _count(count):
+            raise FormatError("vmdesc field has no name, size or element count", field="vmdesc",
+                              expected="name, size >= 0, array_len >= 0", actual=str(entry)[:80])  # fmt: skip
+        assert isinstance(size, int) and isinstance(count, int) and isinstance(entry, dict)
+        inner = entry.get("struct")
+        sub = inner.get("fields") if isinstance(inner, dict) else None
+        spans.append(FieldSpan(name, at, size, count, tuple(sub) if isinstance(sub, list) else None))
+        at += size * count
+    return spans
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def find_field(fields: object, path: tuple[str, ...], base: int = 0) -> FieldSpan | None:
+    """The span of the field named by ``path`` (struct members descend: ``("parent_obj", "config[0]")``)."""
+    for span in field_spans(fields, base):
+        if span.name != path[0]:
+            continue
+        if len(path) == 1:
+            return span
+        if span.struct_fields is None:
+            return None
+        return find_field(list(span.struct_fields), path[1:], span.offset)
+    return None

@@ -353,7 +353,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mappedram", description="QEMU migration files (mapped-ram and legacy): inspect, verify, extract."
+        prog="mappedram",
+        description="QEMU migration files (mapped-ram and legacy): inspect, verify, extract, export, convert;"
+        " save and restore RAM, also live (the built-in guest: demo, vm).",
     )
     parser.add_argument("--version", action="version", version=f"mappedram {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")

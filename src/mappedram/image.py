@@ -5,9 +5,15 @@ bitmaps or the legacy page index, device-state bounds, vmdesc) and checks it; pa
 data is read only on demand. The stream codec never sees a file: this module feeds it
 bytes and attaches the path to its errors.
 
+A libvirt save image (``virsh save``, managed save: libvirt's header and domain XML
+before the QEMU stream) is recognised by its magic at the start offset; the QEMU stream
+is then read where libvirt's header says it starts, and ``MigrationFile.libvirt`` holds
+the decoded header.
+
 References:
     QEMU migration/ram.c (ram_load_precopy, parse_ramblock_mapped_ram,
-    read_ramblock_mapped_ram), migration/savevm.c (qemu_loadvm_state).
+    read_ramblock_mapped_ram), migration/savevm.c (qemu_loadvm_state);
+    libvirt src/qemu/qemu_saveimage.c (qemuSaveImageOpen, qemuSaveImageReadHeader).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
+from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode_save_data, is_libvirt_save
 from mappedram.format.stream import (
     NEED_DATA,
     Command,
@@ -129,6 +136,7 @@ class MigrationFile:
     device_state_length: int
     vmdesc: VmDesc | None
     device_sections: list[DeviceSection] | None
+    libvirt: LibvirtSaveImage | None = None  # the libvirt save image header, when the file is one
     _fd: int = field(default=-1, repr=False)
 
     # -- properties ------------------------------------------------------------------
@@ -215,9 +223,13 @@ def open_file(path: str | os.PathLike[str], offset: int = 0, *, require_vmdesc: 
     """Open and decode the migration stream that starts at ``offset`` in ``path``.
 
     ``offset`` is the ``file:PATH,offset=N`` start; offsets inside the stream are
-    absolute and are never shifted by it. ``require_vmdesc`` (default: when the stream
-    has a configuration section, as every x86 QEMU writes) rejects a file without the
-    vmdesc trailer, which is how a cut-off device state shows.
+    absolute and are never shifted by it. A libvirt save image at ``offset`` is read
+    through: its QEMU stream starts where libvirt's header says (``start_offset``), and
+    ``libvirt`` holds the header and domain XML; a compressed one raises UnsupportedError.
+
+    ``require_vmdesc`` (default: when the stream has a configuration section, as every
+    x86 QEMU writes) rejects a file without the vmdesc trailer, which is how a cut-off
+    device state shows.
     """
     path = os.fspath(path)
     fd = open_read(path)
@@ -239,6 +251,10 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
         raise TruncatedError(
             "no stream at the start offset", offset=start, field="offset", expected=f"< file size {size:#x}"
         )
+    libvirt = None
+    if is_libvirt_save(pread_upto(fd, 16, start, path)):
+        libvirt = _read_libvirt(fd, path, start, size)
+        start = libvirt.stream_offset
     dec = Decoder(start_offset=start, stream_end=size)
     config: Configuration | None = None
     ram_id: int | None = None
@@ -326,7 +342,34 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
         device_state_length=device_len,
         vmdesc=vmdesc,
         device_sections=device_sections,
+        libvirt=libvirt,
     )
+
+
+# reference: qemuSaveImageOpen -> qemuSaveImageReadHeader, qemuSaveImageDecompressionStart
+def _read_libvirt(fd: int, path: str, start: int, size: int) -> LibvirtSaveImage:
+    header = VirQEMUSaveHeader.unpack(pread_upto(fd, VirQEMUSaveHeader.SIZE, start, path), start)
+    image = decode_save_data(header, pread_upto(fd, header.data_len, start + header.SIZE, path), start)
+    fmt = image.save_format
+    if fmt.compressed:
+        at = image.stream_offset
+        raise UnsupportedError(
+            f"libvirt save image is {fmt.label}-compressed: its QEMU stream must be decompressed first "
+            f"(e.g. tail -c +{at + 1} FILE | {fmt.label} -dc > STREAM.mig)",
+            offset=start + 28,
+            field="format",
+            expected="raw or sparse",
+            actual=f"{fmt.value} ({fmt.label})",
+        )
+    if image.stream_offset >= size:
+        raise TruncatedError(
+            "libvirt save image ends before its QEMU stream",
+            offset=size,
+            field="data_len",
+            expected=f"a QEMU stream at {image.stream_offset:#x}",
+            actual=f"end of file at {size:#x}",
+        )
+    return image
 
 
 def _block_from_entry(entry: RamBlockEntry, page_size: int, config: Configuration | None) -> RamBlock:

@@ -241,9 +241,11 @@ def rewrite(
         sources: list[tuple[str, int, PageSource]] = [
             (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
         ]
-        return _save(
+        report = _save(
             os.fspath(path), sources, spec, offset, channels, direct_io, direct_io_fallback, durable, progress, on_start
         )
+        _note_libvirt(mf, report)
+        return report
 
 
 def convert(
@@ -290,7 +292,17 @@ def convert(
         sources: list[tuple[str, int, PageSource]] = [
             (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
         ]
-        return _save_legacy(os.fspath(path), sources, spec, None, durable, progress, on_start)
+        report = _save_legacy(os.fspath(path), sources, spec, None, durable, progress, on_start)
+        _note_libvirt(mf, report)
+        return report
+
+
+def _note_libvirt(mf: MigrationFile, report: SaveReport) -> None:
+    if mf.libvirt is not None:
+        report.notes.append(
+            f"{mf.path} is a libvirt save image: {report.path} holds its QEMU stream alone, without "
+            f"libvirt's header and domain XML (load it with QEMU, not with virsh restore)"
+        )
 
 
 def spec_from(mf: MigrationFile) -> StreamSpec:

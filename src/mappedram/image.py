@@ -42,6 +42,7 @@ from mappedram.format.stream import (
     RamBlockEntry,
     RamEos,
     RamPage,
+    RamPageRun,
     SectionFooterEvent,
     SectionHeader,
 )
@@ -255,7 +256,7 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
     if is_libvirt_save(pread_upto(fd, 16, start, path)):
         libvirt = _read_libvirt(fd, path, start, size)
         start = libvirt.stream_offset
-    dec = Decoder(start_offset=start, stream_end=size)
+    dec = Decoder(start_offset=start, stream_end=size, batch_pages=True)
     config: Configuration | None = None
     ram_id: int | None = None
     mem_size = 0
@@ -270,7 +271,12 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
             at = dec.feed_offset
             dec.feed(pread_upto(fd, _FEED_CHUNK, at, path) if at < size else b"")
             continue
-        if isinstance(event, RamPage):
+        if isinstance(event, RamPageRun):
+            b = by_name[event.idstr]
+            assert b.legacy_sources is not None
+            _index_pages(b.legacy_sources, event.addrs // page_size, event.data_offsets)
+            b.legacy_records += len(event.addrs)
+        elif isinstance(event, RamPage):
             b = by_name[event.idstr]
             assert b.legacy_sources is not None
             b.legacy_sources[event.addr // page_size] = -1 if event.data_offset is None else event.data_offset
@@ -344,6 +350,17 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
         device_sections=device_sections,
         libvirt=libvirt,
     )
+
+
+def _index_pages(sources: npt.NDArray[np.int64], pages: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64]) -> None:
+    """``sources[pages[i]] = offsets[i]`` in order: a page sent twice keeps its last record."""
+    if len(pages) > 1 and not bool(np.all(pages[1:] > pages[:-1])):
+        # rare (a page repeated within one run): keep each page's last occurrence
+        rev = pages[::-1]
+        _, first = np.unique(rev, return_index=True)
+        keep = len(pages) - 1 - first
+        pages, offsets = pages[keep], offsets[keep]
+    sources[pages] = offsets
 
 
 # reference: qemuSaveImageOpen -> qemuSaveImageReadHeader, qemuSaveImageDecompressionStart

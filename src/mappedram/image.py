@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram.engine.copy import gather_pages
-from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto
+from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto, prefetch
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
@@ -54,6 +54,8 @@ __all__ = ["MigrationFile", "RamBlock", "SectionRecord", "open_file", "MAX_DEVIC
 #: Device state (and vmdesc) is read into memory; anything larger is refused.
 MAX_DEVICE_STATE = 256 << 20
 _FEED_CHUNK = 1 << 20
+#: While a legacy stream is scanned, the kernel is asked to read this far ahead of the decoder.
+_SCAN_AHEAD = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +267,15 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
     sections: list[SectionRecord] = []
     page_size = 0
     device_at: int | None = None
+    ahead = start
     while device_at is None:
         event = dec.next_event()
         if event is NEED_DATA:
             at = dec.feed_offset
+            if at >= ahead and config is not None and not config.mapped_ram:
+                # a legacy stream is read whole: keep the disk busy while the records are parsed
+                ahead = at + _SCAN_AHEAD
+                prefetch(fd, at + _FEED_CHUNK, _SCAN_AHEAD)
             dec.feed(pread_upto(fd, _FEED_CHUNK, at, path) if at < size else b"")
             continue
         if isinstance(event, RamPageRun):

@@ -481,8 +481,10 @@ def _save_legacy(
             pages = written = 0
             with PageReader([s for _, _, s in sources], ps, CHUNK_PAGES) as reader:
                 for k, (index, first, n) in enumerate(chunks):
-                    if k + 1 < len(chunks):
-                        reader.prefetch(*chunks[k + 1])
+                    # keep _PREFETCH_CHUNKS chunks in flight while this one is encoded and written
+                    for ahead in range(1, _PREFETCH_CHUNKS + 1) if k == 0 else (_PREFETCH_CHUNKS,):
+                        if k + ahead < len(chunks):
+                            reader.prefetch(*chunks[k + ahead])
                     view = reader.pages(index, first, n)
                     written += _append_page_records(out, sources[index][0] if first == 0 else None, first, view, ps)
                     view.release()
@@ -512,6 +514,8 @@ def _save_legacy(
     return _commit(target, offset, durable, notes, spec, direct, body, "legacy")
 
 
+#: Chunks the legacy writer asks the kernel to read ahead of the one it encodes.
+_PREFETCH_CHUNKS = 3
 #: The legacy writer's staging buffer: two chunks of records and some.
 _LEGACY_STAGING = 2 * CHUNK_PAGES * (TARGET_PAGE_SIZE + 8) + (1 << 20)
 

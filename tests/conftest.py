@@ -24,21 +24,24 @@ def vector_meta(name: str) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def vector_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The eight QEMU 10.0.2 files, decompressed (holes restored where the pages are zero)."""
-    import zstandard
-
     out = tmp_path_factory.mktemp("vectors")
     for name in VECTORS:
-        src = DATA / f"{name}.zst"
-        dst = out / name
-        with src.open("rb") as fin, dst.open("wb") as fout:
-            reader = zstandard.ZstdDecompressor().stream_reader(fin)
-            while chunk := reader.read(1 << 20):
-                if chunk.count(0) == len(chunk):
-                    fout.seek(len(chunk), 1)
-                else:
-                    fout.write(chunk)
-            fout.truncate()
+        unzstd_sparse(DATA / f"{name}.zst", out / name)
     return out
+
+
+def unzstd_sparse(src: Path, dst: Path) -> None:
+    """Decompress ``src`` into ``dst``, leaving holes where whole 1 MiB chunks are zero."""
+    import zstandard
+
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        reader = zstandard.ZstdDecompressor().stream_reader(fin)
+        while chunk := reader.read(1 << 20):
+            if chunk.count(0) == len(chunk):
+                fout.seek(len(chunk), 1)
+            else:
+                fout.write(chunk)
+        fout.truncate()
 
 
 @pytest.fixture(scope="session")

@@ -61,9 +61,29 @@ def _hex(n: int | None) -> str:
 # -- rendering -------------------------------------------------------------------------
 
 
+def _render_libvirt(lv: ops.LibvirtInfo) -> list[str]:
+    memory = "-"
+    if lv.memory_value is not None:
+        memory = f"{lv.memory_value} {lv.memory_unit}"
+        if lv.memory_bytes is not None:
+            memory += f" ({_human(lv.memory_bytes)})"
+    cookie = "none"
+    if lv.cookie_length is not None:
+        cookie = f"{lv.cookie_length} bytes at {lv.xml_offset + lv.cookie_offset:#x}"
+    return [
+        f"libvirt save image: {lv.magic} version {lv.version} ({lv.byteorder}-endian), format {lv.format} "
+        f"({lv.format_id}), was_running {'yes' if lv.was_running else 'no'}",
+        f"  domain XML: {lv.xml_length} bytes at {lv.xml_offset:#x}; cookie: {cookie}; data_len {lv.data_len}",
+        f"  domain: {lv.name or '-'} (uuid {lv.uuid or '-'}, type {lv.domain_type or '-'}), memory {memory}, "
+        f"machine {lv.machine or '-'}, arch {lv.arch or '-'}",
+        f"  QEMU stream at {lv.stream_offset:#x}",
+    ]
+
+
 def render_info(r: ops.InfoReport) -> str:
     lines = [
         f"file: {r.path}",
+        *([] if r.libvirt is None else _render_libvirt(r.libvirt)),
         f"format: {r.format}",
         f"machine type: {r.machine_type or '(no configuration section)'}",
         f"capabilities: {', '.join(r.capabilities) or '(none)'}",

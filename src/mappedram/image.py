@@ -5,9 +5,15 @@ bitmaps or the legacy page index, device-state bounds, vmdesc) and checks it; pa
 data is read only on demand. The stream codec never sees a file: this module feeds it
 bytes and attaches the path to its errors.
 
+A libvirt save image (``virsh save``, managed save: libvirt's header and domain XML
+before the QEMU stream) is recognised by its magic at the start offset; the QEMU stream
+is then read where libvirt's header says it starts, and ``MigrationFile.libvirt`` holds
+the decoded header.
+
 References:
     QEMU migration/ram.c (ram_load_precopy, parse_ramblock_mapped_ram,
-    read_ramblock_mapped_ram), migration/savevm.c (qemu_loadvm_state).
+    read_ramblock_mapped_ram), migration/savevm.c (qemu_loadvm_state);
+    libvirt src/qemu/qemu_saveimage.c (qemuSaveImageOpen, qemuSaveImageReadHeader).
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram.engine.copy import gather_pages
-from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto
+from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto, prefetch
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
+from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode_save_data, is_libvirt_save
 from mappedram.format.stream import (
     NEED_DATA,
     Command,
@@ -35,6 +42,7 @@ from mappedram.format.stream import (
     RamBlockEntry,
     RamEos,
     RamPage,
+    RamPageRun,
     SectionFooterEvent,
     SectionHeader,
 )
@@ -46,6 +54,8 @@ __all__ = ["MigrationFile", "RamBlock", "SectionRecord", "open_file", "MAX_DEVIC
 #: Device state (and vmdesc) is read into memory; anything larger is refused.
 MAX_DEVICE_STATE = 256 << 20
 _FEED_CHUNK = 1 << 20
+#: While a legacy stream is scanned, the kernel is asked to read this far ahead of the decoder.
+_SCAN_AHEAD = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,7 @@ class MigrationFile:
     device_state_length: int
     vmdesc: VmDesc | None
     device_sections: list[DeviceSection] | None
+    libvirt: LibvirtSaveImage | None = None  # the libvirt save image header, when the file is one
     _fd: int = field(default=-1, repr=False)
 
     # -- properties ------------------------------------------------------------------
@@ -215,9 +226,13 @@ def open_file(path: str | os.PathLike[str], offset: int = 0, *, require_vmdesc: 
     """Open and decode the migration stream that starts at ``offset`` in ``path``.
 
     ``offset`` is the ``file:PATH,offset=N`` start; offsets inside the stream are
-    absolute and are never shifted by it. ``require_vmdesc`` (default: when the stream
-    has a configuration section, as every x86 QEMU writes) rejects a file without the
-    vmdesc trailer, which is how a cut-off device state shows.
+    absolute and are never shifted by it. A libvirt save image at ``offset`` is read
+    through: its QEMU stream starts where libvirt's header says (``start_offset``), and
+    ``libvirt`` holds the header and domain XML; a compressed one raises UnsupportedError.
+
+    ``require_vmdesc`` (default: when the stream has a configuration section, as every
+    x86 QEMU writes) rejects a file without the vmdesc trailer, which is how a cut-off
+    device state shows.
     """
     path = os.fspath(path)
     fd = open_read(path)
@@ -239,7 +254,11 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
         raise TruncatedError(
             "no stream at the start offset", offset=start, field="offset", expected=f"< file size {size:#x}"
         )
-    dec = Decoder(start_offset=start, stream_end=size)
+    libvirt = None
+    if is_libvirt_save(pread_upto(fd, 16, start, path)):
+        libvirt = _read_libvirt(fd, path, start, size)
+        start = libvirt.stream_offset
+    dec = Decoder(start_offset=start, stream_end=size, batch_pages=True)
     config: Configuration | None = None
     ram_id: int | None = None
     mem_size = 0
@@ -248,13 +267,23 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
     sections: list[SectionRecord] = []
     page_size = 0
     device_at: int | None = None
+    ahead = start
     while device_at is None:
         event = dec.next_event()
         if event is NEED_DATA:
             at = dec.feed_offset
+            if at >= ahead and config is not None and not config.mapped_ram:
+                # a legacy stream is read whole: keep the disk busy while the records are parsed
+                ahead = at + _SCAN_AHEAD
+                prefetch(fd, at + _FEED_CHUNK, _SCAN_AHEAD)
             dec.feed(pread_upto(fd, _FEED_CHUNK, at, path) if at < size else b"")
             continue
-        if isinstance(event, RamPage):
+        if isinstance(event, RamPageRun):
+            b = by_name[event.idstr]
+            assert b.legacy_sources is not None
+            _index_pages(b.legacy_sources, event.addrs // page_size, event.data_offsets)
+            b.legacy_records += len(event.addrs)
+        elif isinstance(event, RamPage):
             b = by_name[event.idstr]
             assert b.legacy_sources is not None
             b.legacy_sources[event.addr // page_size] = -1 if event.data_offset is None else event.data_offset
@@ -326,7 +355,45 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
         device_state_length=device_len,
         vmdesc=vmdesc,
         device_sections=device_sections,
+        libvirt=libvirt,
     )
+
+
+def _index_pages(sources: npt.NDArray[np.int64], pages: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64]) -> None:
+    """``sources[pages[i]] = offsets[i]`` in order: a page sent twice keeps its last record."""
+    if len(pages) > 1 and not bool(np.all(pages[1:] > pages[:-1])):
+        # rare (a page repeated within one run): keep each page's last occurrence
+        rev = pages[::-1]
+        _, first = np.unique(rev, return_index=True)
+        keep = len(pages) - 1 - first
+        pages, offsets = pages[keep], offsets[keep]
+    sources[pages] = offsets
+
+
+# reference: qemuSaveImageOpen -> qemuSaveImageReadHeader, qemuSaveImageDecompressionStart
+def _read_libvirt(fd: int, path: str, start: int, size: int) -> LibvirtSaveImage:
+    header = VirQEMUSaveHeader.unpack(pread_upto(fd, VirQEMUSaveHeader.SIZE, start, path), start)
+    image = decode_save_data(header, pread_upto(fd, header.data_len, start + header.SIZE, path), start)
+    fmt = image.save_format
+    if fmt.compressed:
+        at = image.stream_offset
+        raise UnsupportedError(
+            f"libvirt save image is {fmt.label}-compressed: its QEMU stream must be decompressed first "
+            f"(e.g. tail -c +{at + 1} FILE | {fmt.label} -dc > STREAM.mig)",
+            offset=start + 28,
+            field="format",
+            expected="raw or sparse",
+            actual=f"{fmt.value} ({fmt.label})",
+        )
+    if image.stream_offset >= size:
+        raise TruncatedError(
+            "libvirt save image ends before its QEMU stream",
+            offset=size,
+            field="data_len",
+            expected=f"a QEMU stream at {image.stream_offset:#x}",
+            actual=f"end of file at {size:#x}",
+        )
+    return image
 
 
 def _block_from_entry(entry: RamBlockEntry, page_size: int, config: Configuration | None) -> RamBlock:

@@ -40,12 +40,12 @@ from mappedram.engine.trackers import DirtyTracker
 from mappedram.errors import UsageError
 from mappedram.format.bitmap import encode_bitmap
 from mappedram.format.constants import TARGET_PAGE_SIZE
-from mappedram.format.stream import encode_page_records_at
 from mappedram.format.vmstate import DeviceRecord, encode_device_state, encode_vmdesc_json
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 from mappedram.snapshot import (
     CHUNK_PAGES,
     DEFAULT_MACHINE,
+    LEGACY_STAGING,
     MACHINE_ALIASES,
     Progress,
     _as_bytes_view,
@@ -53,6 +53,7 @@ from mappedram.snapshot import (
     _resolve_direct,
     _Timed,
     _Written,
+    append_records,
 )
 
 __all__ = ["FORMATS", "PassStats", "LiveSaveReport", "live_save"]
@@ -377,7 +378,7 @@ def _legacy_body(
     def body(fd: int, work: str) -> _Written:
         t0 = time.perf_counter()
         plan = plan_legacy(layout, spec([], False))
-        out = SequentialWriter(fd, work, plan.start)
+        out = SequentialWriter(fd, work, plan.start, buffer_bytes=LEGACY_STAGING)
         out.append(plan.head)
 
         # reference: ram_save_iterate / ram_save_complete -> ram_save_target_page_legacy
@@ -392,17 +393,11 @@ def _legacy_body(
                     chosen = pages[k : k + CHUNK_PAGES]
                     data = words[i][chosen]  # a copy: the records hold one instant of each page
                     nonzero: Bits = np.asarray(data.any(axis=1), dtype=np.bool_)
-                    pieces = encode_page_records_at(
-                        idstr if k == 0 else None,
-                        chosen.astype(np.uint64) * np.uint64(ps),
-                        data.view(np.uint8).reshape(len(chosen), ps),
-                        nonzero,
-                    )
-                    for piece in pieces:
-                        out.append(piece)
+                    addrs = chosen.astype(np.uint64) * np.uint64(ps)
+                    size = append_records(out, idstr if k == 0 else None, addrs, data.view(np.uint8), nonzero)
                     written += int(np.count_nonzero(nonzero))
                     sent += len(chosen)
-                    loop.throttle(sum(len(piece) for piece in pieces))
+                    loop.throttle(size)
                     if loop.progress is not None:
                         loop.progress(len(chosen) * ps)
             if not stopped:
@@ -411,9 +406,13 @@ def _legacy_body(
             return written, sent - written, out.offset - before
 
         t1 = time.perf_counter()
-        records = loop.run(send, stop)
-        out.append(plan_legacy(layout, spec(records, False)).end_tail)
-        out.flush()
+        try:
+            records = loop.run(send, stop)
+            out.append(plan_legacy(layout, spec(records, False)).end_tail)
+        except BaseException:
+            out.discard()  # a failed save never writes its end
+            raise
+        out.close()
         t2 = time.perf_counter()
         loop.downtime = t2 - loop.t_stop
         final = loop.passes[-1]

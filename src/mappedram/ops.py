@@ -21,12 +21,14 @@ from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import allocated_bytes
 from mappedram.errors import FormatError, UsageError
 from mappedram.forensics import ExportReport, export
+from mappedram.format.libvirt import QemuSaveFormat
 from mappedram.image import MigrationFile, RamBlock, open_file
 from mappedram.layout import plan_mapped_ram
 
 __all__ = [
     "BlockInfo",
     "DeviceInfo",
+    "LibvirtInfo",
     "InfoReport",
     "Problem",
     "VerifyReport",
@@ -76,6 +78,63 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class LibvirtInfo:
+    """The libvirt save image header before the QEMU stream, and the domain its XML describes."""
+
+    header_offset: int
+    magic: str
+    version: int
+    byteorder: str
+    data_len: int
+    was_running: bool
+    format: str  # libvirt's name: raw, sparse, gzip, ...
+    format_id: int
+    cookie_offset: int
+    xml_offset: int
+    xml_length: int  # bytes of XML text, without its NUL
+    cookie_length: int | None
+    stream_offset: int
+    name: str | None
+    uuid: str | None
+    domain_type: str | None
+    memory_value: int | None
+    memory_unit: str | None
+    memory_bytes: int | None
+    machine: str | None
+    arch: str | None
+
+
+def _libvirt_info(mf: MigrationFile) -> LibvirtInfo | None:
+    lv = mf.libvirt
+    if lv is None:
+        return None
+    h, d = lv.header, lv.domain
+    return LibvirtInfo(
+        header_offset=lv.header_offset,
+        magic=h.magic.decode("ascii"),
+        version=h.version,
+        byteorder=h.byteorder,
+        data_len=h.data_len,
+        was_running=bool(h.was_running),
+        format=lv.save_format.label,
+        format_id=h.format,
+        cookie_offset=h.cookie_offset,
+        xml_offset=lv.xml_offset,
+        xml_length=len(lv.xml.encode("utf-8")),
+        cookie_length=None if lv.cookie is None else len(lv.cookie.encode("utf-8")),
+        stream_offset=lv.stream_offset,
+        name=d.name,
+        uuid=d.uuid,
+        domain_type=d.domain_type,
+        memory_value=d.memory_value,
+        memory_unit=d.memory_unit,
+        memory_bytes=d.memory_bytes,
+        machine=d.machine,
+        arch=d.arch,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class InfoReport:
     path: str
     offset: int
@@ -95,6 +154,7 @@ class InfoReport:
     devices: list[DeviceInfo] | None
     vmdesc_offset: int | None
     vmdesc_length: int | None
+    libvirt: LibvirtInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +203,7 @@ def _info_from(mf: MigrationFile) -> InfoReport:
         devices=devices,
         vmdesc_offset=mf.vmdesc.offset if mf.vmdesc else None,
         vmdesc_length=len(mf.vmdesc.raw) if mf.vmdesc else None,
+        libvirt=_libvirt_info(mf),
     )
 
 
@@ -203,6 +264,14 @@ _STRUCTURE_CHECKS = [
     "vmdesc trailer is valid JSON and ends the file",
 ]
 
+_LIBVIRT_CHECKS = [
+    "libvirt header: magic LibvirtQemudSave (not an incomplete save), version, known format, not compressed",
+    "libvirt data: data_len inside the file, cookieOffset inside data_len, XML and cookie NUL-terminated UTF-8",
+    "libvirt domain XML: parses, a <domain> (name, memory, os/type machine)",
+    "libvirt format matches the stream (sparse: mapped-ram; raw: legacy)",
+    "libvirt domain XML machine type equals the stream's",
+]
+
 
 def verify(path: str | os.PathLike[str], offset: int = 0) -> VerifyReport:
     """Check the whole structure of a file; the report names the first problem found.
@@ -218,6 +287,13 @@ def verify(path: str | os.PathLike[str], offset: int = 0) -> VerifyReport:
         problems: list[Problem] = []
         notes: list[str] = []
         checks = list(_STRUCTURE_CHECKS)
+        if mf.libvirt is not None:
+            checks = _LIBVIRT_CHECKS + checks
+            _check_libvirt(mf, problems)
+            notes.append(
+                f"libvirt save image ({mf.libvirt.save_format.label}) of domain {mf.libvirt.domain.name!r}; "
+                f"QEMU stream at {mf.libvirt.stream_offset:#x}"
+            )
         _check_device_ids(mf, problems)
         _check_vmdesc_page_size(mf, problems)
         if mf.mapped_ram:
@@ -233,6 +309,36 @@ def verify(path: str | os.PathLike[str], offset: int = 0) -> VerifyReport:
 def _problem_text(path: str, p: Problem) -> str:
     exc = FormatError(p.message, offset=p.offset, field=p.field, expected=p.expected, actual=p.actual, path=path)
     return str(exc)
+
+
+def _check_libvirt(mf: MigrationFile, problems: list[Problem]) -> None:
+    """libvirt restores a ``sparse`` image with mapped-ram on and a ``raw`` one with it off:
+    QEMU refuses a stream that disagrees. The XML's machine must be the stream's."""
+    lv = mf.libvirt
+    assert lv is not None
+    want = "mapped-ram" if lv.save_format is QemuSaveFormat.SPARSE else "legacy"
+    if mf.format_name != want:
+        problems.append(
+            Problem(
+                f"libvirt format {lv.save_format.label!r} needs a {want} stream (libvirt restores it with "
+                f"mapped-ram {'on' if want == 'mapped-ram' else 'off'})",
+                lv.header_offset + 28,
+                "format",
+                expected=f"a {want} stream",
+                actual=f"a {mf.format_name} stream",
+            )
+        )
+    machine = lv.domain.machine
+    if machine is not None and mf.machine_type is not None and machine != mf.machine_type:
+        problems.append(
+            Problem(
+                "libvirt domain XML names another machine type than the stream",
+                lv.xml_offset + len(lv.xml[: max(0, lv.xml.find("machine="))].encode("utf-8")),
+                "os/type@machine",
+                expected=mf.machine_type,
+                actual=machine,
+            )
+        )
 
 
 def _check_device_ids(mf: MigrationFile, problems: list[Problem]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram.engine.copy import nonzero_pages
-from mappedram.engine.directio import probe_direct_io
+from mappedram.engine.directio import DIRECT_ALIGN, probe_direct_io
 from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import (
     close_fd,
@@ -57,7 +57,7 @@ from mappedram.engine.sequential import SequentialWriter
 from mappedram.errors import IncompleteRestoreError, IOEngineError, UnsupportedError, UsageError
 from mappedram.format.bitmap import encode_bitmap
 from mappedram.format.constants import CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES
-from mappedram.format.stream import encode_page_records
+from mappedram.format.stream import encode_page_records_into, page_records_size
 from mappedram.image import MigrationFile, RamBlock, open_file
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
@@ -72,6 +72,8 @@ __all__ = [
     "save_files",
     "restore_files",
     "default_vmdesc",
+    "append_records",
+    "LEGACY_STAGING",
     "TEMP_MARKER",
 ]
 
@@ -241,9 +243,11 @@ def rewrite(
         sources: list[tuple[str, int, PageSource]] = [
             (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
         ]
-        return _save(
+        report = _save(
             os.fspath(path), sources, spec, offset, channels, direct_io, direct_io_fallback, durable, progress, on_start
         )
+        _note_libvirt(mf, report)
+        return report
 
 
 def convert(
@@ -290,7 +294,19 @@ def convert(
         sources: list[tuple[str, int, PageSource]] = [
             (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
         ]
-        return _save_legacy(os.fspath(path), sources, spec, None, durable, progress, on_start)
+        report = _save_legacy(
+            os.fspath(path), sources, spec, None, durable, progress, on_start, direct_io, direct_io_fallback
+        )
+        _note_libvirt(mf, report)
+        return report
+
+
+def _note_libvirt(mf: MigrationFile, report: SaveReport) -> None:
+    if mf.libvirt is not None:
+        report.notes.append(
+            f"{mf.path} is a libvirt save image: {report.path} holds its QEMU stream alone, without "
+            f"libvirt's header and domain XML (load it with QEMU, not with virsh restore)"
+        )
 
 
 def spec_from(mf: MigrationFile) -> StreamSpec:
@@ -435,34 +451,58 @@ def _save_legacy(
     durable: bool,
     progress: Progress | None,
     on_start: Callable[[int], None] | None,
+    direct_io: bool = False,
+    fallback: bool = False,
 ) -> SaveReport:
-    """A legacy (streamed) save: one pass of page records, PAGE or ZERO, in block order."""
+    """A legacy (streamed) save: one pass of page records, PAGE or ZERO, in block order.
+
+    Each chunk of pages is read (the next one is prefetched meanwhile), its records are
+    encoded straight into the writer's staging buffer, and full buffers are written in one
+    call; with ``direct_io`` through O_DIRECT, in whole aligned blocks.
+    """
     _check_sources(target, sources, offset is not None)
+    notes: list[str] = []
+    direct = _resolve_direct(target, direct_io, fallback, notes)
     start = offset or 0
+    if direct and start % DIRECT_ALIGN:
+        notes.append(f"offset {start:#x} is not {DIRECT_ALIGN}-aligned: wrote through the page cache")
+        direct = False
     plan = plan_legacy([(n, size) for n, size, _ in sources], spec, start=start)
     ps = TARGET_PAGE_SIZE
+    chunks = [(i, first, min(CHUNK_PAGES, size // ps - first))
+              for i, (_, size, _) in enumerate(sources) for first in range(0, size // ps, CHUNK_PAGES)]  # fmt: skip
 
     def body(fd: int, work: str) -> _Written:
         t0 = time.perf_counter()
-        out = SequentialWriter(fd, work, start)
-        out.append(plan.head)
-        if on_start is not None:
-            on_start(sum(size for _, size, _ in sources))
-        pages = written = 0
-        with PageReader([s for _, _, s in sources], ps, CHUNK_PAGES) as reader:
-            for index, (idstr, size, _) in enumerate(sources):
-                for first in range(0, size // ps, CHUNK_PAGES):
-                    n = min(CHUNK_PAGES, size // ps - first)
+        wfd = open_write(work, create=False, direct=True) if direct else fd
+        out = SequentialWriter(wfd, work, start, buffer_bytes=LEGACY_STAGING, direct=direct)
+        try:
+            out.append(plan.head)
+            if on_start is not None:
+                on_start(sum(size for _, size, _ in sources))
+            pages = written = 0
+            with PageReader([s for _, _, s in sources], ps, CHUNK_PAGES) as reader:
+                for k, (index, first, n) in enumerate(chunks):
+                    # keep _PREFETCH_CHUNKS chunks in flight while this one is encoded and written
+                    for ahead in range(1, _PREFETCH_CHUNKS + 1) if k == 0 else (_PREFETCH_CHUNKS,):
+                        if k + ahead < len(chunks):
+                            reader.prefetch(*chunks[k + ahead])
                     view = reader.pages(index, first, n)
-                    written += _append_page_records(out, idstr if first == 0 else None, first, view, ps)
-                    out.flush()  # the views point into the reader's buffer: write before reusing it
+                    written += _append_page_records(out, sources[index][0] if first == 0 else None, first, view, ps)
                     view.release()
                     pages += n
                     if progress is not None:
                         progress(n * ps)
-        t1 = time.perf_counter()
-        out.append(plan.pass_end + plan.tail)
-        out.flush()
+            t1 = time.perf_counter()
+            out.append(plan.pass_end + plan.tail)
+        except BaseException:
+            out.discard()
+            if wfd != fd:
+                os.close(wfd)
+            raise
+        out.close()
+        if wfd != fd:
+            close_fd(wfd, work)
         t2 = time.perf_counter()
         return _Written(
             pages=pages,
@@ -473,7 +513,13 @@ def _save_legacy(
             seconds={"setup": 0.0, "pages": t1 - t0, "finalize": t2 - t1},
         )
 
-    return _commit(target, offset, durable, [], spec, False, body, "legacy")
+    return _commit(target, offset, durable, notes, spec, direct, body, "legacy")
+
+
+#: Chunks the legacy writer asks the kernel to read ahead of the one it encodes.
+_PREFETCH_CHUNKS = 3
+#: The legacy writer's staging buffer: two chunks of records and some.
+LEGACY_STAGING = 2 * CHUNK_PAGES * (TARGET_PAGE_SIZE + 8) + (1 << 20)
 
 
 def _commit(
@@ -691,10 +737,28 @@ def _incomplete(
 
 
 def _append_page_records(out: SequentialWriter, idstr: str | None, first: int, view: memoryview, ps: int) -> int:
-    """Append the legacy records of the pages in ``view``; return how many are PAGE records."""
+    """Encode the legacy records of the pages in ``view`` into the writer; return how many are PAGE records."""
     n = len(view) // ps
     pages = np.frombuffer(view, dtype=np.uint8, count=n * ps).reshape(n, ps)
     nonzero = nonzero_pages(view, n, ps)
-    for piece in encode_page_records(idstr, first * ps, pages, nonzero):
-        out.append(piece)
+    append_records(out, idstr, first * ps, pages, nonzero)
     return int(np.count_nonzero(nonzero))
+
+
+def append_records(
+    out: SequentialWriter,
+    idstr: str | None,
+    addrs: int | npt.NDArray[np.uint64],
+    pages: npt.NDArray[np.uint8],
+    nonzero: npt.NDArray[np.bool_],
+) -> int:
+    """Encode legacy page records straight into the writer's staging buffer; return their bytes.
+
+    ``addrs`` is the first page's offset in the block (consecutive pages), or each page's."""
+    room = out.reserve(page_records_size(idstr, nonzero, pages.shape[1]))
+    try:
+        size = encode_page_records_into(idstr, addrs, pages, nonzero, np.frombuffer(room, dtype=np.uint8))
+        out.commit(size)
+    finally:
+        room.release()
+    return size

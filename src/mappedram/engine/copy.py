@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import as_strided
 
 from mappedram._runs import bit_runs
 from mappedram.errors import IOEngineError
@@ -25,6 +26,7 @@ from .executor import run_tasks
 from .fileio import close_fd, create_sparse, open_read, open_write, pread_upto, preadv_exact, pwrite_full
 
 __all__ = [
+    "GATHER_SPLIT_GAP",
     "PageCopy",
     "SparseCopyChannel",
     "PageCompare",
@@ -35,6 +37,9 @@ __all__ = [
     "sparse_copy",
     "write_sparse_file",
 ]
+
+#: Absent runs longer than this (pages) split a read: they are not read at all.
+GATHER_SPLIT_GAP = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,23 +79,30 @@ def gather_pages(
         return present
     base = _contiguous(src_offsets, present, page_size)
     if base is not None:
-        # fast path: one read of the extent from the first to the last present page
-        idx = np.flatnonzero(present)
-        first, last = int(idx[0]), int(idx[-1]) + 1
-        preadv_exact(fd, [out[first * page_size : last * page_size]], base + first * page_size, path)
-        pages[:first] = 0
-        pages[last:] = 0
-        pages[first:last][~present[first:last]] = 0
+        # fast path (mapped-ram): one read per extent of present pages; absent runs longer
+        # than GATHER_SPLIT_GAP pages are not read (a slot whose bit is 0 may hold stale data
+        # on disk), shorter ones are read with their neighbours and zeroed
+        starts, lengths = bit_runs(present)
+        ends = starts + lengths
+        split = np.flatnonzero(starts[1:] - ends[:-1] > GATHER_SPLIT_GAP) + 1
+        e_starts = starts[np.concatenate(([0], split))].tolist()
+        e_ends = ends[np.concatenate((split - 1, [len(starts) - 1]))].tolist()
+        for s, e in zip(e_starts, e_ends):
+            preadv_exact(fd, [out[s * page_size : e * page_size]], base + s * page_size, path)
+        pages[~present] = 0
         return present
-    # slow path (legacy streams): pages scattered through the file, read in clusters
+    # slow path (legacy streams): pages scattered through the file (each after its record
+    # header), read in clusters; one vectorised gather per cluster copies every page out
     pages[~present] = 0
     idx = np.flatnonzero(present)
     order = idx[np.argsort(src_offsets[idx], kind="stable")]
     offs = src_offsets[order]
     breaks = np.flatnonzero(np.diff(offs) > 2 * page_size) + 1
-    for group in np.split(np.arange(len(order)), breaks):
-        lo = int(offs[group[0]])
-        hi = int(offs[group[-1]]) + page_size
+    lo_at = np.concatenate(([0], breaks))
+    hi_at = np.concatenate((breaks, [len(order)]))
+    for a, b in zip(lo_at.tolist(), hi_at.tolist()):
+        lo = int(offs[a])
+        hi = int(offs[b - 1]) + page_size
         data = pread_upto(fd, hi - lo, lo, path)
         if len(data) != hi - lo:
             raise IOEngineError(
@@ -100,9 +112,9 @@ def gather_pages(
                 errno=errno.EIO,
             )
         buf = np.frombuffer(data, dtype=np.uint8)
-        for k in group:
-            rel = int(offs[k]) - lo
-            pages[order[k]] = buf[rel : rel + page_size]
+        # every page-sized window of the cluster, as rows (a view: nothing is copied)
+        windows = as_strided(buf, shape=(len(buf) - page_size + 1, page_size), strides=(1, 1), writeable=False)
+        pages[order[a:b]] = windows[offs[a:b] - lo]
     return present
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "map_file",
     "lock_exclusive",
     "list_dir",
+    "prefetch",
 ]
 
 #: Linux UIO_MAXIOV: the most iovecs one preadv/pwritev call takes.
@@ -308,3 +309,12 @@ def list_dir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError as exc:
         raise _fail(exc, "list", path) from None
+
+
+def prefetch(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a range into the page cache (POSIX_FADV_WILLNEED); a hint only."""
+    if length > 0:
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # a hint: a filesystem that refuses it reads on demand

@@ -30,7 +30,7 @@ from mappedram._runs import bit_runs
 
 from .copy import gather_pages, nonzero_pages, nonzero_pages_at
 from .directio import DIRECT_ALIGN, aligned_buffer, is_aligned
-from .fileio import close_fd, open_read, open_write, preadv_exact, pwrite_full
+from .fileio import close_fd, open_read, open_write, preadv_exact, prefetch, pwrite_full
 
 __all__ = [
     "MemoryPages",
@@ -112,6 +112,20 @@ class PageReader:
         out = memoryview(self.buffer)[: count * ps]
         gather_pages(fd, src.path, src.offsets(first, count), ps, out)
         return out
+
+    def prefetch(self, source: int, first: int, count: int) -> None:
+        """Start reading pages of a file source into the page cache, for a later :meth:`pages`."""
+        src = self.sources[source]
+        if isinstance(src, MemoryPages) or count <= 0:
+            return
+        offsets = src.offsets(first, count)
+        present = offsets[offsets >= 0]
+        if present.size:
+            fd = self.read_fds.get(src.path)
+            if fd is None:
+                fd = self.read_fds[src.path] = open_read(src.path)
+            lo, hi = int(present.min()), int(present.max()) + self.page_size
+            prefetch(fd, lo, hi - lo)
 
     def close(self) -> None:
         for fd in self.read_fds.values():

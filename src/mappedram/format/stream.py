@@ -22,6 +22,13 @@ With mapped-ram, a block's entry is followed by a jump: the next entry (or the E
 starts at ``pages_offset + used_length`` (parse_ramblock_mapped_ram). The decoder
 follows that jump itself; its caller only ever feeds bytes from :attr:`Decoder.feed_offset`.
 
+With ``batch_pages=True`` a run of consecutive CONTINUE page records of one block comes as
+one :class:`RamPageRun` (arrays of addresses and data offsets) instead of one
+:class:`RamPage` per record: the scan of a legacy stream then costs a short loop per
+record and no event. Any record the run's fast loop does not accept (another flag, a
+page outside the block, a bad fill byte, the end of the buffer) ends the run and is read
+by the general path, so errors and offsets are the same in both modes.
+
 The decoder follows h11's contract: :meth:`Decoder.next_event` returns an event or
 :data:`NEED_DATA`, or raises :class:`~mappedram.errors.FormatError`. Any other
 exception on any input is a bug. All offsets in events are absolute file offsets.
@@ -41,6 +48,7 @@ from enum import Enum
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import as_strided
 
 from mappedram.errors import BadMagicError, FormatError, LayoutError, TruncatedError, UnsupportedError
 
@@ -88,6 +96,7 @@ __all__ = [
     "MemSize",
     "RamBlockEntry",
     "RamPage",
+    "RamPageRun",
     "RamEos",
     "SectionFooterEvent",
     "Command",
@@ -106,7 +115,8 @@ __all__ = [
     "encode_eos",
     "encode_page_record",
     "encode_page_records",
-    "encode_page_records_at",
+    "encode_page_records_into",
+    "page_records_size",
     "encode_vmdesc",
     "MAX_MACHINE_NAME",
     "MAX_CAPABILITIES",
@@ -205,6 +215,18 @@ class RamPage:
 
 
 @dataclass(frozen=True, slots=True)
+class RamPageRun:
+    """Consecutive legacy page records of block ``idstr`` (``batch_pages`` mode), in stream order:
+    ``addrs[i]`` is a page's address in the block, ``data_offsets[i]`` the file offset of its bytes
+    (PAGE) or -1 (ZERO). ``offset`` is the first record's."""
+
+    offset: int
+    idstr: str
+    addrs: npt.NDArray[np.int64]
+    data_offsets: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
 class RamEos:
     offset: int
 
@@ -238,6 +260,7 @@ Event = (
     | MemSize
     | RamBlockEntry
     | RamPage
+    | RamPageRun
     | RamEos
     | SectionFooterEvent
     | Command
@@ -279,7 +302,11 @@ class Decoder:
     than the file has bytes, before a caller sizes anything by the claim.
     """
 
-    def __init__(self, start_offset: int = 0, stream_end: int | None = None) -> None:
+    #: Most records one RamPageRun holds.
+    MAX_RUN = 1 << 16
+
+    def __init__(self, start_offset: int = 0, stream_end: int | None = None, *, batch_pages: bool = False) -> None:
+        self._batch_pages = batch_pages
         self._buf = bytearray()
         self._base = start_offset  # absolute offset of _buf[0]
         self._pos = 0  # index in _buf of the next unconsumed byte
@@ -706,8 +733,9 @@ class Decoder:
             actual=_flag_names(flags) if flags else "0",
         )
 
-    def _read_page(self, start: int, cur: int, addr: int, flags: int) -> RamPage:
+    def _read_page(self, start: int, cur: int, addr: int, flags: int) -> RamPage | RamPageRun:
         ram = self._ram
+        at = self._abs(start)  # before any jump past the buffer moves the base
         assert self._config is not None
         page_size = self._config.page_size
         if flags & RAM_SAVE_FLAG_CONTINUE:
@@ -742,23 +770,78 @@ class Decoder:
                 block=idstr,
             )
         if flags & RAM_SAVE_FLAG_PAGE:
-            data_offset = self._abs(cur)
+            data_offset: int | None = self._abs(cur)
             self._require_then_skip(cur, page_size, "page data")
-            ram.last_block = idstr
-            return RamPage(offset=self._abs(start), idstr=idstr, addr=addr, flags=flags, data_offset=data_offset)
-        fill, cur = self._u8(cur, "zero page fill byte")
-        if fill != 0:
-            raise FormatError(
-                "zero page with a non-zero fill byte",
-                offset=self._abs(cur - 1),
-                field="RAM_SAVE_FLAG_ZERO",
-                expected=0,
-                actual=fill,
-                block=idstr,
-            )
-        self._pos = cur
+        else:
+            fill, cur = self._u8(cur, "zero page fill byte")
+            if fill != 0:
+                raise FormatError(
+                    "zero page with a non-zero fill byte",
+                    offset=self._abs(cur - 1),
+                    field="RAM_SAVE_FLAG_ZERO",
+                    expected=0,
+                    actual=fill,
+                    block=idstr,
+                )
+            self._pos = cur
+            data_offset = None
         ram.last_block = idstr
-        return RamPage(offset=self._abs(start), idstr=idstr, addr=addr, flags=flags, data_offset=None)
+        if self._batch_pages:
+            return self._page_run(at, idstr, used_length, addr, data_offset)
+        return RamPage(offset=at, idstr=idstr, addr=addr, flags=flags, data_offset=data_offset)
+
+    def _page_run(self, at: int, idstr: str, used_length: int, addr: int, data_offset: int | None) -> RamPageRun:
+        """The record just read, and the clean CONTINUE page records of ``idstr`` after it that
+        are buffered: one loop iteration per record (the hot path of a legacy file's scan)."""
+        assert self._config is not None
+        page_size = self._config.page_size
+        addrs = [addr]
+        offsets = [-1 if data_offset is None else data_offset]
+        buf, end, base = self._buf, len(self._buf), self._base
+        cur = self._pos
+        mask = page_size - 1
+        last_addr = used_length - page_size
+        want_page = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+        want_zero = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
+        unpack = _BE64.unpack_from
+        limit = self.MAX_RUN
+        # the record just read may have jumped past the buffer (its data not buffered)
+        while cur + 8 <= end and len(addrs) < limit:
+            word = unpack(buf, cur)[0]
+            flags = word & mask
+            addr = word ^ flags
+            if addr > last_addr:
+                break  # the general path raises "page outside of the RAM block"
+            if flags == want_page:
+                if cur + 8 + page_size > end:
+                    if self._eof:
+                        break  # the general path raises: the page data is cut off
+                    addrs.append(addr)
+                    offsets.append(base + cur + 8)
+                    self._jump(base + cur + 8 + page_size)
+                    return self._run_event(at, idstr, addrs, offsets)
+                addrs.append(addr)
+                offsets.append(base + cur + 8)
+                cur += 8 + page_size
+            elif flags == want_zero:
+                if cur + 9 > end or buf[cur + 8] != 0:
+                    break  # the general path waits for the byte, or raises on a non-zero fill
+                addrs.append(addr)
+                offsets.append(-1)
+                cur += 9
+            else:
+                break
+        self._pos = cur
+        return self._run_event(at, idstr, addrs, offsets)
+
+    @staticmethod
+    def _run_event(at: int, idstr: str, addrs: list[int], offsets: list[int]) -> RamPageRun:
+        return RamPageRun(
+            offset=at,
+            idstr=idstr,
+            addrs=np.array(addrs, dtype=np.int64),
+            data_offsets=np.array(offsets, dtype=np.int64),
+        )
 
     def _require_then_skip(self, cur: int, n: int, what: str) -> None:
         """Consume ``n`` bytes that need not be buffered: skip them (the caller reads page data)."""
@@ -1002,46 +1085,74 @@ def encode_vmdesc(json_text: bytes) -> bytes:
     return bytes([QEMU_VM_VMDESCRIPTION]) + be32(len(json_text)) + json_text
 
 
+def page_records_size(idstr: str | None, nonzero: npt.NDArray[np.bool_], page_size: int) -> int:
+    """Bytes of the legacy records :func:`encode_page_records_into` writes for these pages."""
+    n = len(nonzero)
+    k = int(np.count_nonzero(nonzero))
+    name = len(pack_idstr(idstr)) if idstr is not None and n else 0
+    return n * 8 + k * page_size + (n - k) + name
+
+
 # reference: ram_save_target_page_legacy, save_zero_page, save_normal_page (one pass, no XBZRLE)
-def encode_page_records(
-    idstr: str | None, first_addr: int, pages: npt.NDArray[np.uint8], nonzero: npt.NDArray[np.bool_]
-) -> list[bytes]:
-    """Legacy records for consecutive pages (``pages`` is (n, page_size)), vectorised per run.
+def encode_page_records_into(
+    idstr: str | None,
+    first_addr: int | npt.NDArray[np.uint64],
+    pages: npt.NDArray[np.uint8],
+    nonzero: npt.NDArray[np.bool_],
+    out: npt.NDArray[np.uint8],
+) -> int:
+    """Write the legacy records of consecutive pages (``pages`` is (n, page_size)) into ``out``;
+    return their size (:func:`page_records_size`). Vectorised: no loop over pages or runs.
+    ``first_addr`` may instead be each page's offset in the block (pages in any order).
 
     Zero pages become ZERO records (be64 addr|flags, u8 0), the others PAGE records. The
     first record names the block when ``idstr`` is given; every other one has CONTINUE.
-    Returns the pieces to write in order (each run of like records is one bytes object).
     """
     n, page_size = pages.shape
-    addrs = first_addr + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
-    return encode_page_records_at(idstr, addrs, pages, nonzero)
+    if n == 0:
+        return 0
+    name = pack_idstr(idstr) if idstr is not None else b""
+    sizes = np.where(nonzero, 8 + page_size, 9).astype(np.int64)
+    sizes[0] += len(name)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    total = int(ends[-1])
+    if len(out) < total:
+        raise ValueError(f"output holds {len(out)} bytes; the records need {total}")
+    o = out[:total]
+    addrs = (
+        np.uint64(first_addr) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
+        if isinstance(first_addr, int)
+        else np.asarray(first_addr, dtype=np.uint64)
+    )
+    flags = np.where(nonzero, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO).astype(np.uint64) | np.uint64(
+        RAM_SAVE_FLAG_CONTINUE
+    )
+    if name:
+        flags[0] &= ~np.uint64(RAM_SAVE_FLAG_CONTINUE)
+    words = (addrs | flags).astype(">u8").view(np.uint8).reshape(n, 8)
+    o[starts[:, None] + np.arange(8)] = words
+    body = starts + 8
+    if name:
+        o[8 : 8 + len(name)] = np.frombuffer(name, dtype=np.uint8)
+        body[0] += len(name)
+    o[body[~nonzero]] = 0
+    data = np.flatnonzero(nonzero)
+    if data.size == n:
+        # every page has data: the records are (8 + page_size)-byte rows after the first
+        rows = as_strided(o[body[0] :], shape=(n, page_size), strides=(8 + page_size, 1))
+        rows[:] = pages
+    elif data.size:
+        # every page-sized window of the output, as rows (a view): each data page lands in its own
+        windows = as_strided(o, shape=(total - page_size + 1, page_size), strides=(1, 1))
+        windows[body[data]] = pages[data]
+    return total
 
 
-def encode_page_records_at(
-    idstr: str | None, addrs: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8], nonzero: npt.NDArray[np.bool_]
+def encode_page_records(
+    idstr: str | None, first_addr: int, pages: npt.NDArray[np.uint8], nonzero: npt.NDArray[np.bool_]
 ) -> list[bytes]:
-    """As :func:`encode_page_records`, for pages at any offsets ``addrs`` of one block (in
-    stream order): the records of a later pass, which sends only the pages dirtied since."""
-    n, page_size = pages.shape
-    flags = np.where(nonzero, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO).astype(np.uint64) | RAM_SAVE_FLAG_CONTINUE
-    words = (np.asarray(addrs, dtype=np.uint64) | flags).astype(">u8")
-    pieces: list[bytes] = []
-    start = 0
-    if idstr is not None and n:
-        word = int(words[0]) & ~RAM_SAVE_FLAG_CONTINUE
-        first = be64(word) + pack_idstr(idstr)
-        pieces.append(first + (pages[0].tobytes() if nonzero[0] else b"\x00"))
-        start = 1
-    bounds = np.flatnonzero(np.diff(nonzero[start:].astype(np.int8))) + 1 + start
-    for lo, hi in zip([start, *bounds.tolist()], [*bounds.tolist(), n]):
-        if lo >= hi:
-            continue
-        if nonzero[lo]:
-            rec = np.empty((hi - lo, 8 + page_size), dtype=np.uint8)
-            rec[:, :8] = words[lo:hi].view(np.uint8).reshape(-1, 8)
-            rec[:, 8:] = pages[lo:hi]
-        else:
-            rec = np.zeros((hi - lo, 9), dtype=np.uint8)
-            rec[:, :8] = words[lo:hi].view(np.uint8).reshape(-1, 8)
-        pieces.append(rec.tobytes())
-    return pieces
+    """Legacy records for consecutive pages, as bytes (see :func:`encode_page_records_into`)."""
+    out = np.empty(page_records_size(idstr, nonzero, pages.shape[1]), dtype=np.uint8)
+    n = encode_page_records_into(idstr, first_addr, pages, nonzero, out)
+    return [out[:n].tobytes()]

@@ -119,7 +119,7 @@ def render_save(r: vmops.VmSaveReport) -> str:
 
 
 def render_demo(r: vmops.DemoReport) -> str:
-    lines = [f"note: no KVM ({r.note}); the same workload ran on the software guest"] if r.note else []
+    lines = [f"note: {r.note}"] if r.note else []
     lines.append(
         f"mappedram demo: a {r.mem_mib} MiB {r.guest} guest rewriting its RAM (fill {r.fill_seconds:.2f} s,"
         f" ran {r.warmup_seconds:g} s before the save)"

@@ -67,13 +67,13 @@ def choose_guest(kind: str = "auto") -> GuestChoice:
     if kind not in GUEST_KINDS:
         raise UsageError(f"unknown guest {kind!r}: expected one of {', '.join(GUEST_KINDS)}")
     if kind == "software":
-        return GuestChoice("software", "the software guest was asked for")
+        return GuestChoice("software", "the software guest runs, as asked")
     reason = kvm_available()
     if reason is None:
         return GuestChoice("kvm", None)
     if kind == "kvm":
         raise UsageError(f"the KVM guest cannot run here: {reason}")
-    return GuestChoice("software", reason)
+    return GuestChoice("software", f"KVM cannot be used here ({reason}): the same workload runs on the software guest")
 
 
 def make_guest(kind: str, mem_mib: int, **params: Any) -> Guest:

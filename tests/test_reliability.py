@@ -143,6 +143,26 @@ def test_write_fault_leaves_no_file_and_old_snapshot(tmp_path, err, nth):
     assert np.array_equal(data, copy)  # the source memory is untouched
 
 
+@pytest.mark.parametrize("nth", [1, 3, 12])
+def test_write_fault_in_a_streamed_rewrite_stops_the_scan(tmp_path, nth):
+    # legacy -> mapped-ram writes from lanes while the scan reads on: a lane's write error
+    # reaches the caller, and neither the target nor a temporary file is left
+    from streams import legacy_stream
+
+    from mappedram.snapshot import rewrite
+
+    src = tmp_path / "lg.mig"
+    src.write_bytes(legacy_stream([("pc.ram", random_pages(8192, 0.2, 7).tobytes())]))
+    target = tmp_path / "mr.mig"
+    with inject(_fail_nth("write", nth, errno.EIO)), pytest.raises(IOEngineError) as info:
+        rewrite(src, target, channels=3)
+    assert info.value.errno == errno.EIO and TEMP_MARKER in info.value.path
+    assert not target.exists()
+    assert _leftovers(tmp_path) == []
+    rewrite(src, target, channels=3)  # and the next one runs clean
+    assert ops.verify(target).ok
+
+
 def test_short_writes_and_reads_and_eintr_are_absorbed(tmp_path):
     data = random_pages(1024, 0.4, 7)
     state = {"calls": 0}

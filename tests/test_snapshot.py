@@ -199,6 +199,66 @@ def test_rewrite_multipass_legacy_last_write_wins(tmp_path):
         assert f.block("pc.ram").pages_present == 7
 
 
+def _scattered_passes(sizes: dict[str, int], seed: int) -> tuple[list[list[tuple[str, int, bytes | None]]], int]:
+    """Later passes of a legacy stream: scattered pages (across chunk boundaries, out of order,
+    some sent twice in one pass), as new data, ZERO records, or PAGE records of zero bytes."""
+    rng = np.random.default_rng(seed)
+    passes = []
+    for p in range(3):
+        records: list[tuple[str, int, bytes | None]] = []
+        for name, n in sizes.items():
+            idx = rng.choice(n, size=n // 3, replace=True)
+            if p == 0:
+                idx = np.sort(idx)  # QEMU's order; the others are shuffled
+            for i in idx.tolist():
+                kind = rng.integers(0, 3)
+                page = None if kind == 0 else bytes(4096) if kind == 1 else rng.bytes(4096)
+                records.append((name, i, page))
+        passes.append(records)
+    return passes, 3
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("direct", [False, True] if DIRECT_OK else [False])
+def test_streamed_legacy_rewrite_many_chunks_and_passes(tmp_path, channels, direct):
+    # pc.ram spans three 8 MiB chunks (lanes); every pass rewrites pages in each of them
+    data = {"pc.ram": random_pages(5000, 0.4, 21).tobytes(), "vga.vram": random_pages(300, 0.2, 22).tobytes()}
+    passes, _ = _scattered_passes({k: len(v) // 4096 for k, v in data.items()}, 23)
+    src = tmp_path / "lg.mig"
+    src.write_bytes(legacy_stream(list(data.items()), passes))
+    want = {k: bytearray(v) for k, v in data.items()}
+    for records in passes:
+        for name, i, page in records:
+            want[name][i * 4096 : (i + 1) * 4096] = page or bytes(4096)
+    out = tmp_path / "mr.mig"
+    report = rewrite(src, out, channels=channels, direct_io=direct)
+    assert report.channels == channels
+    with mappedram.open_file(src) as lg, mappedram.open_file(out) as mr:
+        assert mr.mapped_ram and mr.device_state() == lg.device_state() and mr.vmdesc.raw == lg.vmdesc.raw
+        for name, expected in want.items():
+            n = len(expected) // 4096
+            assert lg.read_pages(name, 0, n) == bytes(expected)  # the reference reader agrees
+            assert mr.read_pages(name, 0, n) == bytes(expected)
+            nonzero = np.frombuffer(bytes(expected), dtype=np.uint8).reshape(n, 4096).any(axis=1)
+            assert np.array_equal(mr.block(name).present, nonzero)  # zero pages are holes
+    assert report.pages_written == sum(b.pages_present for b in mappedram.open_file(out).blocks)
+    assert ops.verify(out).ok
+
+
+def test_streamed_legacy_rewrite_of_a_cut_stream_leaves_nothing(tmp_path):
+    data = random_pages(5000, 0.3, 31).tobytes()
+    passes, _ = _scattered_passes({"pc.ram": 5000}, 32)
+    whole = legacy_stream([("pc.ram", data)], passes)
+    src = tmp_path / "cut.mig"
+    src.write_bytes(whole[: len(whole) * 3 // 4])  # mid-way through a later pass
+    out = tmp_path / "mr.mig"
+    with pytest.raises(mappedram.FormatError) as info:
+        rewrite(src, out, channels=3)
+    assert info.value.path == str(src)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if TEMP_MARKER in p.name and p.suffix == ".tmp"] == []
+
+
 def test_save_from_mmap_of_a_file(tmp_path):
     raw = tmp_path / "ram.raw"
     data = random_pages(256, 0.5, 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["bit_runs"]
+__all__ = ["bit_runs", "assign_last"]
 
 
 def bit_runs(bits: npt.ArrayLike, value: bool = True) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -18,3 +18,14 @@ def bit_runs(bits: npt.ArrayLike, value: bool = True) -> tuple[npt.NDArray[np.in
     starts = edges[0::2].astype(np.int64)
     lengths = (edges[1::2] - edges[0::2]).astype(np.int64)
     return starts, lengths
+
+
+def assign_last(out: npt.NDArray[np.int64], index: npt.NDArray[np.int64], values: npt.NDArray[np.int64]) -> None:
+    """``out[index[i]] = values[i]`` in order of ``i``: an index given twice keeps its last value
+    (numpy's fancy assignment does not promise which one it keeps)."""
+    if len(index) > 1 and not bool(np.all(index[1:] > index[:-1])):
+        rev = index[::-1]
+        _, first = np.unique(rev, return_index=True)
+        keep = len(index) - 1 - first
+        index, values = index[keep], values[keep]
+    out[index] = values

@@ -19,13 +19,15 @@ References:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from mappedram._runs import assign_last
 from mappedram.engine.copy import gather_pages
 from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto, prefetch
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
@@ -49,7 +51,15 @@ from mappedram.format.stream import (
 from mappedram.format.vmstate import DeviceSection, VmDesc, find_vmdesc, split_device_sections
 from mappedram.layout import BlockLayout, check_layout
 
-__all__ = ["MigrationFile", "RamBlock", "SectionRecord", "open_file", "MAX_DEVICE_STATE"]
+__all__ = [
+    "MigrationFile",
+    "RamBlock",
+    "SectionRecord",
+    "PageListener",
+    "open_file",
+    "read_configuration",
+    "MAX_DEVICE_STATE",
+]
 
 #: Device state (and vmdesc) is read into memory; anything larger is refused.
 MAX_DEVICE_STATE = 256 << 20
@@ -121,6 +131,20 @@ class RamBlock:
         if self.legacy_sources is not None:
             return self.legacy_sources[first : first + count].copy()
         return np.full(count, -1, dtype=np.int64)
+
+
+class PageListener(Protocol):
+    """Told of a legacy stream's page records while :func:`open_file` scans them, in stream
+    order, so a consumer can use each page as it goes by (a conversion that writes while it
+    reads). The scan has read the pages' bytes just before, so they are in the page cache.
+    Nothing is checked yet beyond the records themselves: a later error still fails the open."""
+
+    def blocks(self, configuration: Configuration, ram_section_id: int, blocks: Sequence[RamBlock]) -> None:
+        """The RAM block list, complete (called once, before the first ``pages``)."""
+
+    def pages(self, block: int, pages: npt.NDArray[np.int64], data_offsets: npt.NDArray[np.int64]) -> None:
+        """Records of ``blocks[block]``, in order: page numbers, and each page's data offset
+        in the file or -1 (a ZERO record). A later record of a page overrides an earlier one."""
 
 
 @dataclass(slots=True)
@@ -222,7 +246,13 @@ class MigrationFile:
         self.close()
 
 
-def open_file(path: str | os.PathLike[str], offset: int = 0, *, require_vmdesc: bool | None = None) -> MigrationFile:
+def open_file(
+    path: str | os.PathLike[str],
+    offset: int = 0,
+    *,
+    require_vmdesc: bool | None = None,
+    listener: PageListener | None = None,
+) -> MigrationFile:
     """Open and decode the migration stream that starts at ``offset`` in ``path``.
 
     ``offset`` is the ``file:PATH,offset=N`` start; offsets inside the stream are
@@ -233,11 +263,13 @@ def open_file(path: str | os.PathLike[str], offset: int = 0, *, require_vmdesc: 
     ``require_vmdesc`` (default: when the stream has a configuration section, as every
     x86 QEMU writes) rejects a file without the vmdesc trailer, which is how a cut-off
     device state shows.
+
+    ``listener`` is told of a legacy stream's page records as the scan reads them.
     """
     path = os.fspath(path)
     fd = open_read(path)
     try:
-        mf = _decode(fd, path, offset, require_vmdesc)
+        mf = _decode(fd, path, offset, require_vmdesc, listener)
     except FormatError as exc:
         close_fd(fd, path)
         raise exc.with_path(path) from None
@@ -248,7 +280,33 @@ def open_file(path: str | os.PathLike[str], offset: int = 0, *, require_vmdesc: 
     return mf
 
 
-def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> MigrationFile:
+def read_configuration(path: str | os.PathLike[str], offset: int = 0) -> Configuration | None:
+    """The configuration section at the start of the stream at ``offset`` (through a
+    libvirt header), or None if the stream has none; nothing after it is read."""
+    path = os.fspath(path)
+    fd = open_read(path)
+    try:
+        size = file_size(fd, path)
+        start = offset
+        if 0 <= start < size and is_libvirt_save(pread_upto(fd, 16, start, path)):
+            start = _read_libvirt(fd, path, start, size).stream_offset
+        dec = Decoder(start_offset=start, stream_end=size)
+        while True:
+            event = dec.next_event()
+            if event is NEED_DATA:
+                at = dec.feed_offset
+                dec.feed(pread_upto(fd, 1 << 16, at, path) if at < size else b"")
+            else:
+                return event if isinstance(event, Configuration) else None
+    except FormatError as exc:
+        raise exc.with_path(path) from None
+    finally:
+        close_fd(fd, path)
+
+
+def _decode(
+    fd: int, path: str, start: int, require_vmdesc: bool | None, listener: PageListener | None = None
+) -> MigrationFile:
     size = file_size(fd, path)
     if start < 0 or start >= size:
         raise TruncatedError(
@@ -268,6 +326,7 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
     page_size = 0
     device_at: int | None = None
     ahead = start
+    index: dict[str, int] = {}  # block idstr -> its place in ``blocks``, once the listener has them
     while device_at is None:
         event = dec.next_event()
         if event is NEED_DATA:
@@ -281,13 +340,20 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
         if isinstance(event, RamPageRun):
             b = by_name[event.idstr]
             assert b.legacy_sources is not None
-            _index_pages(b.legacy_sources, event.addrs // page_size, event.data_offsets)
+            pages = event.addrs // page_size
+            assign_last(b.legacy_sources, pages, event.data_offsets)
             b.legacy_records += len(event.addrs)
+            if listener is not None:
+                _tell(listener, index, config, ram_id, blocks, b, pages, event.data_offsets)
         elif isinstance(event, RamPage):
             b = by_name[event.idstr]
             assert b.legacy_sources is not None
-            b.legacy_sources[event.addr // page_size] = -1 if event.data_offset is None else event.data_offset
+            data_offset = -1 if event.data_offset is None else event.data_offset
+            b.legacy_sources[event.addr // page_size] = data_offset
             b.legacy_records += 1
+            if listener is not None:
+                one = np.array([event.addr // page_size], dtype=np.int64)
+                _tell(listener, index, config, ram_id, blocks, b, one, np.array([data_offset], dtype=np.int64))
         elif isinstance(event, Configuration):
             config = event
             page_size = config.page_size
@@ -359,15 +425,22 @@ def _decode(fd: int, path: str, start: int, require_vmdesc: bool | None) -> Migr
     )
 
 
-def _index_pages(sources: npt.NDArray[np.int64], pages: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64]) -> None:
-    """``sources[pages[i]] = offsets[i]`` in order: a page sent twice keeps its last record."""
-    if len(pages) > 1 and not bool(np.all(pages[1:] > pages[:-1])):
-        # rare (a page repeated within one run): keep each page's last occurrence
-        rev = pages[::-1]
-        _, first = np.unique(rev, return_index=True)
-        keep = len(pages) - 1 - first
-        pages, offsets = pages[keep], offsets[keep]
-    sources[pages] = offsets
+def _tell(
+    listener: PageListener,
+    index: dict[str, int],
+    config: Configuration | None,
+    ram_id: int | None,
+    blocks: list[RamBlock],
+    block: RamBlock,
+    pages: npt.NDArray[np.int64],
+    data_offsets: npt.NDArray[np.int64],
+) -> None:
+    if not index:
+        # page records follow the block list (ram_save_setup): it is complete now
+        assert config is not None and ram_id is not None
+        listener.blocks(config, ram_id, blocks)
+        index.update((b.idstr, i) for i, b in enumerate(blocks))
+    listener.pages(index[block.idstr], pages, data_offsets)
 
 
 # reference: qemuSaveImageOpen -> qemuSaveImageReadHeader, qemuSaveImageDecompressionStart

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mappedram._runs import assign_last
 from mappedram.engine.copy import nonzero_pages
 from mappedram.engine.directio import DIRECT_ALIGN, probe_direct_io
-from mappedram.engine.executor import run_tasks
+from mappedram.engine.executor import Lanes, run_tasks
 from mappedram.engine.fileio import (
     close_fd,
     fsync,
@@ -57,9 +58,9 @@ from mappedram.engine.sequential import SequentialWriter
 from mappedram.errors import IncompleteRestoreError, IOEngineError, UnsupportedError, UsageError
 from mappedram.format.bitmap import encode_bitmap
 from mappedram.format.constants import CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES
-from mappedram.format.stream import encode_page_records_into, page_records_size
-from mappedram.image import MigrationFile, RamBlock, open_file
-from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
+from mappedram.format.stream import Configuration, encode_page_records_into, page_records_size
+from mappedram.image import MigrationFile, RamBlock, open_file, read_configuration
+from mappedram.layout import FilePlan, StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
 __all__ = [
     "DEFAULT_MACHINE",
@@ -236,8 +237,15 @@ def rewrite(
 
     The machine type, capabilities (plus mapped-ram), RAM section id, section count,
     device state and vmdesc are kept, so QEMU loads the result (with mapped-ram on)
-    into the same machine. This is also legacy -> mapped-ram conversion.
+    into the same machine. This is also legacy -> mapped-ram conversion: a legacy stream
+    is read once, each page written to its slot as the scan passes it.
     """
+    config = read_configuration(source, source_offset)
+    if config is not None and not config.mapped_ram:
+        return _rewrite_legacy(
+            os.fspath(source), os.fspath(path), source_offset, offset, channels, direct_io, direct_io_fallback,
+            durable, progress, on_start,
+        )  # fmt: skip
     with open_file(source, source_offset) as mf:
         spec = spec_from(mf)
         sources: list[tuple[str, int, PageSource]] = [
@@ -303,34 +311,222 @@ def convert(
 
 def _note_libvirt(mf: MigrationFile, report: SaveReport) -> None:
     if mf.libvirt is not None:
-        report.notes.append(
-            f"{mf.path} is a libvirt save image: {report.path} holds its QEMU stream alone, without "
-            f"libvirt's header and domain XML (load it with QEMU, not with virsh restore)"
-        )
+        report.notes.append(_libvirt_note(mf.path, report.path))
+
+
+def _libvirt_note(source: str, target: str) -> str:
+    return (
+        f"{source} is a libvirt save image: {target} holds its QEMU stream alone, without "
+        f"libvirt's header and domain XML (load it with QEMU, not with virsh restore)"
+    )
 
 
 def spec_from(mf: MigrationFile) -> StreamSpec:
     """The non-RAM content of ``mf``, to write it again as mapped-ram."""
-    if mf.machine_type is None:
-        raise UnsupportedError("file has no configuration section (machine type)", offset=mf.start_offset, path=mf.path)
-    if CAP_X_IGNORE_SHARED in mf.capabilities:
-        raise UnsupportedError(
-            "x-ignore-shared files cannot be rewritten",
-            offset=mf.start_offset,
-            path=mf.path,
-            field="capabilities",
-            actual=CAP_X_IGNORE_SHARED,
-        )
-    caps = tuple(c for c in VALIDATED_CAPABILITIES if c in mf.capabilities or c == CAP_MAPPED_RAM)
+    assert mf.configuration is not None
     return StreamSpec(
-        machine_type=mf.machine_type,
-        capabilities=caps,
+        machine_type=_rewrite_machine(mf.configuration, mf.path),
+        capabilities=_rewrite_capabilities(mf.configuration, mf.path),
         ram_section_id=mf.ram_section_id,
         parts=sum(1 for s in mf.sections if s.kind == "PART"),
         switchover_start=any(s.kind == "COMMAND" for s in mf.sections),
         device_state=mf.device_state(),
         vmdesc=mf.vmdesc.raw if mf.vmdesc is not None else None,
     )
+
+
+def _rewrite_machine(config: Configuration, path: str) -> str:
+    if config.machine_type is None:
+        raise UnsupportedError("file has no configuration section (machine type)", offset=config.offset, path=path)
+    return config.machine_type
+
+
+def _rewrite_capabilities(config: Configuration, path: str) -> tuple[str, ...]:
+    """The capabilities a mapped-ram re-lay of a file with ``config`` carries."""
+    if CAP_X_IGNORE_SHARED in config.capabilities:
+        raise UnsupportedError(
+            "x-ignore-shared files cannot be rewritten",
+            offset=config.offset,
+            path=path,
+            field="capabilities",
+            actual=CAP_X_IGNORE_SHARED,
+        )
+    return tuple(c for c in VALIDATED_CAPABILITIES if c in config.capabilities or c == CAP_MAPPED_RAM)
+
+
+def _rewrite_legacy(
+    source: str,
+    target: str,
+    source_offset: int,
+    offset: int | None,
+    channels: int,
+    direct_io: bool,
+    fallback: bool,
+    durable: bool,
+    progress: Progress | None,
+    on_start: Callable[[int], None] | None,
+) -> SaveReport:
+    """Legacy -> mapped-ram in one read of the source: the scan (:func:`open_file` with a
+    listener) hands each run of page records to the lanes that write them to their slots,
+    while it reads on. Each 8 MiB chunk of a block always goes to the same lane, so a page
+    sent again in a later pass is written after its earlier copy (last write wins); its bit
+    ends as its last record says. Nothing of the source is trusted before the scan ends:
+    a bad record fails the open, and the temporary file is discarded.
+    """
+    _check_sources(target, [("", 0, FilePages(source, _no_offsets))], offset is not None)
+    notes: list[str] = []
+    direct = _resolve_direct(target, direct_io, fallback, notes)
+
+    def body(fd: int, work: str) -> _Written:
+        t0 = time.perf_counter()
+        writer = _SlotWriter(fd, work, source, source_offset, offset or 0, channels, direct, progress)
+        if on_start is not None:
+            on_start(os.path.getsize(source) - source_offset)
+        with writer:
+            with open_file(source, source_offset, listener=writer) as mf:
+                t1 = time.perf_counter()
+                written = writer.finish(mf)
+        written.seconds = {"setup": 0.0, "pages": t1 - t0, "finalize": time.perf_counter() - t1}
+        if mf.libvirt is not None:
+            notes.append(_libvirt_note(mf.path, target))
+        return written
+
+    return _commit(target, offset, durable, notes, None, direct, body)
+
+
+def _no_offsets(first: int, count: int) -> npt.NDArray[np.int64]:
+    raise AssertionError("every task of a streamed rewrite carries its own offsets")
+
+
+class _SlotWriter:
+    """A :class:`~mappedram.image.PageListener` that writes the pages of a legacy stream to
+    their mapped-ram slots while the stream is scanned (see :func:`_rewrite_legacy`)."""
+
+    def __init__(
+        self,
+        fd: int,
+        work: str,
+        source: str,
+        source_offset: int,
+        start: int,
+        channels: int,
+        direct: bool,
+        progress: Progress | None,
+    ) -> None:
+        self.fd, self.work, self.source, self.start = fd, work, source, start
+        self.channels = max(1, channels)
+        self.direct = direct
+        self.progress = progress
+        self.plan: FilePlan | None = None
+        self.head_spec: StreamSpec | None = None
+        self.bits: list[npt.NDArray[np.bool_]] = []
+        self.lane_base: list[int] = []  # first global chunk number of each block
+        self.lanes: Lanes[WriteTask] | None = None
+        self.made: list[PageWriteChannel] = []
+        self.held: tuple[int, int] | None = None  # (block, chunk) of the records held
+        self.held_pages: list[npt.NDArray[np.int64]] = []
+        self.held_offsets: list[npt.NDArray[np.int64]] = []
+        self.read_to = source_offset  # furthest offset of the source reported to ``progress``
+
+    # -- PageListener ------------------------------------------------------------------
+
+    def blocks(self, configuration: Configuration, ram_section_id: int, blocks: Sequence[RamBlock]) -> None:
+        # The head and slots depend only on the configuration and the block list; the tail
+        # (device state, vmdesc, PART count) is planned again once the scan has it.
+        self.head_spec = StreamSpec(
+            machine_type=_rewrite_machine(configuration, self.source),
+            capabilities=_rewrite_capabilities(configuration, self.source),
+            ram_section_id=ram_section_id,
+        )
+        self.plan = plan_file([(b.idstr, b.used_length) for b in blocks], self.head_spec, start=self.start)
+        pwrite_full(self.fd, self.plan.head, self.start, self.work)
+        for at, data in self.plan.entries:
+            pwrite_full(self.fd, data, at, self.work)
+        self.bits = [np.zeros(b.num_pages, dtype=np.bool_) for b in blocks]
+        chunks = [-(-b.num_pages // CHUNK_PAGES) for b in blocks]
+        self.lane_base = np.concatenate(([0], np.cumsum(chunks)[:-1])).astype(int).tolist()
+        self.lanes = Lanes(self._make_channel, lanes=self.channels)
+
+    def pages(self, block: int, pages: npt.NDArray[np.int64], data_offsets: npt.NDArray[np.int64]) -> None:
+        chunk = pages // CHUNK_PAGES
+        cuts = np.flatnonzero(chunk[1:] != chunk[:-1]) + 1
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(pages)]):
+            key = (block, int(chunk[lo]))
+            if key != self.held:
+                self._flush()
+                self.held = key
+            self.held_pages.append(pages[lo:hi])
+            self.held_offsets.append(data_offsets[lo:hi])
+        if self.progress is not None:
+            furthest = int(data_offsets.max())
+            if furthest > self.read_to:
+                self.progress(furthest - self.read_to)
+                self.read_to = furthest
+
+    # -- the writing side --------------------------------------------------------------
+
+    def _make_channel(self, _: int) -> PageWriteChannel:
+        ch = PageWriteChannel(
+            self.work, [FilePages(self.source, _no_offsets)], TARGET_PAGE_SIZE, CHUNK_PAGES, direct=self.direct
+        )
+        self.made.append(ch)
+        return ch
+
+    def _flush(self) -> None:
+        """Hand the records held (all of one chunk) to the chunk's lane as one task."""
+        if self.held is None:
+            return
+        assert self.plan is not None and self.lanes is not None
+        block, chunk = self.held
+        pages = np.concatenate(self.held_pages) if len(self.held_pages) > 1 else self.held_pages[0]
+        data = np.concatenate(self.held_offsets) if len(self.held_offsets) > 1 else self.held_offsets[0]
+        self.held, self.held_pages, self.held_offsets = None, [], []
+        first = chunk * CHUNK_PAGES
+        n = min(CHUNK_PAGES, len(self.bits[block]) - first)
+        offsets = np.full(n, -1, dtype=np.int64)
+        assign_last(offsets, pages - first, data)
+        mask = np.zeros(n, dtype=np.bool_)
+        mask[pages - first] = True
+        lay = self.plan.ram.blocks[block]
+        task = WriteTask(
+            0, first, n, lay.pages_offset + first * TARGET_PAGE_SIZE, self.bits[block][first : first + n],
+            None if bool(mask.all()) else mask, offsets,
+        )  # fmt: skip
+        self.lanes.submit(self.lane_base[block] + chunk, task)
+
+    def finish(self, mf: MigrationFile) -> _Written:
+        """After a clean scan: the last task, then bitmaps and the tail planned from the whole file."""
+        if self.plan is None:
+            # a stream without page records: every page is a zero page
+            assert mf.configuration is not None
+            self.blocks(mf.configuration, mf.ram_section_id, mf.blocks)
+        assert self.plan is not None and self.head_spec is not None and self.lanes is not None
+        self._flush()
+        self.lanes.close()
+        if self.progress is not None:
+            self.progress(mf.file_size - self.read_to)
+        spec = spec_from(mf)
+        plan = plan_file([(b.idstr, b.used_length) for b in mf.blocks], spec, start=self.start)
+        if plan.head != self.plan.head or plan.entries != self.plan.entries or plan.ram != self.plan.ram:
+            raise AssertionError("the planner placed the head or slots differently once the tail was known")
+        for lay, b in zip(plan.ram.blocks, self.bits):
+            pwrite_full(self.fd, encode_bitmap(b), lay.bitmap_offset, self.work)
+        pwrite_full(self.fd, plan.tail, plan.ram.eos_offset, self.work)
+        return _Written(
+            pages=sum(len(b) for b in self.bits),
+            pages_written=sum(int(b.sum()) for b in self.bits),
+            bytes_written=sum(ch.bytes_written for ch in self.made),
+            channels=len(self.made),
+            file_size=plan.file_size,
+            machine_type=spec.machine_type,
+        )
+
+    def __enter__(self) -> _SlotWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.lanes is not None:
+            self.lanes.__exit__(exc_type, exc, tb)
 
 
 def _temp_name(target: str) -> str:
@@ -365,6 +561,7 @@ class _Written:
     channels: int = 1
     file_size: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    machine_type: str | None = None  # when the writer learns it as it goes
 
 
 Body = Callable[[int, str], _Written]
@@ -527,7 +724,7 @@ def _commit(
     offset: int | None,
     durable: bool,
     notes: list[str],
-    spec: StreamSpec,
+    spec: StreamSpec | None,
     direct: bool,
     body: Body,
     format_name: str = "mapped-ram",
@@ -576,7 +773,7 @@ def _commit(
         path=target,
         offset=start,
         file_size=result.file_size,
-        machine_type=spec.machine_type,
+        machine_type=result.machine_type or (spec.machine_type if spec is not None else ""),
         ram_bytes=result.pages * TARGET_PAGE_SIZE,
         pages_written=result.pages_written,
         pages_zero=result.pages - result.pages_written,

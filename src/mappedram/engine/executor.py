@@ -1,4 +1,9 @@
-"""Run a list of I/O tasks over N channels (threads, each with its own descriptors).
+"""Run I/O tasks over N channels (threads, each with its own descriptors).
+
+:func:`run_tasks` runs a list known up front, each task on whichever channel is free.
+:class:`Lanes` runs tasks as a producer submits them, each to the lane it names, and
+one lane runs its tasks in order of submission: a producer that sends every task
+touching the same bytes to the same lane gets "last write wins" for free.
 
 The first error stops every channel and is re-raised in the caller; channels are
 always closed, and closing never hides the caller's exception. The executor knows
@@ -7,12 +12,13 @@ nothing of RAM blocks: it runs whatever a channel does with a task.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
-__all__ = ["Channel", "Throttle", "run_tasks"]
+__all__ = ["Channel", "Lanes", "Throttle", "run_tasks"]
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -98,6 +104,106 @@ def run_tasks(
     if shared.error is not None:
         raise shared.error
     return sum(totals)
+
+
+_STOP = object()
+
+
+class Lanes(Generic[T]):
+    """``lanes`` worker threads, each with its own channel and a bounded queue of tasks.
+
+    :meth:`submit` blocks while the lane's queue is full (the producer cannot run far
+    ahead of the disk) and raises the first worker error as soon as one is seen;
+    :meth:`close` waits for every queued task and re-raises that error. Use as a context
+    manager: leaving it on an exception stops the workers without running what is queued.
+    """
+
+    def __init__(
+        self,
+        make_channel: Callable[[int], Channel[T]],
+        *,
+        lanes: int = 1,
+        depth: int = 4,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.count = max(1, lanes)
+        self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=max(1, depth)) for _ in range(self.count)]
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._closed = False
+        self.moved = 0
+        self._threads = [
+            threading.Thread(target=self._work, args=(i, make_channel), name=f"mappedram-lane{i}", daemon=True)
+            for i in range(self.count)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+
+    def _work(self, index: int, make_channel: Callable[[int], Channel[T]]) -> None:
+        q = self._queues[index]
+        try:
+            channel = make_channel(index)
+        except BaseException as exc:
+            self._fail(exc)
+            self._drain(q)
+            return
+        try:
+            while (task := q.get()) is not _STOP:
+                if self._error is not None or self._stopping:
+                    continue  # keep taking tasks so the producer never blocks on a dead lane
+                moved = channel.run(cast(T, task))
+                with self._lock:
+                    self.moved += moved
+                    if self._progress is not None:
+                        self._progress(moved)
+        except BaseException as exc:
+            self._fail(exc)
+            self._drain(q)
+        finally:
+            try:
+                channel.close()
+            except BaseException as exc:
+                self._fail(exc)
+
+    @staticmethod
+    def _drain(q: queue.Queue[object]) -> None:
+        while q.get() is not _STOP:
+            pass
+
+    def submit(self, lane: int, task: T) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queues[lane % self.count].put(task)
+
+    def close(self) -> int:
+        """Wait for every submitted task; return the bytes moved, or raise the first error."""
+        self._closed = True
+        for q in self._queues:
+            q.put(_STOP)
+        for t in self._threads:
+            t.join()
+        if self._error is not None:
+            raise self._error
+        return self.moved
+
+    def __enter__(self) -> Lanes[T]:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None or self._closed:
+            return
+        self._closed = self._stopping = True
+        for q in self._queues:
+            q.put(_STOP)
+        for t in self._threads:
+            t.join()
 
 
 class Throttle:

@@ -76,6 +76,9 @@ class WriteTask:
     # Only these pages (True) are considered; the others keep their bit. None: all of them
     # (a later pass of a live save sends only the pages dirtied since the previous one).
     mask: npt.NDArray[np.bool_] | None = None
+    # A file source's page offsets for this task (-1: reads as zeros), instead of the
+    # source's own: a conversion writes each pass of a legacy stream as it is read.
+    offsets: npt.NDArray[np.int64] | None = None
 
 
 def merge_runs(
@@ -101,7 +104,11 @@ class PageReader:
         self.buffer = aligned_buffer(max_pages * page_size)
         self.read_fds: dict[str, int] = {}
 
-    def pages(self, source: int, first: int, count: int) -> memoryview:
+    def pages(
+        self, source: int, first: int, count: int, offsets: npt.NDArray[np.int64] | None = None
+    ) -> memoryview:
+        """Pages ``first`` .. ``first + count`` of a source (of a file source, the pages at
+        ``offsets`` when given)."""
         src = self.sources[source]
         ps = self.page_size
         if isinstance(src, MemoryPages):
@@ -110,7 +117,7 @@ class PageReader:
         if fd is None:
             fd = self.read_fds[src.path] = open_read(src.path)
         out = memoryview(self.buffer)[: count * ps]
-        gather_pages(fd, src.path, src.offsets(first, count), ps, out)
+        gather_pages(fd, src.path, src.offsets(first, count) if offsets is None else offsets, ps, out)
         return out
 
     def prefetch(self, source: int, first: int, count: int) -> None:
@@ -170,7 +177,7 @@ class PageWriteChannel:
 
     def run(self, task: WriteTask) -> int:
         ps = self.page_size
-        view = self.reader.pages(task.source, task.first_page, task.npages)
+        view = self.reader.pages(task.source, task.first_page, task.npages, task.offsets)
         if task.mask is None:
             keep = nonzero_pages(view, task.npages, ps)
             task.bits[:] = keep

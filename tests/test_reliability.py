@@ -147,9 +147,8 @@ def test_write_fault_leaves_no_file_and_old_snapshot(tmp_path, err, nth):
 def test_write_fault_in_a_streamed_rewrite_stops_the_scan(tmp_path, nth):
     # legacy -> mapped-ram writes from lanes while the scan reads on: a lane's write error
     # reaches the caller, and neither the target nor a temporary file is left
-    from streams import legacy_stream
-
     from mappedram.snapshot import rewrite
+    from streams import legacy_stream
 
     src = tmp_path / "lg.mig"
     src.write_bytes(legacy_stream([("pc.ram", random_pages(8192, 0.2, 7).tobytes())]))
@@ -259,3 +258,39 @@ def test_enospc_on_a_full_filesystem(small_fs):
     assert target.read_bytes() == before
     assert _leftovers(small_fs) == []
     assert ops.verify(target).ok
+
+
+def test_lanes_keep_each_lanes_order_and_stop_on_the_first_error():
+    from mappedram.engine.executor import Lanes
+
+    seen: dict[int, list[int]] = {}
+    closed: list[int] = []
+
+    class Recorder:
+        def __init__(self, lane: int) -> None:
+            self.lane = lane
+            seen[lane] = []
+
+        def run(self, task: int) -> int:
+            if task == -1:
+                raise OSError(errno.EIO, "injected")
+            time.sleep(0.0005 * (task % 3))
+            seen[self.lane].append(task)
+            return 1
+
+        def close(self) -> None:
+            closed.append(self.lane)
+
+    lanes = Lanes(Recorder, lanes=3, depth=2)
+    for t in range(300):
+        lanes.submit(t % 3, t)
+    assert lanes.close() == 300
+    assert seen == {k: list(range(k, 300, 3)) for k in range(3)}
+    assert sorted(closed) == [0, 1, 2]
+
+    closed.clear()
+    with pytest.raises(OSError, match="injected"), Lanes(Recorder, lanes=2, depth=1) as failing:
+        for t in [0, 1, -1, *range(2, 10_000)]:
+            failing.submit(t % 2 if t >= 0 else 0, t)  # raises once the error is seen
+        failing.close()
+    assert sorted(closed) == [0, 1]  # every channel is closed, also after the error

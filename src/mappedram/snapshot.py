@@ -418,7 +418,6 @@ class _SlotWriter:
         self.direct = direct
         self.progress = progress
         self.plan: FilePlan | None = None
-        self.head_spec: StreamSpec | None = None
         self.bits: list[npt.NDArray[np.bool_]] = []
         self.lane_base: list[int] = []  # first global chunk number of each block
         self.lanes: Lanes[WriteTask] | None = None
@@ -433,12 +432,12 @@ class _SlotWriter:
     def blocks(self, configuration: Configuration, ram_section_id: int, blocks: Sequence[RamBlock]) -> None:
         # The head and slots depend only on the configuration and the block list; the tail
         # (device state, vmdesc, PART count) is planned again once the scan has it.
-        self.head_spec = StreamSpec(
+        head_spec = StreamSpec(
             machine_type=_rewrite_machine(configuration, self.source),
             capabilities=_rewrite_capabilities(configuration, self.source),
             ram_section_id=ram_section_id,
         )
-        self.plan = plan_file([(b.idstr, b.used_length) for b in blocks], self.head_spec, start=self.start)
+        self.plan = plan_file([(b.idstr, b.used_length) for b in blocks], head_spec, start=self.start)
         pwrite_full(self.fd, self.plan.head, self.start, self.work)
         for at, data in self.plan.entries:
             pwrite_full(self.fd, data, at, self.work)
@@ -500,7 +499,7 @@ class _SlotWriter:
             # a stream without page records: every page is a zero page
             assert mf.configuration is not None
             self.blocks(mf.configuration, mf.ram_section_id, mf.blocks)
-        assert self.plan is not None and self.head_spec is not None and self.lanes is not None
+        assert self.plan is not None and self.lanes is not None
         self._flush()
         self.lanes.close()
         if self.progress is not None:

@@ -37,12 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from mappedram import ops
+from mappedram.ops import EngineOptions
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import PAGE, drop_caches, write_ram  # noqa: E402
-
-from mappedram import snapshot  # noqa: E402
 
 GOAL = 0.8
 
@@ -69,7 +70,7 @@ def make_files(work: Path, size: int, density: float, differ: float, seed: int) 
         ram = work / f"cd-{tag}.ram"
         print(f"making {tag}: RAM image, A, B, A.legacy ...", flush=True)
         write_ram(ram, size, density, seed)
-        snapshot.save_files(a, [("pc.ram", str(ram))], channels=4)
+        ops.save_files(a, [("pc.ram", str(ram))], options=EngineOptions(channels=4))
         rng = np.random.default_rng(seed + 1)
         npages = size // PAGE
         changed = np.sort(rng.choice(npages, size=int(npages * differ), replace=False))
@@ -90,9 +91,9 @@ def make_files(work: Path, size: int, density: float, differ: float, seed: int) 
         finally:
             os.close(fd)
         np.save(changed_file, changed[really])
-        snapshot.save_files(b, [("pc.ram", str(ram))], channels=4)
+        ops.save_files(b, [("pc.ram", str(ram))], options=EngineOptions(channels=4))
         ram.unlink()
-        snapshot.convert(a, legacy, to="legacy")
+        ops.convert(a, legacy, to="legacy")
     changed = np.load(changed_file)
     return {"a": a, "b": b, "legacy": legacy, "changed": changed}
 

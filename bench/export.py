@@ -3,7 +3,7 @@
 
 In one run, on the same disk, with the page cache dropped before every run:
   * a guest RAM image (default 4 GiB, half the pages zero, random data) is generated in
-    /dev/shm and saved once with `mappedram.snapshot.save` (machine pc-i440fx-10.0, so
+    /dev/shm and saved once with `mappedram.ops.writer` (machine pc-i440fx-10.0, so
     the guest-physical map splits it at 3 GiB); the file is kept for later runs;
   * `cat FILE > /dev/null` reads the whole file (the disk's speed on these bytes);
   * `fio` reads the same number of data bytes with O_DIRECT, sequentially (the raw disk);
@@ -28,13 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+from mappedram import ops
+from mappedram.ops import EngineOptions
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import drop_caches, fio, write_ram  # noqa: E402
 
 import mappedram  # noqa: E402
-from mappedram import snapshot  # noqa: E402
 
 MACHINE = "pc-i440fx-10.0"
 
@@ -52,7 +54,7 @@ def make_file(mig: Path, size: int, density: float) -> None:
         print(f"generating {size >> 20} MiB of guest RAM (density {density}) and saving it ...", flush=True)
         write_ram(ram, size, density=density, seed=0x5EED)
         with ram.open("rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as buf:
-            snapshot.save(mig, {"pc.ram": buf}, machine_type=MACHINE, channels=2)
+            ops.save(mig, {"pc.ram": buf}, machine_type=MACHINE, options=EngineOptions(channels=2))
     finally:
         ram.unlink(missing_ok=True)
 

@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # for tests.helpers
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import drop_caches, fio, write_ram  # noqa: E402
+from tests.helpers.qemu_harness import QemuVM, file_uri, require_qemu  # noqa: E402
 
 import mappedram  # noqa: E402
-from qemu_harness import QemuVM, file_uri, require_qemu  # noqa: E402
 
 
 def timed(cmd: list[str] | str, *, shell: bool = False) -> float:

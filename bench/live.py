@@ -5,7 +5,7 @@ Two parts, on a guest of ``--mem`` MiB (default 1024) that keeps rewriting its R
 
 * speed (``--runs`` times, medians): a live mapped-ram save (4 channels, direct-io,
   unlimited bandwidth, downtime limit 0.3 s) after ``--warmup`` seconds; then, the guest
-  still paused, a plain ``snapshot.save`` of the same RAM (the same engine on RAM that does
+  still paused, a plain ``ops.save`` of the same RAM (the same engine on RAM that does
   not change: the live save's floor) and ``fio`` writing as many bytes (the disk's floor),
   in the same run on the same disk. Reported: passes, downtime, seconds, GB/s of RAM, and
   the ratios live / static and live / fio.
@@ -29,32 +29,44 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mappedram import ops
+from mappedram.ops import EngineOptions, LiveOptions
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import drop_caches, fio  # noqa: E402
 
-from mappedram import snapshot, vmops  # noqa: E402
+from mappedram.vm import ops as vmops  # noqa: E402
 
 QEMU_MAX_BANDWIDTH = 128 << 20  # QEMU's default max-bandwidth (MAX_THROTTLE, migration/options.c)
 
 
 def speed_run(work: Path, kind: str, mem: int, warmup: float) -> dict[str, Any]:
-    with vmops.make_guest(kind, mem) as vm:
+    with vmops.make_guest(kind, vmops.GuestConfig(mem_mib=mem)) as vm:
         vm.start()
         vm.wait_filled(600)
         time.sleep(warmup)
         stopped: list[Any] = []
         drop_caches()
         t0 = time.perf_counter()
-        live = vmops.live_save_guest(vm, work / "live.mig", "mapped-ram", stopped, channels=4, direct_io=True,
-                           direct_io_fallback=True, downtime_limit=0.3, max_passes=10)  # fmt: skip
+        live = vmops.live_save_guest(
+            vm,
+            work / "live.mig",
+            "mapped-ram",
+            stopped,
+            live=LiveOptions(downtime_limit=0.3, max_passes=10),
+            options=EngineOptions(channels=4, direct_io=True, direct_io_fallback=True),
+        )
         live_seconds = time.perf_counter() - t0
         drop_caches()
         t0 = time.perf_counter()
-        static = snapshot.save(work / "static.mig", {vm.ram_idstr: vm.memory}, channels=4, direct_io=True,
-                               direct_io_fallback=True)  # fmt: skip
+        static = ops.save(
+            work / "static.mig",
+            {vm.ram_idstr: vm.memory},
+            options=EngineOptions(channels=4, direct_io=True, direct_io_fallback=True),
+        )
         static_seconds = time.perf_counter() - t0
     data = static.pages_written * 4096
     disk = fio("write", work / "fio.bin", data)["seconds"]
@@ -75,14 +87,19 @@ def speed_run(work: Path, kind: str, mem: int, warmup: float) -> dict[str, Any]:
 
 
 def growth_run(work: Path, kind: str, mem: int, warmup: float, fmt: str, passes: int) -> dict[str, Any]:
-    with vmops.make_guest(kind, mem) as vm:
+    with vmops.make_guest(kind, vmops.GuestConfig(mem_mib=mem)) as vm:
         vm.start()
         vm.wait_filled(600)
         time.sleep(warmup)
         t0 = time.perf_counter()
-        r = vmops.live_save_guest(vm, work / f"growth-{fmt}.mig", fmt, [], channels=4, direct_io=fmt == "mapped-ram",
-                        direct_io_fallback=True, downtime_limit=0.3, max_passes=passes,
-                        bandwidth_limit=QEMU_MAX_BANDWIDTH)  # fmt: skip
+        r = vmops.live_save_guest(
+            vm,
+            work / f"growth-{fmt}.mig",
+            fmt,
+            [],
+            live=LiveOptions(downtime_limit=0.3, max_passes=passes, bandwidth_limit=QEMU_MAX_BANDWIDTH),
+            options=EngineOptions(channels=4, direct_io=fmt == "mapped-ram", direct_io_fallback=True),
+        )
         seconds = time.perf_counter() - t0
     (work / f"growth-{fmt}.mig").unlink(missing_ok=True)
     return {

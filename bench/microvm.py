@@ -28,7 +28,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from mappedram.microvm import PAGE_SIZE, MicroVM, check_guest, kvm_available  # noqa: E402
+from mappedram.vm.guest import PAGE_SIZE  # noqa: E402
+from mappedram.vm.kvm import kvm_available  # noqa: E402
+from mappedram.vm.microvm import MicroVM, check_guest  # noqa: E402
 
 
 def fill(size_mib: int, dirty_log: bool, fill_fraction: float) -> dict[str, float]:

@@ -4,7 +4,7 @@
 For each density (fraction of NON-zero pages, random per page; each non-zero page holds
 random data) a guest RAM image of --size-gib GiB is written to /dev/shm, so RAM is truly
 in memory for QEMU and for us. Then, --runs times each, with medians reported:
-  * ours: ``mappedram.snapshot.save`` (in-process, durable: fsync + rename + dir fsync)
+  * ours: ``mappedram.ops.writer`` (in-process, durable: fsync + rename + dir fsync)
     from an mmap of the /dev/shm RAM file, at 1, 2 and 4 channels, buffered and
     direct-io; then ``restore`` of that file, cold (page cache dropped), into a fresh
     /dev/shm file mapped shared, with the same channels and I/O mode;
@@ -41,15 +41,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mappedram import ops
+from mappedram.ops import EngineOptions
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # for tests.helpers
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import PAGE, drop_caches, fio, write_ram  # noqa: E402
+from tests.helpers.qemu_harness import BACKEND_ID, QemuVM, file_uri, find_qemu, first_mismatch, qemu_version  # noqa: E402
 
 import mappedram  # noqa: E402
-from mappedram import snapshot  # noqa: E402
-from qemu_harness import BACKEND_ID, QemuVM, file_uri, find_qemu, first_mismatch, qemu_version  # noqa: E402
 
 SHM = Path("/dev/shm")
 CHANNELS = (1, 2, 4)
@@ -121,7 +123,7 @@ def ours_save(src: Path, size: int, out: Path, channels: int, direct: bool) -> t
     with map_shm(src, size, writable=False) as ram:  # fresh mapping: pages fault in during the save, as in QEMU
         drop_caches()
         t0 = time.perf_counter()
-        rep = snapshot.save(out, {BACKEND_ID: ram}, channels=channels, direct_io=direct, durable=True)
+        rep = ops.save(out, {BACKEND_ID: ram}, options=EngineOptions(channels=channels, direct_io=direct, durable=True))
         wall = time.perf_counter() - t0
     return {"seconds": wall, "phases": rep.seconds, "bytes_written": rep.bytes_written,
             "pages_written": rep.pages_written, "notes": rep.notes}, rep  # fmt: skip
@@ -131,7 +133,7 @@ def ours_restore(mig: Path, dst: Path, size: int, channels: int, direct: bool) -
     with map_shm(dst, size, writable=True, fresh=True) as ram:
         drop_caches()
         t0 = time.perf_counter()
-        rep = snapshot.restore(mig, {BACKEND_ID: ram}, channels=channels, direct_io=direct)
+        rep = ops.restore(mig, {BACKEND_ID: ram}, options=EngineOptions(channels=channels, direct_io=direct))
         wall = time.perf_counter() - t0
     return {"seconds": wall, "phases": rep.seconds, "pages_read": rep.pages_read, "notes": rep.notes}
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import mappedram  # noqa: E402
 from mappedram import ops  # noqa: E402
-from mappedram.format.stream import encode_vmdesc  # noqa: E402
+from mappedram.format.encoder import encode_vmdesc  # noqa: E402
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0x1000, 0xFFF, 0x100000, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 40, (1 << 64) - 1]
 
@@ -44,8 +44,8 @@ class Hang(Exception):
 
 
 def seeds() -> list[bytes]:
-    from patterns import random_pages
-    from streams import legacy_stream, mapped_ram_stream
+    from tests.helpers.patterns import random_pages
+    from tests.helpers.streams import legacy_stream, mapped_ram_stream
 
     a = random_pages(6, 0.5, 1).tobytes()
     b = random_pages(2, 0.0, 2).tobytes()

@@ -21,7 +21,7 @@ import numpy as np
 
 import mappedram
 from mappedram import ops
-from mappedram.snapshot import restore
+from mappedram.ops import restore
 
 
 def sweep(

@@ -33,12 +33,11 @@ from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto, 
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
-from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode_save_data, is_libvirt_save
-from mappedram.format.stream import (
+from mappedram.format.decoder import Decoder
+from mappedram.format.events import (
     NEED_DATA,
     Command,
     Configuration,
-    Decoder,
     DeviceStateStart,
     MemSize,
     RamBlockEntry,
@@ -48,6 +47,7 @@ from mappedram.format.stream import (
     SectionFooterEvent,
     SectionHeader,
 )
+from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode_save_data, is_libvirt_save
 from mappedram.format.vmstate import DeviceSection, VmDesc, find_vmdesc, split_device_sections
 from mappedram.layout import BlockLayout, check_layout
 

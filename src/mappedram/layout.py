@@ -29,7 +29,7 @@ from mappedram.format.constants import (
     RAM_SECTION_VERSION_ID,
     TARGET_PAGE_SIZE,
 )
-from mappedram.format.stream import (
+from mappedram.format.encoder import (
     encode_command,
     encode_configuration,
     encode_eos,

@@ -29,6 +29,7 @@ __all__ = [
     "pwrite_full",
     "pwritev_full",
     "close_fd",
+    "close_quiet",
     "allocated_bytes",
     "create_sparse",
     "fsync",
@@ -82,6 +83,14 @@ def close_fd(fd: int, path: str) -> None:
         os.close(fd)
     except OSError as exc:
         raise _fail(exc, "close", path) from None
+
+
+def close_quiet(fd: int) -> None:
+    """Close ``fd`` on an error path, where the first error is the one to report."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def file_size(fd: int, path: str) -> int:

@@ -14,29 +14,23 @@ from typing import ClassVar
 
 from mappedram.errors import TruncatedError
 
-from .constants import (
-    QEMU_VM_FILE_MAGIC,
-    QEMU_VM_FILE_VERSION,
-    QEMU_VM_SECTION_FOOTER,
-)
+__all__ = ["MappedRamHeader", "pack_idstr", "be64", "be32", "be16", "BE16", "BE32", "BE64"]
 
-__all__ = ["MappedRamHeader", "FileHeader", "SectionFooter", "pack_idstr", "be64", "be32", "be16"]
-
-_BE16 = struct.Struct(">H")
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
+BE16 = struct.Struct(">H")
+BE32 = struct.Struct(">I")
+BE64 = struct.Struct(">Q")
 
 
 def be16(value: int) -> bytes:
-    return _BE16.pack(value)
+    return BE16.pack(value)
 
 
 def be32(value: int) -> bytes:
-    return _BE32.pack(value)
+    return BE32.pack(value)
 
 
 def be64(value: int) -> bytes:
-    return _BE64.pack(value)
+    return BE64.pack(value)
 
 
 def pack_idstr(idstr: str) -> bytes:
@@ -77,30 +71,3 @@ class MappedRamHeader:
                 actual=f"{len(buf)} bytes",
             )
         return cls(*cls.STRUCT.unpack_from(buf, 0))
-
-
-@dataclass(frozen=True, slots=True)
-class FileHeader:
-    """The stream's first 8 bytes: be32 QEMU_VM_FILE_MAGIC, be32 QEMU_VM_FILE_VERSION."""
-
-    magic: int = QEMU_VM_FILE_MAGIC
-    version: int = QEMU_VM_FILE_VERSION
-
-    STRUCT: ClassVar[struct.Struct] = struct.Struct(">II")
-    SIZE: ClassVar[int] = STRUCT.size
-
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.magic, self.version)
-
-
-@dataclass(frozen=True, slots=True)
-class SectionFooter:
-    """QEMU_VM_SECTION_FOOTER + be32 section_id, as save_section_footer()."""
-
-    section_id: int
-
-    STRUCT: ClassVar[struct.Struct] = struct.Struct(">BI")
-    SIZE: ClassVar[int] = STRUCT.size
-
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(QEMU_VM_SECTION_FOOTER, self.section_id)

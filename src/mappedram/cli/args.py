@@ -1,0 +1,144 @@
+"""The CLI's shared pieces: each shared option defined once, QEMU's size and URI syntax,
+progress bars, and report output (text or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from mappedram.errors import UsageError
+from mappedram.ops import DEFAULT_CHANNELS, EngineOptions, OnStart, Progress
+
+__all__ = [
+    "parse_size",
+    "parse_target",
+    "add_output",
+    "add_quiet",
+    "add_channels",
+    "add_engine",
+    "engine_options",
+    "show_progress",
+    "progress_bar",
+    "emit",
+]
+
+_SIZE = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)([bBkKmMgGtTpPeE]?)$")
+_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str) -> int:
+    """QEMU's size syntax for ``offset=``: decimal, 0x hex, or a binary suffix (1M = 1048576)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"invalid size {text!r}: expected e.g. 4096, 0x1000 or 1M")
+    digits, suffix = m.groups()
+    if digits.lower().startswith("0x"):
+        if suffix:
+            raise UsageError(f"invalid size {text!r}: hex takes no suffix")
+        return int(digits, 16)
+    return int(digits) << _SUFFIX[suffix.lower()]
+
+
+def parse_target(text: str, offset: str | None) -> tuple[str, int]:
+    """Accept ``PATH`` or QEMU's ``file:PATH[,offset=N]``; ``--offset`` wins over the URI's."""
+    path, uri_offset = text, 0
+    if text.startswith("file:"):
+        path = text[len("file:") :]
+        cut = path.find(",offset=")
+        if cut >= 0:
+            uri_offset = parse_size(path[cut + len(",offset=") :])
+            path = path[:cut]
+    return path, parse_size(offset) if offset is not None else uri_offset
+
+
+# -- options --------------------------------------------------------------------------
+
+
+def add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def add_channels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=DEFAULT_CHANNELS,
+        help=f"parallel channels (threads with their own file descriptors; default {DEFAULT_CHANNELS})",
+    )
+
+
+def add_engine(p: argparse.ArgumentParser, *, direct_io: bool = True) -> None:
+    """``--channels`` and, for commands that write or read pages in bulk, the O_DIRECT options."""
+    add_channels(p)
+    if direct_io:
+        p.add_argument("--direct-io", action="store_true", help="page I/O with O_DIRECT, bypassing the page cache")
+        p.add_argument(
+            "--direct-io-fallback",
+            action="store_true",
+            help="with --direct-io: use the page cache where the filesystem refuses O_DIRECT",
+        )
+
+
+def engine_options(
+    args: argparse.Namespace, progress: Progress | None = None, on_start: OnStart | None = None, **changes: Any
+) -> EngineOptions:
+    """The :class:`EngineOptions` the parsed arguments say."""
+    if args.channels < 1:
+        raise UsageError(f"--channels must be at least 1, got {args.channels}")
+    settings: dict[str, Any] = dict(
+        channels=args.channels,
+        direct_io=getattr(args, "direct_io", False),
+        direct_io_fallback=getattr(args, "direct_io_fallback", False),
+        progress=progress,
+        on_start=on_start,
+    )
+    return EngineOptions(**{**settings, **changes})
+
+
+# -- progress and output ----------------------------------------------------------------
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A progress bar only for people: on a terminal, with human output, unless --quiet."""
+    return args.output != "json" and sys.stderr.isatty() and not getattr(args, "quiet", False)
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str) -> Iterator[tuple[Progress | None, OnStart | None]]:
+    """A tqdm bar on a terminal (bytes, with rate); nothing otherwise."""
+    if not enabled:
+        yield None, None
+        return
+    from tqdm import tqdm
+
+    bar: list[Any] = []
+
+    def start(total: int) -> None:
+        bar.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, leave=False))
+
+    def update(n: int) -> None:
+        if bar:
+            bar[0].update(n)
+
+    try:
+        yield update, start
+    finally:
+        if bar:
+            bar[0].close()
+
+
+def emit(args: argparse.Namespace, report: Any, render: Callable[[Any], str]) -> None:
+    """Print a report: ``to_dict()`` as JSON with ``--output json``, else its rendering."""
+    if args.output == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render(report))

@@ -1,0 +1,234 @@
+"""The file commands: info, verify, extract, export, save, restore, rewrite, convert, diff."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mappedram import ops
+from mappedram.errors import UsageError
+
+from . import render
+from .args import (
+    add_channels,
+    add_engine,
+    add_output,
+    add_quiet,
+    emit,
+    engine_options,
+    parse_size,
+    parse_target,
+    progress_bar,
+    show_progress,
+)
+
+__all__ = ["add_commands"]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    emit(args, ops.info(path, offset), render.render_info)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    report = ops.verify(path, offset)
+    if args.output == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        print(render.render_verify(report))
+    else:
+        print(f"mappedram: {render.render_verify(report)}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    with progress_bar(show_progress(args), "extract") as (update, start):
+        report = ops.extract(
+            path, args.o, block=args.block, all_blocks=args.all, offset=offset,
+            options=engine_options(args, update, start),
+        )  # fmt: skip
+    emit(args, report, render.render_extract)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    below = None if args.max_ram_below_4g is None else parse_size(args.max_ram_below_4g)
+    with progress_bar(show_progress(args), "export") as (update, start):
+        report = ops.export(
+            path, args.o, format=args.format, offset=offset, max_ram_below_4g=below, qemu_layout=args.qemu_layout,
+            options=engine_options(args, update, start),
+        )  # fmt: skip
+    for w in report.warnings:
+        print(f"mappedram: warning: {w}", file=sys.stderr)
+    emit(args, report, render.render_export)
+    return 0
+
+
+def _block_args(items: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        name, sep, path = item.rpartition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--block takes NAME=PATH, got {item!r}")
+        out.append((name, path))
+    return out
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    offset = None if args.offset is None else parse_size(args.offset)
+    with progress_bar(show_progress(args), "save") as (update, start):
+        report = ops.save_files(
+            args.o, _block_args(args.block), machine_type=args.machine, offset=offset,
+            options=engine_options(args, update, start),
+        )  # fmt: skip
+    emit(args, report, render.render_save)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    with progress_bar(show_progress(args), "restore") as (update, start):
+        report = ops.restore_files(
+            path, _block_args(args.block), offset=offset, zero_absent=args.zero,
+            options=engine_options(args, update, start),
+        )  # fmt: skip
+    emit(args, report, render.render_restore)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.input, args.offset)
+    with progress_bar(show_progress(args), "convert") as (update, start):
+        report = ops.convert(
+            path, args.out, to=args.to, source_offset=offset, options=engine_options(args, update, start)
+        )
+    emit(args, report, render.render_save)
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.input, args.offset)
+    with progress_bar(show_progress(args), "rewrite") as (update, start):
+        report = ops.rewrite(path, args.out, source_offset=offset, options=engine_options(args, update, start))
+    emit(args, report, render.render_save)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a, offset_a = parse_target(args.a, args.offset_a)
+    b, offset_b = parse_target(args.b, args.offset_b)
+    report = ops.diff(a, b, offset_a=offset_a, offset_b=offset_b, options=engine_options(args))
+    emit(args, report, render.render_diff)
+    return 0 if report.identical else 1
+
+
+def add_commands(sub: Any) -> None:
+    """Add the file commands to the CLI's subcommands."""
+
+    def source(p: argparse.ArgumentParser, name: str = "file", metavar: str = "FILE") -> None:
+        p.add_argument(name, metavar=metavar, help="migration file, or QEMU's file:PATH[,offset=N]")
+        p.add_argument("--offset", metavar="N", help=f"where the stream starts in {metavar} (e.g. 4096, 0x1000, 1M)")
+
+    p = sub.add_parser("info", help="describe a migration file")
+    source(p)
+    add_output(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check a migration file's structure; exit 1 at the first problem")
+    source(p)
+    add_output(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("extract", help="write RAM blocks as raw images (sparse where pages are zero)")
+    source(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--block", metavar="NAME", help="the block's idstr, e.g. pc.ram")
+    which.add_argument("--all", action="store_true", help="every block, into the directory -o")
+    p.add_argument("-o", metavar="OUT", required=True, help="output file (--block) or directory (--all)")
+    add_engine(p, direct_io=False)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("export", help="write guest-physical memory as an ELF core (as dump-guest-memory) or raw image")
+    source(p)
+    p.add_argument("--format", choices=ops.EXPORT_FORMATS, default="elf", help="ELF core, or flat raw image")
+    p.add_argument("-o", metavar="OUT", required=True, help="the file to write (sparse)")
+    p.add_argument(
+        "--max-ram-below-4g",
+        metavar="SIZE",
+        help="the guest's max-ram-below-4g machine property, when it was set (not in the file)",
+    )
+    p.add_argument(
+        "--qemu-layout",
+        action="store_true",
+        help="ELF: page data right after the notes, as dump-guest-memory (default: page-aligned)",
+    )
+    add_engine(p, direct_io=False)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("save", help="save raw RAM images as a mapped-ram file QEMU can load")
+    p.add_argument(
+        "--block",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a RAM block (QEMU's idstr, e.g. pc.ram) and its raw image; repeat, largest first",
+    )
+    p.add_argument("-o", metavar="OUT", required=True, help="the migration file to write")
+    p.add_argument("--machine", default=ops.DEFAULT_MACHINE, help="machine type QEMU will load it into")
+    p.add_argument("--offset", metavar="N", help="write in place into OUT at offset N (as file:OUT,offset=N)")
+    add_engine(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("restore", help="read RAM blocks of a migration file into raw images")
+    source(p)
+    p.add_argument(
+        "--block",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a block of the file and the raw image to fill (created when missing); repeat",
+    )
+    p.add_argument("--zero", action="store_true", help="zero the pages the file marks absent (destination not fresh)")
+    add_engine(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("rewrite", help="re-lay a QEMU file (mapped-ram or legacy) as mapped-ram, device state kept")
+    source(p, "input", "IN")
+    p.add_argument("out", metavar="OUT", help="the mapped-ram file to write")
+    add_engine(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("convert", help="convert between mapped-ram and the legacy format, device state kept")
+    source(p, "input", "IN")
+    p.add_argument("out", metavar="OUT", help="the file to write")
+    p.add_argument("--to", choices=ops.CONVERT_FORMATS, required=True, help="format of OUT")
+    add_engine(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("diff", help="pages that differ between two files' RAM blocks; exit 1 if any")
+    p.add_argument("a", metavar="A", help="migration file, or QEMU's file:PATH[,offset=N]")
+    p.add_argument("b", metavar="B", help="migration file, or QEMU's file:PATH[,offset=N]")
+    p.add_argument("--offset-a", metavar="N", help="where the stream starts in A")
+    p.add_argument("--offset-b", metavar="N", help="where the stream starts in B")
+    add_channels(p)
+    add_output(p)
+    p.set_defaults(func=cmd_diff)

@@ -1,0 +1,322 @@
+"""Renderers: each turns one report into the text a person reads (JSON is the report's ``to_dict()``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mappedram import ops
+from mappedram.ops import LiveSaveReport, PassStats
+from mappedram.vm import ops as vmops
+
+__all__ = [
+    "render_info",
+    "render_verify",
+    "render_extract",
+    "render_export",
+    "render_save",
+    "render_restore",
+    "render_diff",
+    "render_passes",
+    "render_live",
+    "render_vm_run",
+    "render_vm_save",
+    "render_vm_restore",
+    "render_demo",
+]
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def _hex(n: int | None) -> str:
+    return "-" if n is None else f"{n:#x}"
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def _render_libvirt(lv: ops.LibvirtInfo) -> list[str]:
+    memory = "-"
+    if lv.memory_value is not None:
+        memory = f"{lv.memory_value} {lv.memory_unit}"
+        if lv.memory_bytes is not None:
+            memory += f" ({_human(lv.memory_bytes)})"
+    cookie = "none"
+    if lv.cookie_length is not None:
+        cookie = f"{lv.cookie_length} bytes at {lv.xml_offset + lv.cookie_offset:#x}"
+    return [
+        f"libvirt save image: {lv.magic} version {lv.version} ({lv.byteorder}-endian), format {lv.format} "
+        f"({lv.format_id}), was_running {'yes' if lv.was_running else 'no'}",
+        f"  domain XML: {lv.xml_length} bytes at {lv.xml_offset:#x}; cookie: {cookie}; data_len {lv.data_len}",
+        f"  domain: {lv.name or '-'} (uuid {lv.uuid or '-'}, type {lv.domain_type or '-'}), memory {memory}, "
+        f"machine {lv.machine or '-'}, arch {lv.arch or '-'}",
+        f"  QEMU stream at {lv.stream_offset:#x}",
+    ]
+
+
+def render_info(r: ops.InfoReport) -> str:
+    lines = [
+        f"file: {r.path}",
+        *([] if r.libvirt is None else _render_libvirt(r.libvirt)),
+        f"format: {r.format}",
+        f"machine type: {r.machine_type or '(no configuration section)'}",
+        f"capabilities: {', '.join(r.capabilities) or '(none)'}",
+        f"file size: {_human(r.file_size)} ({r.file_size} bytes); on disk {_human(r.allocated_bytes)}",
+        f"stream offset: {r.offset:#x}",
+        f"page size: {r.page_size}",
+        f"RAM section: id {r.ram_section_id}, MEM_SIZE {_human(r.mem_size)} ({r.mem_size} bytes), "
+        f"{r.part_sections} PART section(s), SWITCHOVER_START {'yes' if r.switchover_start else 'no'}",
+        "RAM blocks:",
+    ]
+    name_w = max([len(b.idstr) for b in r.blocks] + [5])
+    if r.format == "mapped-ram":
+        lines.append(
+            f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  "
+            f"{'bitmap_offset':>13}  {'pages_offset':>12}"
+        )
+        for b in r.blocks:
+            lines.append(
+                f"  {b.idstr:<{name_w}}  {_human(b.used_length):>10}  {b.pages_present:>9}  {b.pages_zero:>9}  "
+                f"{_hex(b.bitmap_offset):>13}  {_hex(b.pages_offset):>12}"
+            )
+    else:
+        lines.append(f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  {'records':>9}")
+        for b in r.blocks:
+            lines.append(
+                f"  {b.idstr:<{name_w}}  {_human(b.used_length):>10}  {b.pages_present:>9}  {b.pages_zero:>9}  "
+                f"{b.page_records or 0:>9}"
+            )
+    dev = f"device state: offset {r.device_state_offset:#x}, {r.device_state_length} bytes"
+    if r.devices is not None:
+        dev += f", {len(r.devices)} sections"
+    lines.append(dev)
+    for d in r.devices or []:
+        lines.append(
+            f"  {d.idstr} (instance {d.instance_id}, section {d.section_id}, version {d.version_id}): "
+            f"{d.length} bytes at {d.offset:#x}"
+        )
+    if r.vmdesc_offset is not None:
+        lines.append(f"vmdesc: offset {r.vmdesc_offset:#x}, {r.vmdesc_length} bytes of JSON")
+    else:
+        lines.append("vmdesc: none")
+    return "\n".join(lines)
+
+
+def render_verify(r: ops.VerifyReport) -> str:
+    if r.ok:
+        lines = [f"{r.path}: OK ({r.format})"]
+        lines += [f"  checked: {c}" for c in r.checks]
+        lines += [f"  note: {n}" for n in r.notes]
+        lines.append("  not checkable: page contents (the format has no checksums)")
+        return "\n".join(lines)
+    return f"{r.error_text}"
+
+
+def render_extract(r: ops.ExtractReport) -> str:
+    lines = [
+        f"{b.idstr}: {b.path} ({_human(b.used_length)}, {b.pages_written} pages written, rest are holes)"
+        for b in r.blocks
+    ]
+    lines.append(f"{_human(r.bytes_read_logical)} in {r.seconds:.2f} s ({r.gbps:.2f} GB/s, {r.channels} channels)")
+    return "\n".join(lines)
+
+
+def render_export(r: ops.ExportReport) -> str:
+    what = "ELF core" if r.format == "elf" else "raw guest-physical image"
+    machine = f"{r.machine_type or '(no machine type)'} ({r.machine_family})"
+    lines = [
+        f"{r.output}: {what} of {r.source}, {machine}, {_human(r.ram_size)} of RAM in {r.ram_block!r} "
+        f"({_human(r.below_4g_mem_size)} below 4 GiB, {_human(r.above_4g_mem_size)} above)",
+    ]
+    if r.format == "elf":
+        lines.append(
+            f"  {r.e_machine}, notes of {r.cpus} CPU(s), {len(r.segments)} PT_LOAD segment(s), {r.layout} data"
+        )
+    for s in r.segments:
+        lines.append(
+            f"  {s.paddr:#014x}-{s.paddr + s.size - 1:#014x}  {_human(s.size):>10}  {s.block}+{s.block_offset:#x}"
+            f"  at file offset {s.file_offset:#x}"
+        )
+    lines.append(
+        f"file size {_human(r.file_size)}, {_human(r.bytes_written)} written (the rest are holes); "
+        f"{r.seconds:.2f} s ({r.gbps:.2f} GB/s, {r.channels} channels)"
+    )
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def render_save(r: ops.SaveReport) -> str:
+    lines = [
+        f"{r.path}: {r.format}, {_human(r.ram_bytes)} of RAM ({r.machine_type}), {r.pages_written} pages written, "
+        + (f"{r.pages_zero} zero pages left as holes" if r.format == "mapped-ram" else f"{r.pages_zero} ZERO records"),
+        f"file size {_human(r.file_size)}; {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}",
+        f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
+    ]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def render_restore(r: ops.RestoreReport) -> str:
+    lines = [
+        f"{r.path}: restored {', '.join(r.blocks)} ({_human(r.ram_bytes)}), {r.pages_read} pages read, "
+        f"{r.pages_absent} zero pages {'zeroed' if r.zero_absent else 'left untouched'}",
+        f"{r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}; {r.total_seconds:.2f} s "
+        f"({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
+    ]
+    if r.skipped_blocks:
+        lines.append(f"not restored (no destination given): {', '.join(r.skipped_blocks)}")
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def render_diff(r: ops.DiffReport, limit: int = 20) -> str:
+    lines = [f"{r.a} vs {r.b}: {'identical RAM' if r.identical else 'RAM differs'} ({r.seconds:.2f} s)"]
+    for d in r.blocks:
+        size = "" if d.size_a == d.size_b else f" (sizes differ: {d.size_a} vs {d.size_b})"
+        lines.append(f"  {d.idstr}: {d.pages_differ} of {max(d.size_a, d.size_b) // 4096} pages differ{size}")
+        for first, count in d.ranges[:limit]:
+            lines.append(f"    pages {first}..{first + count - 1} ({count})")
+        if len(d.ranges) > limit:
+            lines.append(f"    ... {len(d.ranges) - limit} more ranges (--output json lists all)")
+    for name in r.only_in_a:
+        lines.append(f"  {name}: only in {r.a}")
+    for name in r.only_in_b:
+        lines.append(f"  {name}: only in {r.b}")
+    return "\n".join(lines)
+
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x else "-"
+
+
+def render_passes(passes: list[PassStats]) -> list[str]:
+    lines = [
+        "  pass  pages sent     written        zero  written (MB)  seconds  throttle  dirtied  dirtied/s of guest run"
+    ]
+    for p in passes:
+        mark = "*" if p.stopped else " "
+        dirtied = "-" if p.stopped else f"{p.pages_dirtied:,}"
+        rate = "-" if p.stopped or p.run_seconds <= 0 else f"{p.dirty_rate:,.0f}"
+        lines.append(
+            f"  {p.index:>3}{mark} {p.pages_sent:>11,} {p.pages_written:>11,} {p.pages_zero:>11,}"
+            f" {p.bytes_written / 1e6:>13,.1f} {p.seconds:>8.2f} {p.throttle:>8}% {dirtied:>8} {rate:>23}"
+        )
+    lines.append("  (* with the guest stopped; dirtied: pages the guest dirtied while the pass was written)")
+    return lines
+
+
+def render_live(r: LiveSaveReport, title: str = "live save") -> str:
+    live = sum(1 for p in r.passes if not p.stopped)
+    if r.converged:
+        stop = f"converged after {live} live passes (the rest fit the downtime limit at the measured bandwidth)"
+    else:
+        left = r.passes[-1].pages_sent
+        stop = f"did NOT converge: stopped at the pass limit ({live} live passes) with {left:,} pages left"
+    if r.auto_converge:
+        stop += f"; auto-converge on, throttle {r.final_throttle}% at the stop"
+    if r.bandwidth_limit:
+        stop += f"; bandwidth limit {r.bandwidth_limit / 1e6:g} MB/s"
+    verdict = "met" if r.downtime_met else "MISSED"
+    lines = [
+        f"{title}, {r.format}: {r.path}; {len(r.passes)} passes, {stop}",
+        *render_passes(r.passes),
+        f"  file {_mb(r.file_size)} = {r.growth:.3f}x the RAM ({_mb(r.ram_bytes)})"
+        + (", exactly the planned layout" if r.planned_size == r.file_size else "")
+        + f"; on disk {_mb(r.allocated_bytes)} ({r.allocated_bytes / r.ram_bytes:.3f}x)",
+        f"  downtime {r.downtime:.3f} s, limit {r.downtime_limit:g} s: {verdict}; last live pass"
+        f" {r.bandwidth / 1e9:.2f} GB/s; {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'};"
+        f" {r.total_seconds:.2f} s in all",
+    ]
+    lines += [f"  note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _check_line(check: dict[str, Any]) -> str:
+    ram = check["ram"]
+    verdict = "OK" if check["ok"] else "FAILED"
+    checksum = "matches" if check["checksum"] == check["expected_checksum"] else "DIFFERS"
+    text = (
+        f"{verdict}: counter {check['counter']:,}, checksum {checksum},"
+        f" {ram['pages_checked']:,} data pages ({ram['mismatches']} wrong)"
+    )
+    bad = [name for name, good in check["registers"].items() if not good]
+    if bad:
+        text += "; registers wrong: " + ", ".join(bad)
+    if ram.get("first_bad"):
+        text += f"; first bad page {ram['first_bad']}"
+    return text
+
+
+def render_vm_restore(r: vmops.VmRestoreReport) -> str:
+    lines = [
+        f"restored {r.path} into a fresh {r.guest} guest ({r.mem_mib} MiB): {r.restore.pages_read:,} pages in"
+        f" {r.restore.total_seconds:.2f} s ({r.restore.gbps:.2f} GB/s)",
+        f"  at the restore point: {_check_line(r.at_restore)}",
+    ]
+    if r.after is not None:
+        lines.append(
+            f"  resumed {r.ran_seconds:.2f} s: counter {r.counter:,} -> {r.counter_after:,}; {_check_line(r.after)}"
+        )
+    return "\n".join(lines)
+
+
+def render_vm_run(r: vmops.VmRunReport) -> str:
+    lines = [
+        f"{r.guest} guest, {r.mem_mib} MiB: fill {r.fill_seconds:.2f} s; ran {r.seconds:.2f} s,"
+        f" {r.counter:,} iterations ({r.iterations_per_second:,.0f}/s)",
+        f"  {_check_line(r.check)}",
+    ]
+    if r.note:
+        lines.insert(0, f"note: {r.note}")
+    return "\n".join(lines)
+
+
+def render_vm_save(r: vmops.VmSaveReport) -> str:
+    lines = [f"note: {r.note}"] if r.note else []
+    lines.append(
+        f"{r.guest} guest, {r.mem_mib} MiB: fill {r.fill_seconds:.2f} s, ran {r.warmup_seconds:g} s, stopped at"
+        f" iteration {r.counter:,}"
+    )
+    lines.append(render_live(r.save))
+    if r.source_check is not None:
+        lines.append(f"  the paused source: {_check_line(r.source_check)}")
+    lines.append("save OK" if r.ok else "save NOT OK: " + ("the save did not converge within its downtime limit"
+                                                        if not r.save.ok else "the paused source did not verify"))
+    return "\n".join(lines)
+
+
+def render_demo(r: vmops.DemoReport) -> str:
+    lines = [f"note: {r.note}"] if r.note else []
+    lines.append(
+        f"mappedram demo: a {r.mem_mib} MiB {r.guest} guest rewriting its RAM (fill {r.fill_seconds:.2f} s,"
+        f" ran {r.warmup_seconds:g} s before the save)"
+    )
+    lines.append(render_live(r.mapped_ram))
+    lines.append(
+        render_live(r.legacy, "the same workload saved live as a legacy stream (as many passes, the same throttle)")
+    )
+    m, g = r.mapped_ram, r.legacy
+    lines.append(
+        f"file size vs RAM, {len(m.passes)} passes each: mapped-ram {m.growth:.3f}x"
+        f" ({m.allocated_bytes / m.ram_bytes:.3f}x on disk), legacy {g.growth:.3f}x"
+        f" ({g.allocated_bytes / g.ram_bytes:.3f}x on disk)"
+    )
+    lines.append(render_vm_restore(r.restore))
+    for name, good in r.source_match.items():
+        lines.append(f"  {name}: {'yes' if good else 'NO'}")
+    if r.ok:
+        lines.append("demo OK: the live save converged within its downtime limit and the restored guest verified")
+    else:
+        lines.append("demo FAILED: " + "; ".join(r.failures))
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""The built-in guest's commands: ``mappedram demo`` and ``mappedram vm run|save|restore``.
+
+The operations are :mod:`mappedram.vm.ops`; this module parses their options, shows
+progress on a terminal and renders their reports (:mod:`.render`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from mappedram.ops import FORMATS, AutoConverge, LiveOptions, PassStats, Progress
+from mappedram.vm import ops as vmops
+
+from . import render
+from .args import add_engine, add_output, emit, engine_options, show_progress
+
+__all__ = ["add_commands"]
+
+
+@contextmanager
+def _live_progress(enabled: bool) -> Iterator[tuple[Progress | None, Callable[[PassStats], None] | None]]:
+    """A tqdm bar of RAM bytes sent (no total: passes keep coming) and a line per pass."""
+    if not enabled:
+        yield None, None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc="live save", leave=False)
+
+    def on_pass(p: PassStats) -> None:
+        what = "guest stopped" if p.stopped else f"live, throttle {p.throttle}%"
+        bar.write(f"  pass {p.index} ({what}): {p.pages_sent:,} pages, {p.seconds:.2f} s")
+
+    try:
+        yield bar.update, on_pass
+    finally:
+        bar.close()
+
+
+def _guest(args: argparse.Namespace) -> vmops.GuestConfig:
+    return vmops.GuestConfig(
+        kind=args.guest, mem_mib=args.mem, seed=args.seed, fill_fraction=args.fill, rate=args.rate, batch=args.batch
+    )
+
+
+def _live(args: argparse.Namespace, on_pass: Callable[[PassStats], None] | None) -> LiveOptions:
+    auto = None
+    if not args.no_auto_converge:
+        auto = AutoConverge(
+            throttle_trigger_threshold=args.throttle_trigger_threshold,
+            cpu_throttle_initial=args.cpu_throttle_initial,
+            cpu_throttle_increment=args.cpu_throttle_increment,
+            cpu_throttle_tailslow=args.cpu_throttle_tailslow,
+            max_cpu_throttle=args.max_cpu_throttle,
+        )
+    return LiveOptions(
+        max_passes=args.max_passes,
+        downtime_limit=args.downtime_limit,
+        bandwidth_limit=args.bandwidth_limit * 1e6 if args.bandwidth_limit else None,
+        auto_converge=auto,
+        on_pass=on_pass,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = args.dir or tempfile.mkdtemp(prefix=".mappedram-demo-", dir=os.getcwd())
+    os.makedirs(workdir, exist_ok=True)
+    show = show_progress(args)
+    try:
+        with _live_progress(show) as (update, on_pass):
+            report = vmops.demo(
+                workdir,
+                _guest(args),
+                warmup=args.warmup,
+                warmup_iterations=args.warmup_iterations,
+                run=args.run,
+                run_iterations=args.run_iterations,
+                step_batches=args.step_batches,
+                live=_live(args, on_pass),
+                options=engine_options(args, update, direct_io=not args.no_direct_io, direct_io_fallback=True),
+                on_phase=(lambda text: print(f"== {text}", file=sys.stderr)) if show else None,
+            )
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    emit(args, report, render.render_demo)
+    if args.keep or args.dir:
+        print(f"files kept in {workdir}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_vm_run(args: argparse.Namespace) -> int:
+    report = vmops.vm_run(_guest(args), seconds=args.seconds, iterations=args.iterations)
+    emit(args, report, render.render_vm_run)
+    return 0 if report.ok else 1
+
+
+def cmd_vm_save(args: argparse.Namespace) -> int:
+    with _live_progress(show_progress(args)) as (update, on_pass):
+        report = vmops.vm_save(
+            args.out,
+            _guest(args),
+            format=args.format,
+            warmup=args.warmup,
+            warmup_iterations=args.warmup_iterations,
+            step_batches=args.step_batches,
+            live=_live(args, on_pass),
+            options=engine_options(args, update),
+        )
+    emit(args, report, render.render_vm_save)
+    return 0 if report.ok else 1
+
+
+def cmd_vm_restore(args: argparse.Namespace) -> int:
+    report = vmops.vm_restore(
+        args.file, run=args.run, run_iterations=args.run_iterations, rate=args.rate, options=engine_options(args)
+    )
+    emit(args, report, render.render_vm_restore)
+    return 0 if report.ok else 1
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``demo`` and ``vm`` to the CLI's subcommands."""
+    defaults = vmops.VM_LIVE_DEFAULTS
+    auto = AutoConverge()
+
+    def common(p: argparse.ArgumentParser) -> None:
+        add_output(p)
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress")
+
+    def guest_opts(p: argparse.ArgumentParser, mem: int) -> None:
+        p.add_argument("--mem", type=int, default=mem, metavar="MIB", help=f"guest RAM in MiB (default {mem})")
+        p.add_argument("--guest", choices=vmops.GUEST_KINDS, default="auto",
+                       help="kvm (the micro-VM on /dev/kvm), software, or auto: kvm where it works")  # fmt: skip
+        p.add_argument("--rate", type=float, metavar="N", help="guest page writes per second (default: unlimited)")
+        p.add_argument("--fill", type=float, default=0.5, metavar="F", help="share of RAM the guest fills")
+        p.add_argument("--seed", type=int, default=1, help="the guest's seed")
+        p.add_argument("--batch", type=int, default=4096, help="guest iterations between two exits (pause points)")
+
+    def warmup_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--warmup", type=float, default=1.0, metavar="S", help="seconds the guest runs before the save")
+        p.add_argument("--warmup-iterations", type=int, metavar="N",
+                       help="instead: run exactly N loop iterations (a multiple of --batch) first")  # fmt: skip
+        p.add_argument("--step-batches", type=int, metavar="N",
+                       help="drive the guest step by step: it runs exactly N batches before each dirty sync and "
+                            "is paused otherwise (deterministic passes)")  # fmt: skip
+
+    def live_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-passes", type=int, default=defaults.max_passes, metavar="N",
+                       help=f"live passes at most before the guest is stopped (default {defaults.max_passes})")
+        p.add_argument("--downtime-limit", type=float, default=defaults.downtime_limit, metavar="S",
+                       help="stop iterating when the rest fits this many seconds"
+                            f" (default {defaults.downtime_limit:g})")  # fmt: skip
+        p.add_argument("--bandwidth-limit", type=float, metavar="MB_S",
+                       help="cap on the bytes written per second, in MB/s (default: none)")  # fmt: skip
+        p.add_argument("--no-auto-converge", action="store_true", help="never throttle the guest")
+        p.add_argument("--throttle-trigger-threshold", type=int, default=auto.throttle_trigger_threshold,
+                       metavar="PCT", help="throttle when a pass's dirtied bytes exceed PCT%% of its sent bytes, "
+                                           f"twice (default {auto.throttle_trigger_threshold})")  # fmt: skip
+        p.add_argument("--cpu-throttle-initial", type=int, default=auto.cpu_throttle_initial, metavar="PCT",
+                       help=f"the first throttle (default {auto.cpu_throttle_initial}%%)")  # fmt: skip
+        p.add_argument("--cpu-throttle-increment", type=int, default=auto.cpu_throttle_increment, metavar="PCT",
+                       help=f"added at each further trigger (default {auto.cpu_throttle_increment}%%)")  # fmt: skip
+        p.add_argument("--cpu-throttle-tailslow", action="store_true",
+                       help="smaller last increments, as QEMU's cpu-throttle-tailslow")  # fmt: skip
+        p.add_argument("--max-cpu-throttle", type=int, default=auto.max_cpu_throttle, metavar="PCT",
+                       help=f"the throttle never exceeds this (default {auto.max_cpu_throttle}%%)")  # fmt: skip
+
+    def run_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run", type=float, default=1.0, metavar="S", help="seconds the restored guest runs on")
+        p.add_argument("--run-iterations", type=int, metavar="N",
+                       help="instead: run exactly N more loop iterations (a multiple of the batch)")  # fmt: skip
+
+    p = sub.add_parser("demo", help="run the built-in guest, save it live, restore it into a fresh VM, resume, verify")
+    guest_opts(p, 1024)
+    warmup_opts(p)
+    live_opts(p)
+    run_opts(p)
+    add_engine(p, direct_io=False)
+    p.add_argument("--no-direct-io", action="store_true", help="page I/O through the page cache")
+    p.add_argument("--dir", help="write the files here and keep them (default: a temporary directory, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+
+    vm = sub.add_parser("vm", help="the built-in guest: run, save live, restore and resume")
+    vsub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+
+    p = vsub.add_parser("run", help="run the guest, pause it, and check its registers and RAM")
+    guest_opts(p, 256)
+    p.add_argument("--seconds", type=float, default=2.0, help="how long it runs after its fill")
+    p.add_argument("--iterations", type=int, metavar="N", help="instead: run exactly N loop iterations")
+    common(p)
+    p.set_defaults(func=cmd_vm_run)
+
+    p = vsub.add_parser("save", help="start the guest and save it live")
+    p.add_argument("out", metavar="OUT", help="the file to write")
+    guest_opts(p, 1024)
+    warmup_opts(p)
+    live_opts(p)
+    p.add_argument("--format", choices=FORMATS, default="mapped-ram", help="file format")
+    add_engine(p)
+    common(p)
+    p.set_defaults(func=cmd_vm_save)
+
+    p = vsub.add_parser("restore", help="restore a saved guest into a fresh VM, check it, resume it, check again")
+    p.add_argument("file", metavar="FILE", help="a file saved by `vm save` or the demo")
+    run_opts(p)
+    p.add_argument("--rate", type=float, metavar="N", help="guest page writes per second once resumed")
+    add_engine(p)
+    common(p)
+    p.set_defaults(func=cmd_vm_restore)

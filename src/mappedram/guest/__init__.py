@@ -1,1 +1,0 @@
-"""The micro-VM's guest: workload.S (the source) and workload.py (its bytes, generated)."""

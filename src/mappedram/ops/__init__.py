@@ -1,0 +1,88 @@
+"""Operations on migration files: each composes the reader, the layout planner and the
+engine, and returns a report object; nothing here prints (the CLI renders the reports).
+
+This package is the CLI's one door to the library:
+
+* :mod:`.inspect`: :func:`info`, :func:`verify`, :func:`diff`;
+* :mod:`.blockimage` and :mod:`.guestphys`: raw block images, ELF cores and guest-physical images;
+* :mod:`.writer`, :mod:`.loader`, :mod:`.relay`: static saves, restores, re-lays and conversions;
+* :mod:`.live` with :mod:`.trackers`: live saves of RAM that keeps changing;
+* :mod:`.protocol`: the save protocol every writer runs under;
+* :mod:`.options`: :class:`EngineOptions`, the one options object of every page-moving operation.
+"""
+
+from __future__ import annotations
+
+from .blockimage import ExtractedBlock, ExtractReport, extract, safe_filename
+from .converge import AutoConverge, CpuThrottle
+from .guestphys import EXPORT_FORMATS, ExportReport, ExportSegment, export
+from .inspect import (
+    BlockDiff,
+    BlockInfo,
+    DeviceInfo,
+    DiffReport,
+    InfoReport,
+    LibvirtInfo,
+    Problem,
+    VerifyReport,
+    diff,
+    info,
+    verify,
+)
+from .live import FORMATS, LIVE_DEFAULTS, LiveOptions, LiveSaveReport, PassStats, live_save
+from .loader import RestoreReport, restore, restore_files
+from .options import DEFAULT_CHANNELS, DEFAULTS, EngineOptions, OnStart, Progress
+from .protocol import TEMP_MARKER
+from .relay import CONVERT_FORMATS, convert, rewrite
+from .trackers import CallbackTracker, CompareTracker, DirtyTracker, OwnerTracker
+from .writer import DEFAULT_MACHINE, SaveReport, save, save_files
+
+__all__ = [
+    "AutoConverge",
+    "CpuThrottle",
+    "LIVE_DEFAULTS",
+    "LiveOptions",
+    "BlockDiff",
+    "BlockInfo",
+    "CONVERT_FORMATS",
+    "CallbackTracker",
+    "CompareTracker",
+    "DEFAULTS",
+    "DEFAULT_CHANNELS",
+    "DEFAULT_MACHINE",
+    "DeviceInfo",
+    "DiffReport",
+    "DirtyTracker",
+    "EXPORT_FORMATS",
+    "EngineOptions",
+    "ExportReport",
+    "ExportSegment",
+    "ExtractReport",
+    "ExtractedBlock",
+    "FORMATS",
+    "InfoReport",
+    "LibvirtInfo",
+    "LiveSaveReport",
+    "OnStart",
+    "OwnerTracker",
+    "PassStats",
+    "Problem",
+    "Progress",
+    "RestoreReport",
+    "SaveReport",
+    "TEMP_MARKER",
+    "VerifyReport",
+    "convert",
+    "diff",
+    "export",
+    "extract",
+    "info",
+    "live_save",
+    "restore",
+    "restore_files",
+    "rewrite",
+    "safe_filename",
+    "save",
+    "save_files",
+    "verify",
+]

@@ -1,0 +1,488 @@
+"""Live save: write RAM while its owner keeps writing it, in passes that converge.
+
+Theory of operation (QEMU's precopy, migration/migration.c migration_iteration_run and
+migration/ram.c ram_save_iterate / migration_bitmap_sync / ram_save_complete):
+
+* Rule 1, sync then send. Each pass first syncs the dirty trackers, then reads and writes
+  the pages they named. A write that lands after the sync is named by the next sync, so
+  a page is never left stale once the last pass (guest stopped) is written.
+* Rule 2, mapped-ram writes in place. Pass 1 writes every non-zero page at its slot; a
+  later pass rewrites only dirtied pages at the same slots, and a page that became zero
+  only clears its bit. The file is exactly the planned layout (``plan_file``) whatever
+  the number of passes: it never grows with the dirty rate.
+* Rule 3, legacy appends. The streamed format has no slots: each pass appends its pages
+  as PAGE/ZERO records (one PART section per pass, the last pass in the END section), so
+  the file grows by every pass's dirty set; the reader applies them in order.
+* Rule 4, stop and finish. Iteration ends when the pages left to send fit the downtime
+  limit at the bandwidth measured in the previous pass (QEMU's threshold_size =
+  bandwidth * downtime_limit), or after ``max_passes``. Then the ``stop`` callback pauses
+  the guest and returns its device state; the final pass sends what is still dirty;
+  then the bitmaps, the device sections, QEMU_VM_EOF and the vmdesc are written.
+* Rule 5, auto-converge (:mod:`.converge`). After each live pass, when the bytes the
+  guest dirtied during it exceed the trigger threshold of the bytes it sent, twice, the
+  guest is throttled (20 %, +10 % each time, up to 99 %): it then dirties pages slower
+  than they are sent, and the set left shrinks until it fits the downtime limit.
+* Rule 6, the report tells what happened: the stop reason (converged, or the pass limit
+  reached) and the downtime measured against its limit; :attr:`LiveSaveReport.ok` holds
+  only when both were met. The dirty rate of a pass is the pages it saw dirtied per
+  second the guest ran (its throttle sleeps excluded), not RAM over wall time.
+* The save protocol is :mod:`mappedram.ops.protocol`'s: temporary file, fsync, rename,
+  fsync of the directory; a failure (in ``stop`` too) leaves nothing at the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from mappedram.engine.executor import Throttle, run_tasks
+from mappedram.engine.fileio import allocated_bytes, file_size, pwrite_full
+from mappedram.engine.pages import MemoryPages, PageSource, PageWriteChannel, WriteTask
+from mappedram.engine.sequential import SequentialWriter
+from mappedram.errors import UsageError
+from mappedram.format.bitmap import encode_bitmap
+from mappedram.format.constants import TARGET_PAGE_SIZE
+from mappedram.format.vmstate import DeviceRecord, encode_device_state, encode_vmdesc_json
+from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
+
+from .converge import AutoConverge, CpuThrottle, ThrottleController
+from .options import DEFAULTS, EngineOptions, Progress
+from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
+from .trackers import DirtyTracker
+from .writer import DEFAULT_MACHINE, LEGACY_STAGING, TimedReport, append_records, block_view, check_machine_type
+
+__all__ = ["FORMATS", "LiveOptions", "LIVE_DEFAULTS", "PassStats", "LiveSaveReport", "live_save", "StopGuest"]
+
+FORMATS = ("mapped-ram", "legacy")
+Bits = npt.NDArray[np.bool_]
+StopGuest = Callable[[], Sequence[DeviceRecord]]
+
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveOptions:
+    """How a live save iterates (QEMU's migration parameters of the same names).
+
+    Args:
+        max_passes: live passes at most before the guest is stopped whatever is left.
+        downtime_limit: seconds the final pass (guest stopped) may take: iteration stops
+            once the pages left fit it at the bandwidth measured (QEMU's downtime-limit).
+        bandwidth_limit: bytes per second written at most (QEMU's max-bandwidth); None: no cap.
+        auto_converge: throttle the guest when it dirties pages faster than they are sent
+            (QEMU's auto-converge capability and its parameters); None: never throttle.
+        on_pass: called with each pass's statistics as it ends.
+    """
+
+    max_passes: int = 10
+    downtime_limit: float = 0.3
+    bandwidth_limit: float | None = None
+    auto_converge: AutoConverge | None = None
+    on_pass: Callable[[PassStats], None] | None = None
+
+    def replace(self, **changes: Any) -> LiveOptions:
+        return dataclasses.replace(self, **changes)
+
+
+LIVE_DEFAULTS = LiveOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class PassStats:
+    """One pass of a live save."""
+
+    index: int  # 1-based
+    stopped: bool  # the final pass, sent with the guest stopped
+    pages_sent: int  # pages this pass covered: every page in pass 1, the dirty ones after
+    pages_written: int  # of those, non-zero pages written (PAGE records in legacy)
+    pages_zero: int  # of those, zero pages (bit cleared / ZERO records)
+    bytes_written: int  # bytes this pass added to the file (page data and records)
+    seconds: float
+    throttle: int  # percent of the guest's time spent asleep (auto-converge) while this pass ran
+    pages_dirtied: int  # pages the guest dirtied while this pass ran (0 for the stopped pass)
+    run_seconds: float  # seconds the guest ran while this pass ran (throttle sleeps excluded)
+    dirty_rate: float  # pages_dirtied per second of guest run time (0 when it did not run)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSaveReport(TimedReport):
+    path: str
+    format: str
+    file_size: int
+    allocated_bytes: int  # what the file occupies on disk (zero pages are holes in mapped-ram)
+    planned_size: int | None  # mapped-ram: the layout planner's size (equal to file_size)
+    machine_type: str
+    ram_bytes: int
+    channels: int
+    direct_io: bool
+    passes: list[PassStats]
+    stop_reason: str  # "converged" (the rest fit the downtime limit) or "max-passes"
+    downtime: float  # seconds from the stop request to the last byte of the stream
+    bandwidth: float  # page data (bytes) per second written by the last live pass that wrote any
+    downtime_limit: float
+    bandwidth_limit: float | None
+    auto_converge: bool
+    final_throttle: int  # percent, when the guest was stopped
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def growth(self) -> float:
+        """File size as a multiple of the RAM it holds."""
+        return self.file_size / self.ram_bytes if self.ram_bytes else 0.0
+
+    @property
+    def converged(self) -> bool:
+        return self.stop_reason == "converged"
+
+    @property
+    def downtime_met(self) -> bool:
+        return self.downtime <= self.downtime_limit
+
+    @property
+    def ok(self) -> bool:
+        """The save converged and the guest was stopped no longer than the downtime limit."""
+        return self.converged and self.downtime_met
+
+    def to_dict(self) -> dict[str, Any]:
+        d = TimedReport.to_dict(self)
+        d.update(growth=self.growth, converged=self.converged, downtime_met=self.downtime_met, ok=self.ok)
+        return d
+
+
+class _Loop:
+    """The pass loop shared by both formats; ``send`` writes one pass of pages."""
+
+    def __init__(
+        self,
+        trackers: Sequence[DirtyTracker],
+        npages: Sequence[int],
+        live: LiveOptions,
+        cpu: CpuThrottle | None,
+        progress: Progress | None,
+    ) -> None:
+        self.trackers = trackers
+        self.npages = npages
+        self.live = live
+        self.cpu = cpu
+        self.controller = None if live.auto_converge is None else ThrottleController(live.auto_converge)
+        self.throttle = Throttle(live.bandwidth_limit)
+        self.progress = progress
+        self.passes: list[PassStats] = []
+        self.bandwidth = 0.0
+        self.stop_reason = ""
+        self.downtime = 0.0
+        self.t_stop = 0.0
+        self._clock = 0.0  # guest run seconds (or wall seconds) at the last sync
+
+    def _guest_clock(self) -> float:
+        return self.cpu.run_seconds() if self.cpu is not None else time.perf_counter()
+
+    def _sync(self) -> tuple[list[Bits], int, float]:
+        """Sync every tracker: the dirty pages, their count, and the guest's run seconds since the last sync."""
+        dirty = [t.sync() for t in self.trackers]
+        now = self._guest_clock()
+        ran, self._clock = now - self._clock, now
+        return dirty, sum(int(np.count_nonzero(d)) for d in dirty), ran
+
+    def _record(
+        self, stopped: bool, sent: int, result: tuple[int, int, int], t0: float, throttle: int, dirtied: int, ran: float
+    ) -> PassStats:
+        written, zero, nbytes = result
+        seconds = time.perf_counter() - t0
+        rate = dirtied / ran if ran > 0 else 0.0
+        stats = PassStats(len(self.passes) + 1, stopped, sent, written, zero, nbytes, seconds, throttle, dirtied,
+                          ran, rate)  # fmt: skip
+        self.passes.append(stats)
+        if not stopped and seconds > 0 and written:
+            self.bandwidth = written * TARGET_PAGE_SIZE / seconds  # page data per second
+        if self.live.on_pass is not None:
+            self.live.on_pass(stats)
+        return stats
+
+    def _throttle(self) -> int:
+        return self.controller.pct if self.controller is not None else 0
+
+    # reference: migration_iteration_run (pending vs threshold), migration_bitmap_sync, ram_save_complete
+    def run(
+        self, send: Callable[[list[Bits] | None, bool], tuple[int, int, int]], stop: StopGuest
+    ) -> Sequence[DeviceRecord]:
+        for t in self.trackers:  # start tracking: what was written before is sent in pass 1 anyway
+            t.sync()
+        self._clock = self._guest_clock()
+        dirty: list[Bits] | None = None
+        sent = sum(self.npages)
+        while True:
+            throttle = self._throttle()
+            t0 = time.perf_counter()
+            result = send(dirty, False)
+            dirty, count, ran = self._sync()
+            stats = self._record(False, sent, result, t0, throttle, count, ran)
+            pending = count * TARGET_PAGE_SIZE
+            if self.controller is not None and self.cpu is not None:
+                # reference: migration_trigger_throttle (bytes dirtied vs bytes sent in the period)
+                pct = self.controller.after_pass(pending, stats.bytes_written)
+                if pct != throttle:
+                    self.cpu.set_throttle(pct)
+            # reference: migration_iteration_run (pending_size <= threshold_size = bandwidth * downtime_limit)
+            if pending == 0 or (self.bandwidth > 0 and pending / self.bandwidth <= self.live.downtime_limit):
+                self.stop_reason = "converged"
+                break
+            if len(self.passes) >= self.live.max_passes:
+                self.stop_reason = "max-passes"
+                break
+            sent = count
+        self.t_stop = time.perf_counter()
+        records = stop()
+        last, _, _ = self._sync()
+        final = [a | b for a, b in zip(last, dirty)]
+        t0 = time.perf_counter()
+        result = send(final, True)
+        self._record(True, sum(int(np.count_nonzero(d)) for d in final), result, t0, self._throttle(), 0, 0.0)
+        return records
+
+
+def live_save(
+    path: str | os.PathLike[str],
+    blocks: Mapping[str, object] | Sequence[tuple[str, object]],
+    trackers: Sequence[DirtyTracker],
+    *,
+    stop: StopGuest,
+    format: str = "mapped-ram",
+    machine_type: str = DEFAULT_MACHINE,
+    ram_section_id: int = 1,
+    cpu: CpuThrottle | None = None,
+    live: LiveOptions = LIVE_DEFAULTS,
+    options: EngineOptions = DEFAULTS,
+) -> LiveSaveReport:
+    """Save RAM that keeps changing, in passes, as a mapped-ram (or legacy) file QEMU loads.
+
+    ``blocks`` are the guest's RAM buffers (by QEMU block name, largest first) and
+    ``trackers`` their dirty trackers, one per block, in the same order. ``stop`` is
+    called once, after the last live pass: it must stop every writer of the buffers and
+    return the guest's device state (:class:`DeviceRecord` s, written as FULL sections
+    with their vmdesc entries). ``cpu`` is the writer's throttle and run-time clock:
+    needed for auto-converge, and it makes the dirty rate a rate per second the writer
+    ran (else per wall-clock second). ``live`` says how to iterate and ``options`` how
+    pages are written (``progress`` is called with the RAM bytes each piece of work covered).
+    The report says whether the save converged and met its downtime limit (:attr:`LiveSaveReport.ok`).
+    """
+    if live.auto_converge is not None and cpu is None:
+        raise UsageError("auto-converge needs the writer's throttle (cpu=)")
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
+    check_machine_type(machine_type)
+    if live.max_passes < 1:
+        raise UsageError(f"max_passes must be at least 1, not {live.max_passes}")
+    if live.downtime_limit < 0:
+        raise UsageError(f"downtime_limit must not be negative, got {live.downtime_limit}")
+    items = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
+    if len(trackers) != len(items):
+        raise UsageError(f"{len(items)} blocks but {len(trackers)} dirty trackers: give one per block")
+    ps = TARGET_PAGE_SIZE
+    views: list[tuple[str, memoryview]] = []
+    for (name, buf), tracker in zip(items, trackers):
+        view = block_view(buf, writable=False, name=name)
+        if len(view) == 0 or len(view) % ps:
+            raise UsageError(f"block {name!r}: size {len(view)} is not a positive multiple of {ps}")
+        if tracker.npages != len(view) // ps:
+            raise UsageError(f"block {name!r}: tracker covers {tracker.npages} pages, the block {len(view) // ps}")
+        views.append((name, view))
+    target = os.fspath(path)
+    layout = [(name, len(view)) for name, view in views]
+    loop = _Loop(trackers, [size // ps for _, size in layout], live, cpu, options.progress)
+
+    def spec(records: Sequence[DeviceRecord], mapped: bool) -> StreamSpec:
+        state, devices = encode_device_state(list(records), first_section_id=ram_section_id + 1)
+        return StreamSpec(
+            machine_type=machine_type,
+            capabilities=("mapped-ram",) if mapped else (),
+            ram_section_id=ram_section_id,
+            parts=max(1, len(loop.passes) - 1),
+            switchover_start=machine_has_switchover_start(machine_type),
+            device_state=state,
+            vmdesc=encode_vmdesc_json(devices, page_size=ps),
+        )
+
+    notes: list[str] = []
+    planned: list[int] = []
+    if format == "mapped-ram":
+        direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
+        body = _mapped_body(views, layout, spec, loop, stop, options.channels, direct, planned)
+    else:
+        direct = False
+        if options.direct_io:
+            notes.append("legacy stream: written through the page cache (its records are not aligned)")
+        body = _legacy_body(views, layout, spec, loop, stop)
+    written = commit(target, None, options.durable, notes, body)
+    return LiveSaveReport(
+        path=target,
+        format=format,
+        file_size=written.file_size,
+        allocated_bytes=allocated_bytes(target),
+        planned_size=planned[0] if planned else None,
+        machine_type=machine_type,
+        ram_bytes=written.pages * ps,
+        channels=written.channels,
+        direct_io=direct,
+        passes=loop.passes,
+        stop_reason=loop.stop_reason,
+        downtime=loop.downtime,
+        bandwidth=loop.bandwidth,
+        downtime_limit=live.downtime_limit,
+        bandwidth_limit=live.bandwidth_limit,
+        auto_converge=live.auto_converge is not None,
+        final_throttle=loop.passes[-1].throttle,
+        seconds=written.seconds,
+        notes=notes,
+    )
+
+
+def _mapped_body(
+    views: list[tuple[str, memoryview]],
+    layout: list[tuple[str, int]],
+    spec: Callable[[Sequence[DeviceRecord], bool], StreamSpec],
+    loop: _Loop,
+    stop: StopGuest,
+    channels: int,
+    direct: bool,
+    planned: list[int],
+) -> Callable[[int, str], Written]:
+    ps = TARGET_PAGE_SIZE
+    sources: list[PageSource] = [MemoryPages(v) for _, v in views]
+
+    def body(fd: int, work: str) -> Written:
+        t0 = time.perf_counter()
+        plan = plan_file(layout, spec([], True))  # page offsets do not depend on the tail
+        pwrite_full(fd, plan.head, plan.start, work)
+        for at, data in plan.entries:
+            pwrite_full(fd, data, at, work)
+        bits = [np.zeros(size // ps, dtype=np.bool_) for _, size in layout]
+        used = [0]
+
+        # reference: ram_save_iterate, ram_find_and_save_block, multifd_queue_page (mapped-ram slots)
+        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int]:
+            tasks = []
+            for i, lay in enumerate(plan.ram.blocks):
+                n = len(bits[i])
+                for first in range(0, n, CHUNK_PAGES):
+                    count = min(CHUNK_PAGES, n - first)
+                    mask = None if dirty is None else dirty[i][first : first + count]
+                    if mask is not None and not mask.any():
+                        continue
+                    tasks.append(
+                        WriteTask(i, first, count, lay.pages_offset + first * ps, bits[i][first : first + count], mask)
+                    )
+            if not tasks:
+                return 0, 0, 0
+            made: list[PageWriteChannel] = []
+
+            def make_channel(_: int) -> PageWriteChannel:
+                ch = PageWriteChannel(work, sources, ps, CHUNK_PAGES, direct=direct, on_write=loop.throttle)
+                made.append(ch)
+                return ch
+
+            run_tasks(tasks, make_channel, channels=max(1, min(channels, len(tasks))), progress=loop.progress)
+            used[0] = max(used[0], len(made))
+            if dirty is None:
+                sent = sum(len(b) for b in bits)
+                written = sum(int(np.count_nonzero(b)) for b in bits)
+            else:
+                sent = sum(int(np.count_nonzero(d)) for d in dirty)
+                written = sum(int(np.count_nonzero(b & d)) for b, d in zip(bits, dirty))
+            return written, sent - written, sum(ch.bytes_written for ch in made)
+
+        t1 = time.perf_counter()
+        records = loop.run(send, stop)
+        final = plan_file(layout, spec(records, True))
+        if final.ram != plan.ram:
+            raise AssertionError("the page layout moved with the device state")
+        # reference: ram_save_complete (mapped-ram: the bitmaps are written at completion)
+        for lay, b in zip(final.ram.blocks, bits):
+            pwrite_full(fd, encode_bitmap(b), lay.bitmap_offset, work)
+        pwrite_full(fd, final.tail, final.ram.eos_offset, work)
+        t2 = time.perf_counter()
+        loop.downtime = t2 - loop.t_stop
+        size = file_size(fd, work)
+        if size != final.file_size:
+            raise AssertionError(f"{work}: file is {size} bytes, the layout plans {final.file_size}")
+        planned.append(final.file_size)
+        return Written(
+            pages=sum(len(b) for b in bits),
+            pages_written=sum(int(np.count_nonzero(b)) for b in bits),
+            bytes_written=sum(p.bytes_written for p in loop.passes),
+            channels=used[0],
+            file_size=size,
+            seconds={"setup": t1 - t0, "live": loop.t_stop - t1, "stopped": t2 - loop.t_stop},
+        )
+
+    return body
+
+
+def _legacy_body(
+    views: list[tuple[str, memoryview]],
+    layout: list[tuple[str, int]],
+    spec: Callable[[Sequence[DeviceRecord], bool], StreamSpec],
+    loop: _Loop,
+    stop: StopGuest,
+) -> Callable[[int, str], Written]:
+    ps = TARGET_PAGE_SIZE
+    words = [np.frombuffer(v, dtype=np.uint64).reshape(-1, ps // 8) for _, v in views]
+
+    def body(fd: int, work: str) -> Written:
+        t0 = time.perf_counter()
+        plan = plan_legacy(layout, spec([], False))
+        out = SequentialWriter(fd, work, plan.start, buffer_bytes=LEGACY_STAGING)
+        out.append(plan.head)
+
+        # reference: ram_save_iterate / ram_save_complete -> ram_save_target_page_legacy
+        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int]:
+            if len(loop.passes) > 0:  # pass 1 follows the PART header ending ``head``
+                out.append(plan.end_head if stopped else plan.part_head)
+            before = out.offset
+            written = sent = 0
+            for i, (idstr, _) in enumerate(layout):
+                pages = np.arange(len(words[i])) if dirty is None else np.flatnonzero(dirty[i])
+                for k in range(0, len(pages), CHUNK_PAGES):
+                    chosen = pages[k : k + CHUNK_PAGES]
+                    data = words[i][chosen]  # a copy: the records hold one instant of each page
+                    nonzero: Bits = np.asarray(data.any(axis=1), dtype=np.bool_)
+                    addrs = chosen.astype(np.uint64) * np.uint64(ps)
+                    size = append_records(out, idstr if k == 0 else None, addrs, data.view(np.uint8), nonzero)
+                    written += int(np.count_nonzero(nonzero))
+                    sent += len(chosen)
+                    loop.throttle(size)
+                    if loop.progress is not None:
+                        loop.progress(len(chosen) * ps)
+            if not stopped:
+                out.append(plan.pass_end)
+            out.flush()
+            return written, sent - written, out.offset - before
+
+        t1 = time.perf_counter()
+        try:
+            records = loop.run(send, stop)
+            out.append(plan_legacy(layout, spec(records, False)).end_tail)
+        except BaseException:
+            out.discard()  # a failed save never writes its end
+            raise
+        out.close()
+        t2 = time.perf_counter()
+        loop.downtime = t2 - loop.t_stop
+        final = loop.passes[-1]
+        return Written(
+            pages=sum(len(w) for w in words),
+            pages_written=final.pages_written,
+            bytes_written=out.offset - plan.start,
+            channels=1,
+            file_size=out.offset,
+            seconds={"setup": t1 - t0, "live": loop.t_stop - t1, "stopped": t2 - loop.t_stop},
+        )
+
+    return body

@@ -1,0 +1,191 @@
+"""Restore RAM from any file mappedram reads into buffers or raw image files.
+
+The whole file is decoded and checked (:func:`mappedram.image.open_file`) before the
+first byte of destination memory is written; every destination is matched and sized
+first too. Then N channels read straight into the destination buffers. A file opened
+once is passed along: :func:`restore` takes an open :class:`MigrationFile` as well as a
+path, so a caller that inspected the file first (the vm restore) does not decode it again.
+
+References:
+    QEMU migration/ram.c (ram_load_precopy, read_ramblock_mapped_ram), migration/file.c.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from mappedram.engine.executor import run_tasks
+from mappedram.engine.fileio import map_file
+from mappedram.engine.pages import PageReadChannel, ReadTask
+from mappedram.errors import IncompleteRestoreError, IOEngineError, UsageError
+from mappedram.image import MigrationFile, RamBlock, open_file
+
+from .options import DEFAULTS, EngineOptions
+from .protocol import CHUNK_PAGES, resolve_direct
+from .writer import TimedReport, block_view
+
+__all__ = ["RestoreReport", "restore", "restore_files", "opened"]
+
+#: A file to read: a path, or a file already open (decoded and checked).
+Source = str | os.PathLike[str] | MigrationFile
+
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreReport(TimedReport):
+    path: str
+    blocks: list[str]
+    skipped_blocks: list[str]
+    ram_bytes: int
+    pages_read: int
+    pages_absent: int
+    channels: int
+    direct_io: bool
+    zero_absent: bool
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+
+@contextmanager
+def opened(source: Source, offset: int = 0) -> Iterator[MigrationFile]:
+    """``source`` open: as given if it is open already (the caller closes it), else opened here."""
+    if isinstance(source, MigrationFile):
+        yield source
+        return
+    with open_file(source, offset) as mf:
+        yield mf
+
+
+def restore(
+    source: Source,
+    blocks: Mapping[str, Any],
+    *,
+    offset: int = 0,
+    zero_absent: bool = False,
+    options: EngineOptions = DEFAULTS,
+) -> RestoreReport:
+    """Read the file's RAM blocks into writable buffers, by name.
+
+    ``source`` is a path (with the stream at ``offset``) or an open file. The whole file
+    is decoded and checked, and every destination matched and sized,
+    before anything is written. Pages whose bit is 0 (zero pages) are left untouched
+    unless ``zero_absent`` (for destinations that are not fresh). Blocks of the file
+    without a destination are skipped and listed in the report.
+    """
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    with opened(source, offset) as mf:
+        dests: list[memoryview] = []
+        chosen = []
+        for name, buf in blocks.items():
+            b = mf.block(name)
+            view = block_view(buf, writable=True, name=name)
+            if len(view) < b.used_length:
+                raise UsageError(
+                    f"destination of block {name!r} holds {len(view)} bytes; the file's block has {b.used_length}"
+                )
+            dests.append(view)
+            chosen.append(b)
+        direct = resolve_direct(mf.path, options.direct_io, options.direct_io_fallback, notes)
+        if direct and not mf.mapped_ram:
+            notes.append("legacy file: read through the page cache (its pages are not aligned)")
+            direct = False
+        tasks = [
+            ReadTask(i, first, b.sources(first, min(CHUNK_PAGES, b.num_pages - first)), zero_absent)
+            for i, b in enumerate(chosen)
+            for first in range(0, b.num_pages, CHUNK_PAGES)
+        ]
+        total = sum(b.used_length for b in chosen)
+        options.started(total)
+        made: list[PageReadChannel] = []
+
+        def make_channel(_: int) -> PageReadChannel:
+            ch = PageReadChannel(mf.path, dests, mf.page_size, CHUNK_PAGES, direct=direct)
+            made.append(ch)
+            return ch
+
+        t1 = time.perf_counter()
+        done = np.zeros(len(tasks), dtype=np.bool_)
+        try:
+            if tasks:
+                run_tasks(
+                    tasks,
+                    make_channel,
+                    channels=max(1, min(options.channels, len(tasks))),
+                    progress=options.progress,
+                    on_done=lambda i: done.__setitem__(i, True),
+                )
+        except IOEngineError as exc:
+            raise _incomplete(exc, tasks, done, chosen) from exc
+        t2 = time.perf_counter()
+        read = sum(ch.pages_read for ch in made)
+        pages = sum(b.num_pages for b in chosen)
+        return RestoreReport(
+            path=mf.path,
+            blocks=[b.idstr for b in chosen],
+            skipped_blocks=[b.idstr for b in mf.blocks if b not in chosen],
+            ram_bytes=total,
+            pages_read=read,
+            pages_absent=pages - read,
+            channels=len(made),
+            direct_io=direct,
+            zero_absent=zero_absent,
+            seconds={"validate": t1 - t0, "pages": t2 - t1},
+            notes=notes,
+        )
+
+
+def restore_files(
+    source: Source,
+    blocks: Sequence[tuple[str, str]],
+    *,
+    offset: int = 0,
+    zero_absent: bool = False,
+    options: EngineOptions = DEFAULTS,
+) -> RestoreReport:
+    """:func:`restore` into raw image files (created sparse, or grown, to the block's size)."""
+    with opened(source, offset) as mf:
+        sizes = {name: mf.block(name).used_length for name, _ in blocks}
+        maps = {name: map_file(dest, writable=True, size=sizes[name]) for name, dest in blocks}
+        try:
+            report = restore(mf, maps, zero_absent=zero_absent, options=options)
+            for m in maps.values():
+                m.flush()
+            return report
+        finally:
+            for m in maps.values():
+                m.close()
+
+
+def _incomplete(
+    exc: IOEngineError, tasks: Sequence[ReadTask], done: npt.NDArray[np.bool_], blocks: Sequence[RamBlock]
+) -> IncompleteRestoreError:
+    """Name the page ranges a failed restore may have left half-written (all others are complete)."""
+    ranges: list[dict[str, Any]] = []
+    for i in np.flatnonzero(~done).tolist():
+        t = tasks[i]
+        name, first, count = blocks[t.dest].idstr, t.first_page, len(t.src_offsets)
+        last = ranges[-1] if ranges else None
+        if last is not None and last["block"] == name and last["first_page"] + last["pages"] == first:
+            last["pages"] += count
+        else:
+            ranges.append({"block": name, "first_page": first, "pages": count})
+    where = "; ".join(f"{r['block']} pages {r['first_page']}..{r['first_page'] + r['pages'] - 1}" for r in ranges)
+    return IncompleteRestoreError(
+        f"restore failed ({exc}); destination may be incomplete in: {where}",
+        path=exc.path,
+        offset=exc.offset,
+        errno=exc.errno,
+        incomplete=ranges,
+    )
+
+

@@ -1,0 +1,165 @@
+"""The save protocol: how every writer of a snapshot file puts it on disk.
+
+Theory of operation (every writer, mapped-ram or legacy, static or live, uses this by
+calling :func:`commit` with a *body* that writes the file's bytes on a descriptor):
+
+* Rule 1, one save per target at a time: an exclusive, non-blocking flock on a lock
+  file beside the target (``.<name>.mappedram-lock``); a second save fails at once.
+* Rule 2, nothing half-written at the target: the body writes a temporary file
+  ``.<name>.mappedram-<pid>-<token>.tmp`` beside it (O_EXCL, mode 0600), which is fsynced,
+  renamed over the target, and the directory fsynced. A failure anywhere (in the body,
+  in the fsync, in the rename) unlinks the temporary file; the target keeps what it held.
+* Rule 3, in place (QEMU's ``file:PATH,offset=N``): the file is truncated at the offset
+  first (reference: file_connect_outgoing), and a failure truncates it back there.
+* Rule 4, leftovers: temporary files that killed saves left beside the target are
+  removed (with the lock held, so never a running save's) and the report says so.
+* Rule 5, the body never finalises on its error path: a file whose tail (bitmaps, EOF,
+  vmdesc) is missing never verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mappedram.engine.directio import probe_direct_io
+from mappedram.engine.fileio import (
+    close_fd,
+    close_quiet,
+    fsync,
+    fsync_dir,
+    list_dir,
+    lock_exclusive,
+    open_write,
+    replace,
+    truncate,
+    unlink_quiet,
+)
+from mappedram.errors import IOEngineError
+
+__all__ = [
+    "TEMP_MARKER",
+    "CHUNK_PAGES",
+    "Written",
+    "Body",
+    "commit",
+    "resolve_direct",
+    "temp_name",
+    "lock_name",
+    "remove_leftovers",
+]
+
+#: Temporary files of saves in progress are named ``.<target>.mappedram-<pid>-<token>.tmp``.
+TEMP_MARKER = ".mappedram-"
+#: Pages per channel task (8 MiB of 4 KiB pages).
+CHUNK_PAGES = 2048
+
+
+@dataclass(slots=True)
+class Written:
+    """What a format writer (a body) reports to the save protocol around it."""
+
+    pages: int = 0
+    pages_written: int = 0
+    bytes_written: int = 0
+    channels: int = 1
+    file_size: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    machine_type: str | None = None  # when the writer learns it as it goes
+
+
+#: ``body(fd, work_path) -> Written``: writes the whole file on ``fd`` (opened on ``work_path``).
+Body = Callable[[int, str], Written]
+
+
+def resolve_direct(path: str, direct_io: bool, fallback: bool, notes: list[str]) -> bool:
+    """Whether page I/O of a file at ``path`` uses O_DIRECT: asked for, and the filesystem takes it
+    (else, with ``fallback``, a note and the page cache; without it, an error)."""
+    if not direct_io:
+        return False
+    reason = probe_direct_io(os.path.dirname(os.path.abspath(path)) or ".")
+    if reason is None:
+        return True
+    if fallback:
+        notes.append(f"{reason}: wrote through the page cache instead")
+        return False
+    raise IOEngineError(f"{reason} (use buffered I/O, or allow the fallback)", path=path)
+
+
+def commit(target: str, offset: int | None, durable: bool, notes: list[str], body: Body) -> Written:
+    """Run ``body`` under the save protocol (module docstring); ``seconds["sync"]`` is added."""
+    in_place = offset is not None
+    start = offset or 0
+    lock = lock_exclusive(lock_name(target), target)
+    try:
+        leftovers = remove_leftovers(target)
+        if leftovers:
+            notes.append(f"removed {len(leftovers)} temporary file(s) of interrupted saves")
+        work = target if in_place else temp_name(target)
+        fd = open_write(work, exclusive=not in_place, mode=0o600)
+        try:
+            if in_place:
+                # reference: file_connect_outgoing (truncate to the start offset, keep what lies before).
+                # A new temporary file is empty already; truncating it would make ext4 flush it at close.
+                truncate(fd, start, work)
+            result = body(fd, work)
+            t0 = time.perf_counter()
+            if durable:
+                fsync(fd, work)
+            close_fd(fd, work)
+            fd = -1
+            if not in_place:
+                replace(work, target)
+                if durable:
+                    fsync_dir(os.path.dirname(os.path.abspath(target)) or ".")
+            result.seconds["sync"] = time.perf_counter() - t0
+        except BaseException:
+            if fd >= 0:
+                close_quiet(fd)
+            if in_place:
+                _cut_back(target, start)
+            else:
+                unlink_quiet(work)
+            raise
+    finally:
+        close_fd(lock, lock_name(target))
+    return result
+
+
+def _cut_back(path: str, size: int) -> None:
+    """After a failed in-place save, drop the partial stream (bytes before ``size`` stay)."""
+    try:
+        fd = open_write(path, create=False)
+    except IOEngineError:
+        return
+    try:
+        truncate(fd, size, path)
+    except IOEngineError:
+        pass
+    finally:
+        close_quiet(fd)
+
+
+def temp_name(target: str) -> str:
+    head, tail = os.path.split(os.path.abspath(target))
+    return os.path.join(head, f".{tail}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def lock_name(target: str) -> str:
+    head, tail = os.path.split(os.path.abspath(target))
+    return os.path.join(head, f".{tail}{TEMP_MARKER}lock")
+
+
+def remove_leftovers(target: str) -> list[str]:
+    """Delete temporary files that interrupted saves to ``target`` left (call with the lock held)."""
+    head, tail = os.path.split(os.path.abspath(target))
+    prefix = f".{tail}{TEMP_MARKER}"
+    gone = []
+    for name in list_dir(head):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            unlink_quiet(os.path.join(head, name))
+            gone.append(name)
+    return gone

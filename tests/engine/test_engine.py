@@ -1,0 +1,125 @@
+"""The engine alone: positioned I/O that absorbs short transfers and signals, ordered lanes,
+and the staging writer of streamed files, buffered and O_DIRECT."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mappedram import ops
+from mappedram.engine.directio import probe_direct_io
+from mappedram.engine.faults import inject
+from mappedram.engine.fileio import open_write
+from mappedram.engine.sequential import SequentialWriter
+from mappedram.errors import IOEngineError
+from mappedram.ops import TEMP_MARKER, EngineOptions, restore, save
+from tests.helpers import ROOT
+from tests.helpers.patterns import random_pages
+
+SRC = ROOT / "src"
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return [p for p in os.listdir(directory) if TEMP_MARKER in p and p.endswith(".tmp")]
+
+
+def _direct_ok(path: Path) -> None:
+    reason = probe_direct_io(str(path))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def test_short_writes_and_reads_and_eintr_are_absorbed(tmp_path):
+    data = random_pages(1024, 0.4, 7)
+    state = {"calls": 0}
+
+    def choppy(op: str, path: str, offset: int, length: int) -> int | None:
+        state["calls"] += 1
+        if state["calls"] % 7 == 0:
+            raise InterruptedError(errno.EINTR, "Interrupted system call")
+        return max(1, length // 3)  # a short transfer every time
+
+    target = tmp_path / "s.mig"
+    with inject(choppy):
+        save(target, {"pc.ram": data}, options=EngineOptions(channels=3))
+        dest = np.zeros_like(data)
+        restore(target, {"pc.ram": dest}, options=EngineOptions(channels=3))
+    assert np.array_equal(dest, data)
+    assert ops.verify(target).ok
+
+
+def test_zero_length_write_is_an_error(tmp_path):
+    with (
+        inject(lambda op, path, offset, length: 0 if op == "write" else None),
+        pytest.raises(IOEngineError, match="no progress"),
+    ):
+        save(tmp_path / "s.mig", {"pc.ram": random_pages(4, 0.0, 9)})
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "s.mig").exists()
+
+
+def test_lanes_keep_each_lanes_order_and_stop_on_the_first_error():
+    from mappedram.engine.executor import Lanes
+
+    seen: dict[int, list[int]] = {}
+    closed: list[int] = []
+
+    class Recorder:
+        def __init__(self, lane: int) -> None:
+            self.lane = lane
+            seen[lane] = []
+
+        def run(self, task: int) -> int:
+            if task == -1:
+                raise OSError(errno.EIO, "injected")
+            time.sleep(0.0005 * (task % 3))
+            seen[self.lane].append(task)
+            return 1
+
+        def close(self) -> None:
+            closed.append(self.lane)
+
+    lanes = Lanes(Recorder, lanes=3, depth=2)
+    for t in range(300):
+        lanes.submit(t % 3, t)
+    assert lanes.close() == 300
+    assert seen == {k: list(range(k, 300, 3)) for k in range(3)}
+    assert sorted(closed) == [0, 1, 2]
+
+    closed.clear()
+    with pytest.raises(OSError, match="injected"), Lanes(Recorder, lanes=2, depth=1) as failing:
+        for t in [0, 1, -1, *range(2, 10_000)]:
+            failing.submit(t % 2 if t >= 0 else 0, t)  # raises once the error is seen
+        failing.close()
+    assert sorted(closed) == [0, 1]  # every channel is closed, also after the error
+
+
+@pytest.mark.parametrize("start", [0, 8192])
+def test_staging_writer_direct_equals_buffered(tmp_path: Path, start: int) -> None:
+    _direct_ok(tmp_path)
+    rng = np.random.default_rng(start)
+    pieces = [rng.bytes(int(n)) for n in rng.integers(1, 70000, 60)]
+    files = {}
+    for direct in (False, True):
+        path = tmp_path / f"out-{direct}"
+        path.write_bytes(b"\x55" * start)
+        fd = open_write(str(path), create=False, direct=direct)
+        w = SequentialWriter(fd, str(path), start, buffer_bytes=1 << 18, direct=direct)
+        for i, p in enumerate(pieces):
+            if i % 3:
+                w.append(p)
+            else:
+                room = w.reserve(len(p) + 10)
+                room[: len(p)] = p
+                room.release()
+                w.commit(len(p))
+        w.close()
+        os.close(fd)
+        files[direct] = path.read_bytes()
+    assert files[True] == files[False] == b"\x55" * start + b"".join(pieces)
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        SequentialWriter(-1, "x", 100, direct=True)

@@ -1,0 +1,163 @@
+"""Auto-converge: QEMU's throttle rule, pass by pass, and live saves that converge because of it.
+
+The rule is checked against QEMU's own arithmetic (migration/ram.c, migration_trigger_throttle
+and mig_throttle_guest_down) on exact numbers; the live saves use a writer that is stepped
+before each sync (no thread), whose dirtying shrinks as its throttle grows, so every pass and
+every throttle step is the same on any machine. Convergence there is decided by pages left:
+with a downtime limit of 0 a save converges exactly when a pass leaves nothing dirty.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+from mappedram.errors import UsageError
+from mappedram.ops import AutoConverge, EngineOptions, LiveOptions, OwnerTracker, live_save
+from mappedram.ops.converge import ThrottleController, throttle_sleep
+from tests.helpers import strategies as mst
+
+PAGE = 4096
+
+
+def test_qemu_defaults_and_ranges() -> None:
+    a = AutoConverge()
+    assert (a.throttle_trigger_threshold, a.cpu_throttle_initial, a.cpu_throttle_increment, a.max_cpu_throttle) == (
+        50, 20, 10, 99)  # fmt: skip
+    assert not a.cpu_throttle_tailslow
+    for bad in ({"cpu_throttle_initial": 0}, {"max_cpu_throttle": 100}, {"throttle_trigger_threshold": 101},
+                {"cpu_throttle_initial": 50, "max_cpu_throttle": 40}):  # fmt: skip
+        with pytest.raises(UsageError, match=r"must (be|not exceed)"):
+            AutoConverge(**bad)  # type: ignore[arg-type]
+
+
+def test_throttle_needs_two_high_periods_each_time() -> None:
+    """dirty_rate_high_cnt counts periods over the threshold; a calm period does not reset it."""
+    c = ThrottleController(AutoConverge())
+    sent = 1000
+    steps = [(600, 0), (600, 20), (100, 20), (600, 20), (600, 30), (600, 30), (501, 40), (500, 40), (700, 40)]
+    got = []
+    for dirtied, _ in steps:
+        got.append(c.after_pass(dirtied, sent))
+    assert got == [want for _, want in steps]  # 500 is not over 50 % of 1000: no count
+
+
+def test_throttle_stops_at_the_maximum() -> None:
+    c = ThrottleController(AutoConverge(max_cpu_throttle=45))  # 20, 30, 40, then 45 at most
+    got = [c.after_pass(10, 10) for _ in range(12)]
+    assert got == [0, 20, 20, 30, 30, 40, 40, 45, 45, 45, 45, 45]
+
+
+def test_tailslow_takes_smaller_steps_near_the_threshold() -> None:
+    """cpu_ideal = cpu_now * threshold / dirtied; the step is at most the increment."""
+    c = ThrottleController(AutoConverge(cpu_throttle_tailslow=True))
+    c.after_pass(1000, 1000)
+    assert c.after_pass(1000, 1000) == 20  # first time: the initial value
+    c.after_pass(520, 1000)
+    # cpu_now 80, ideal 80 * 500 / 520 = 76.9: step int(3.07) = 3
+    assert c.after_pass(520, 1000) == 23
+    c.after_pass(4000, 1000)
+    assert c.after_pass(4000, 1000) == 33  # far over the threshold: the full increment
+
+
+@given(mst.auto_converge_params, mst.pass_bytes)
+def test_throttle_never_exceeds_its_maximum_nor_goes_down(params: dict[str, object], passes: list[tuple[int, int]]):
+    c = ThrottleController(AutoConverge(**params))  # type: ignore[arg-type]
+    last = 0
+    for dirtied, sent in passes:
+        pct = c.after_pass(dirtied, sent)
+        assert last <= pct <= c.params.max_cpu_throttle
+        assert pct == 0 or pct >= c.params.cpu_throttle_initial
+        last = pct
+
+
+def test_throttle_sleep_is_qemus_ratio() -> None:
+    assert throttle_sleep(0.01, 0) == 0.0
+    assert throttle_sleep(0.01, 50) == pytest.approx(0.01)
+    assert throttle_sleep(0.01, 99) == pytest.approx(0.99)
+
+
+class ThrottledWriter:
+    """Writes ``base * (100 - throttle) / 100 - floor`` fresh pages before each sync: a
+    writer that a throttle slows down, stepped by the save (no thread, no clock)."""
+
+    def __init__(self, npages: int, base: int, floor: int) -> None:
+        self.buf = mmap.mmap(-1, npages * PAGE)
+        self.words = np.frombuffer(self.buf, dtype=np.uint64).reshape(-1, PAGE // 8)
+        self.words[:] = 1
+        self.tracker = OwnerTracker(npages)
+        self.base, self.floor = base, floor
+        self.pct = 0
+        self.throttles: list[int] = []
+        self.ran = 0.0
+        self.step_no = 0
+        self.stopped = False
+
+    # CpuThrottle
+    def set_throttle(self, pct: int) -> None:
+        self.pct = pct
+        self.throttles.append(pct)
+
+    def run_seconds(self) -> float:
+        return self.ran
+
+    # DirtyTracker
+    @property
+    def npages(self) -> int:
+        return self.tracker.npages
+
+    def sync(self) -> np.ndarray:
+        if not self.stopped:
+            n = max(0, self.base * (100 - self.pct) // 100 - self.floor)
+            self.step_no += 1
+            pages = (np.arange(n) * 7 + self.step_no) % self.npages
+            self.words[pages, 0] = self.step_no + 2
+            self.tracker.mark_pages(pages)
+            self.ran += 1.0  # one "second" of run time per step, for the dirty rate
+        return self.tracker.sync()
+
+    def stop(self) -> list[object]:
+        self.stopped = True
+        return []
+
+
+def test_auto_converge_throttles_until_the_save_converges(tmp_path: Path) -> None:
+    """Unthrottled, the writer dirties 1000 pages a step and never lets the save converge;
+    auto-converge raises its throttle (20 %, then +10 % every second high pass) until its
+    dirtying stops (at 60 %: 1000 * 40 % - 400 = 0 pages): the save then converges."""
+    writer = ThrottledWriter(2048, base=1000, floor=400)
+    report = live_save(tmp_path / "a.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop, cpu=writer,
+                       live=LiveOptions(max_passes=30, downtime_limit=0.0, auto_converge=AutoConverge()),
+                       options=EngineOptions(durable=False))  # fmt: skip
+    assert report.converged and report.auto_converge and report.stop_reason == "converged"
+    assert not report.ok and not report.downtime_met  # a downtime of 0 s is never met: not OK, and it says so
+    assert writer.throttles == [20, 30, 40, 50, 60]
+    live = [p for p in report.passes if not p.stopped]
+    # Pass 1 sends all 2048 pages: 600 dirtied is under half of it. Each later pass sends the
+    # previous pass's dirty set, and every second pass that dirties over half of what it sent
+    # raises the throttle. Pass 10 dirties exactly half (100 of 200): not over, not counted.
+    assert [p.throttle for p in live] == [0, 0, 0, 20, 20, 30, 30, 40, 40, 50, 50, 50, 60]
+    assert [p.pages_dirtied for p in live] == [600, 600, 600, 400, 400, 300, 300, 200, 200, 100, 100, 100, 0]
+    assert [p.pages_sent for p in live] == [2048, 600, 600, 600, 400, 400, 300, 300, 200, 200, 100, 100, 100]
+    assert [p.dirty_rate for p in live] == [float(p.pages_dirtied) for p in live]  # one second of run per step
+    assert report.final_throttle == 60 and report.passes[-1].pages_sent == 0
+
+
+def test_without_auto_converge_the_same_writer_never_converges(tmp_path: Path) -> None:
+    writer = ThrottledWriter(2048, base=1000, floor=400)
+    report = live_save(tmp_path / "b.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop, cpu=writer,
+                       live=LiveOptions(max_passes=8, downtime_limit=0.0), options=EngineOptions(durable=False))  # fmt: skip
+    assert not report.converged and not report.ok and report.stop_reason == "max-passes"
+    assert writer.throttles == [] and all(p.throttle == 0 for p in report.passes)
+    assert len(report.passes) == 9 and report.passes[-1].pages_sent == 600
+
+
+def test_auto_converge_needs_the_writers_throttle(tmp_path: Path) -> None:
+    writer = ThrottledWriter(16, base=10, floor=0)
+    with pytest.raises(UsageError, match="auto-converge needs"):
+        live_save(tmp_path / "c.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop,
+                  live=LiveOptions(auto_converge=AutoConverge()))  # fmt: skip

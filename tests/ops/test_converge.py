@@ -105,6 +105,10 @@ class ThrottledWriter:
     def run_seconds(self) -> float:
         return self.ran
 
+    @property
+    def throttle(self) -> int:
+        return self.pct
+
     # DirtyTracker
     @property
     def npages(self) -> int:

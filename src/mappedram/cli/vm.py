@@ -63,6 +63,7 @@ def _live(args: argparse.Namespace, on_pass: Callable[[PassStats], None] | None)
     return LiveOptions(
         max_passes=args.max_passes,
         downtime_limit=args.downtime_limit,
+        downtime_margin=args.downtime_margin,
         bandwidth_limit=args.bandwidth_limit * 1e6 if args.bandwidth_limit else None,
         auto_converge=auto,
         on_pass=on_pass,
@@ -158,6 +159,9 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--downtime-limit", type=float, default=defaults.downtime_limit, metavar="S",
                        help="stop iterating when the rest fits this many seconds"
                             f" (default {defaults.downtime_limit:g})")  # fmt: skip
+        p.add_argument("--downtime-margin", type=float, default=defaults.downtime_margin, metavar="F",
+                       help="share of the downtime limit the estimated final pass may fill"
+                            f" (default {defaults.downtime_margin:g}; 1: QEMU's rule)")  # fmt: skip
         p.add_argument("--bandwidth-limit", type=float, metavar="MB_S",
                        help="cap on the bytes written per second, in MB/s (default: none)")  # fmt: skip
         p.add_argument("--no-auto-converge", action="store_true", help="never throttle the guest")

@@ -69,6 +69,11 @@ class CpuThrottle(Protocol):
         """Seconds the writer has run so far, its throttle sleeps and pauses excluded."""
         ...
 
+    @property
+    def throttle(self) -> int:
+        """The throttle in force, in percent."""
+        ...
+
 
 def throttle_sleep(ran: float, pct: int) -> float:
     """How long to sleep after running ``ran`` seconds at ``pct`` percent (cpu_throttle_thread)."""

@@ -496,6 +496,11 @@ class Guest(Protocol):
         """Seconds of throttle sleep asked for so far."""
         ...
 
+    @property
+    def throttle(self) -> int:
+        """The throttle in force, in percent."""
+        ...
+
     def check(self, cpu: GuestCpu) -> GuestCheckReport:
         """The paused guest's registers and RAM against the recomputation."""
         ...

@@ -474,7 +474,8 @@ def _same_memory(a: Any, b: Any, chunk: int = 64 << 20) -> bool:
 
 
 def _replay_throttle(vm: Guest, schedule: list[int], live: LiveOptions) -> LiveOptions:
-    """Live options that set the guest's throttle of pass k to ``schedule[k]`` (no auto-converge)."""
+    """Live options that run ``len(schedule) - 1`` live passes and a stopped one with the guest's
+    throttle of pass k at ``schedule[k]`` (no auto-converge: the throttle is replayed)."""
     vm.set_throttle(schedule[0] if schedule else 0)
     user = live.on_pass
 
@@ -484,7 +485,7 @@ def _replay_throttle(vm: Guest, schedule: list[int], live: LiveOptions) -> LiveO
         if user is not None:
             user(stats)
 
-    return live.replace(auto_converge=None, max_passes=max(1, len(schedule)), downtime_limit=0.0, on_pass=on_pass)
+    return live.replace(auto_converge=None, max_passes=max(1, len(schedule) - 1), downtime_limit=0.0, on_pass=on_pass)
 
 
 def demo(
@@ -538,10 +539,11 @@ def demo(
         phase("the source runs on; the same live save as a legacy stream, with the same throttle")
         if step_batches is None:
             source.resume()
-        schedule = [p.throttle for p in mapped.passes if not p.stopped]
+        schedule = [p.throttle for p in mapped.passes]
         same = _replay_throttle(source, schedule, live)
         legacy = live_save_guest(source, legacy_path, "legacy", [], step_batches=step_batches, live=same,
                                  options=options)  # fmt: skip
     notes = list(mapped.notes)
-    return DemoReport(choice.kind, choice.reason, config.mem_mib, fill, warmup, mapped, legacy, restore_report, match,
+    warm = warmup if warmup_iterations is None else 0.0
+    return DemoReport(choice.kind, choice.reason, config.mem_mib, fill, warm, mapped, legacy, restore_report, match,
                       notes)  # fmt: skip

@@ -48,6 +48,7 @@ class VcpuThread:
         self._stop_requested = False
         self.error: BaseException | None = None
         self.io_exits = 0
+        self._resumes = 0  # times the thread left a pause: what resume() waits for
 
     @property
     def state(self) -> str:
@@ -98,9 +99,12 @@ class VcpuThread:
             self._raise_failure()
             if self._state != PAUSED:
                 raise UsageError(f"cannot resume a vCPU that is {self._state}")
+            # Wait for the thread to take the request, not for a state: it may run on to an
+            # exit that pauses it again (request_pause) before this thread looks.
+            taken = self._resumes
             self._pause_requested = False
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self._state != PAUSED)
+            self._cond.wait_for(lambda: self._resumes != taken or self._state in (STOPPED, FAILED))
             self._raise_failure()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
@@ -187,5 +191,6 @@ class VcpuThread:
                 self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
                 if self._stop_requested:
                     return
+                self._resumes += 1
                 self._state = RUNNING
                 self._cond.notify_all()

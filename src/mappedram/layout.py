@@ -92,9 +92,6 @@ class BlockLayout:
         """Where the next block entry (or the EOS) starts: pages_offset + used_length."""
         return self.pages_offset + self.used_length
 
-    def page_offset(self, index: int) -> int:
-        return self.pages_offset + index * self.page_size
-
     def header(self) -> MappedRamHeader:
         return MappedRamHeader(1, self.page_size, self.bitmap_offset, self.pages_offset)
 

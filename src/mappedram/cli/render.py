@@ -196,10 +196,6 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def _rate(x: float) -> str:
-    return f"{x:,.0f}" if x else "-"
-
-
 def render_passes(passes: list[PassStats]) -> list[str]:
     lines = [
         "  pass  pages sent     written        zero  written (MB)  seconds  throttle  dirtied  dirtied/s of guest run"

@@ -19,7 +19,7 @@ from mappedram.ops import FORMATS, AutoConverge, LiveOptions, PassStats, Progres
 from mappedram.vm import ops as vmops
 
 from . import render
-from .args import add_engine, add_output, emit, engine_options, show_progress
+from .args import add_engine, add_output, add_quiet, emit, engine_options, show_progress
 
 __all__ = ["add_commands"]
 
@@ -134,13 +134,16 @@ def add_commands(sub: Any) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         add_output(p)
-        p.add_argument("--quiet", "-q", action="store_true", help="no progress")
+        add_quiet(p)
+
+    def rate_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rate", type=float, metavar="N", help="guest page writes per second (default: unlimited)")
 
     def guest_opts(p: argparse.ArgumentParser, mem: int) -> None:
         p.add_argument("--mem", type=int, default=mem, metavar="MIB", help=f"guest RAM in MiB (default {mem})")
         p.add_argument("--guest", choices=vmops.GUEST_KINDS, default="auto",
                        help="kvm (the micro-VM on /dev/kvm), software, or auto: kvm where it works")  # fmt: skip
-        p.add_argument("--rate", type=float, metavar="N", help="guest page writes per second (default: unlimited)")
+        rate_opt(p)
         p.add_argument("--fill", type=float, default=0.5, metavar="F", help="share of RAM the guest fills")
         p.add_argument("--seed", type=int, default=1, help="the guest's seed")
         p.add_argument("--batch", type=int, default=4096, help="guest iterations between two exits (pause points)")
@@ -217,7 +220,7 @@ def add_commands(sub: Any) -> None:
     p = vsub.add_parser("restore", help="restore a saved guest into a fresh VM, check it, resume it, check again")
     p.add_argument("file", metavar="FILE", help="a file saved by `vm save` or the demo")
     run_opts(p)
-    p.add_argument("--rate", type=float, metavar="N", help="guest page writes per second once resumed")
+    rate_opt(p)
     add_engine(p)
     common(p)
     p.set_defaults(func=cmd_vm_restore)

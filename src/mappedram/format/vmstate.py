@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from mappedram.errors import FormatError, TruncatedError
+from mappedram.errors import FormatError
 
 from .constants import QEMU_VM_EOF, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL, QEMU_VM_VMDESCRIPTION
 from .structs import be32, pack_idstr
@@ -197,12 +197,6 @@ def _find_section_end(blob: bytes, body: int, footer: bytes, nxt: Any, last: int
                 return end
         at = blob.find(footer, at + 1)
     return None
-
-
-def truncated_tail(offset: int, needed: int) -> TruncatedError:
-    return TruncatedError(
-        "file ends inside the device state", offset=offset, field="device state", expected=f"{needed} more bytes"
-    )
 
 
 @dataclass(frozen=True, slots=True)

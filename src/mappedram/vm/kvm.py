@@ -542,11 +542,6 @@ class KvmVm:
         self._ioctl("KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION, updated)
         self._slots[slot] = updated
 
-    def dirty_logging(self, slot: int) -> bool:
-        """Whether ``slot`` has KVM_MEM_LOG_DIRTY_PAGES on."""
-        region = self._slots.get(slot)
-        return region is not None and bool(region.flags & KVM_MEM_LOG_DIRTY_PAGES)
-
     def get_dirty_log(self, slot: int) -> npt.NDArray[np.uint64]:
         """KVM_GET_DIRTY_LOG: the pages of ``slot`` written since the last call, and clear the log.
 

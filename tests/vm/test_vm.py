@@ -215,3 +215,38 @@ def test_demo_without_kvm_says_so_and_runs_the_software_guest() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("note: KVM cannot be used here (/dev/kvm: No such file or directory)"), proc.stdout
     assert "16 MiB software guest" in proc.stdout and "demo OK" in proc.stdout
+
+
+def test_software_guest_start_then_pause_at_once_never_hangs() -> None:
+    """A pause that comes before the guest's thread has even woken for the start must still
+    return (a hang guard: 60 s for 200 start/pause pairs), and the guest stays exact."""
+    import threading
+
+    from mappedram.vm.softvm import SoftVM
+
+    with SoftVM(16, batch=256) as vm:
+        vm.run_until(0)
+        done: list[bool] = []
+
+        def flip() -> None:
+            for _ in range(200):
+                vm.resume()
+                vm.pause()
+            done.append(True)
+
+        t = threading.Thread(target=flip, daemon=True)
+        t.start()
+        t.join(60)
+        assert done, "a pause right after a start never returned"
+        cpu = vm.pause()
+        assert vm.check(cpu).ok
+        assert vm.run_until(cpu.counter).counter == cpu.counter  # already there: nothing runs
+
+
+@needs_kvm
+def test_kvm_guest_run_until_a_point_already_reached_runs_nothing() -> None:
+    with vmops.make_guest("kvm", vmops.GuestConfig(mem_mib=16, batch=BATCH)) as vm:
+        assert vm.run_until(0).counter == 0
+        cpu = vm.run_until(2 * BATCH)
+        assert vm.run_until(BATCH).counter == cpu.counter == 2 * BATCH
+        assert vm.run_until(2 * BATCH).counter == 2 * BATCH

@@ -307,7 +307,7 @@ def render_demo(r: vmops.DemoReport) -> str:
     lines.append(render_live(r.legacy, title, judged=False))
     m, g = r.mapped_ram, r.legacy
     lines.append(
-        f"file size vs RAM, {len(m.passes)} passes each: mapped-ram {m.growth:.3f}x"
+        f"file size vs RAM, {len(m.passes)} and {len(g.passes)} passes: mapped-ram {m.growth:.3f}x"
         f" ({m.allocated_bytes / m.ram_bytes:.3f}x on disk), legacy {g.growth:.3f}x"
         f" ({g.allocated_bytes / g.ram_bytes:.3f}x on disk)"
     )

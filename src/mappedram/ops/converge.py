@@ -16,6 +16,10 @@ mig_throttle_guest_down; system/cpu-throttle.c, cpu_throttle_thread):
   timeslice it ran; the built-in guests sleep that share of each batch's run time
   (:meth:`mappedram.vm.guest.Guest.set_throttle`).
 
+QEMU evaluates the rule at the first bitmap sync after at least a second (over the syncs
+of that second: ``migration_bitmap_sync``); here each live pass is one period, so passes
+shorter than a second ramp the throttle sooner than QEMU would.
+
 This module is the policy only (numbers in, a percentage out); :mod:`.live` applies it.
 """
 
@@ -112,6 +116,6 @@ class ThrottleController:
             throttle_inc = p.cpu_throttle_increment
         else:
             cpu_now = 100 - self.pct
-            cpu_ideal = cpu_now * (bytes_dirty_threshold / bytes_dirty_period)
-            throttle_inc = min(int(cpu_now - cpu_ideal), p.cpu_throttle_increment)
+            cpu_ideal = int(cpu_now * (bytes_dirty_threshold / bytes_dirty_period))  # uint64_t in QEMU
+            throttle_inc = min(cpu_now - cpu_ideal, p.cpu_throttle_increment)
         self.pct = min(self.pct + throttle_inc, p.max_cpu_throttle)

@@ -134,7 +134,7 @@ class LiveSaveReport(TimedReport):
     passes: list[PassStats]
     stop_reason: str  # "converged" (the rest fit the downtime limit) or "max-passes"
     downtime: float  # seconds from the stop request to the last byte of the stream
-    bandwidth: float  # page data (bytes) per second of the last live pass of dirty pages (pass 2 on), 0 if none
+    bandwidth: float  # page bytes per second: the slower of the last two live passes of dirty pages (0: none)
     downtime_limit: float
     bandwidth_limit: float | None
     auto_converge: bool
@@ -182,6 +182,8 @@ class _Loop:
         self.live = live
         self.cpu = cpu
         self.controller = None if live.auto_converge is None else ThrottleController(live.auto_converge)
+        if self.controller is not None and cpu is not None:
+            self.controller.pct = cpu.throttle  # QEMU starts from the throttle in force (cpu_throttle_get_percentage)
         self.throttle = Throttle(live.bandwidth_limit)
         self.progress = progress
         self.passes: list[PassStats] = []
@@ -203,10 +205,10 @@ class _Loop:
         return dirty, sum(int(np.count_nonzero(d)) for d in dirty), ran
 
     def _record(
-        self, stopped: bool, sent: int, result: tuple[int, int, int], t0: float, throttle: int, dirtied: int, ran: float
+        self, stopped: bool, sent: int, result: tuple[int, int, int], seconds: float, throttle: int, dirtied: int,
+        ran: float,
     ) -> PassStats:
         written, zero, nbytes = result
-        seconds = time.perf_counter() - t0
         rate = dirtied / ran if ran > 0 else 0.0
         stats = PassStats(len(self.passes) + 1, stopped, sent, written, zero, nbytes, seconds, throttle, dirtied,
                           ran, rate)  # fmt: skip
@@ -237,8 +239,9 @@ class _Loop:
             throttle = self._throttle()
             t0 = time.perf_counter()
             result = send(dirty, False)
+            seconds = time.perf_counter() - t0  # the pass alone: the sync that follows is not its cost
             dirty, count, ran = self._sync()
-            stats = self._record(False, sent, result, t0, throttle, count, ran)
+            stats = self._record(False, sent, result, seconds, throttle, count, ran)
             pending = count * TARGET_PAGE_SIZE
             if self.controller is not None and self.cpu is not None:
                 # reference: migration_trigger_throttle (bytes dirtied vs bytes sent in the period)
@@ -260,7 +263,8 @@ class _Loop:
         final = [a | b for a, b in zip(last, dirty)]
         t0 = time.perf_counter()
         result = send(final, True)
-        self._record(True, sum(int(np.count_nonzero(d)) for d in final), result, t0, self._throttle(), 0, 0.0)
+        seconds = time.perf_counter() - t0
+        self._record(True, sum(int(np.count_nonzero(d)) for d in final), result, seconds, self._throttle(), 0, 0.0)
         return records
 
 

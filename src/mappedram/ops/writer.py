@@ -295,7 +295,12 @@ def save_legacy_sources(
             if wfd != fd:
                 close_quiet(wfd)
             raise
-        out.close()
+        try:
+            out.close()
+        except BaseException:
+            if wfd != fd:
+                close_quiet(wfd)
+            raise
         if wfd != fd:
             close_fd(wfd, work)
         t2 = time.perf_counter()

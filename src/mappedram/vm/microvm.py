@@ -297,8 +297,12 @@ class MicroVM:
         """Run until the first exit at which the loop has done at least ``counter`` iterations
         (the fill done), and pause there: with ``counter`` a multiple of the batch, exactly there.
 
-        From a new VM this starts it (the fill first); from a paused one it resumes it.
+        From a new VM this starts it (the fill first); from a paused one it resumes it. A
+        guest paused in its loop with ``counter`` iterations done already stays where it is.
         """
+        if self._runner.state == "paused" and self._phase() == PHASE_LOOP:
+            if int(self._status_words()[S_COUNTER // 8]) >= counter:
+                return capture_cpu(self._vcpu)
         self._stop_at = counter
         try:
             if self._runner.state == "new" and not self._restored:

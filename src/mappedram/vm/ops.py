@@ -46,6 +46,7 @@ from .softvm import SOFTCPU_IDSTR, SoftCpu, SoftVM
 __all__ = [
     "GUEST_KINDS",
     "VM_LIVE_DEFAULTS",
+    "DEMO_OPTIONS",
     "GuestConfig",
     "GuestChoice",
     "choose_guest",
@@ -68,6 +69,8 @@ FILL_TIMEOUT = 600.0
 #: How a live save of the built-in guest iterates by default: auto-converge on, and
 #: enough passes for QEMU's throttle ramp (20 % + 10 % every second high pass) to reach 99 %.
 VM_LIVE_DEFAULTS = LiveOptions(max_passes=30, downtime_limit=0.3, auto_converge=AutoConverge())
+#: The demo's page I/O: O_DIRECT where the filesystem takes it, the page cache elsewhere.
+DEMO_OPTIONS = EngineOptions(direct_io=True, direct_io_fallback=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -498,7 +501,7 @@ def demo(
     run_iterations: int | None = None,
     step_batches: int | None = None,
     live: LiveOptions = VM_LIVE_DEFAULTS,
-    options: EngineOptions = DEFAULTS,
+    options: EngineOptions = DEMO_OPTIONS,
     on_phase: Callable[[str], None] | None = None,
 ) -> DemoReport:
     """Start the guest, save it live as mapped-ram, restore it into a fresh VM and compare it

@@ -153,9 +153,12 @@ class SoftGuest:
                     if not self._run or self._quit:
                         self._idle = True
                         self._cond.notify_all()
-                        self._cond.wait_for(lambda: (self._run and not self._idle) or self._quit)
+                        # start() clears _idle; then look again from the top, since a pause or
+                        # a stop point may have come before this thread woke
+                        self._cond.wait_for(lambda: not self._idle or self._quit)
                         if self._quit:
                             return
+                        continue
                     st = self._state
                 t0 = time.monotonic()
                 if not st.filled:

@@ -136,7 +136,7 @@ CASES = {
     "device section renamed": (
         lambda d: _patch(d, d.index(b"\x05timer"), b"\x05tamer"),
         FormatError,
-        "does not match the vmdesc",
+        "describes device section 0 as 'timer'",
         None,
     ),
     "idstr not UTF-8": (lambda d: _patch(d, d.index(b"\x06pc.ram") + 1, b"\xff\xfe"), FormatError, "UTF-8", None),

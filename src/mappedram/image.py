@@ -230,6 +230,17 @@ class MigrationFile:
             raise TruncatedError("file shrank while open", offset=self.device_state_offset, path=self.path)
         return data
 
+    def configuration_bytes(self) -> bytes:
+        """The configuration section after its type byte (empty when the stream has none)."""
+        c = self.configuration
+        if c.machine_type is None:
+            return b""
+        length = c.end_offset - c.offset - 1
+        data = pread_upto(self._fd, length, c.offset + 1, self.path)
+        if len(data) != length:
+            raise TruncatedError("file shrank while open", offset=c.offset, path=self.path)
+        return data
+
     # -- life cycle ------------------------------------------------------------------
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from mappedram.format.constants import (
     RAM_SECTION_IDSTR,
     RAM_SECTION_VERSION_ID,
     TARGET_PAGE_SIZE,
+    VALIDATED_CAPABILITIES,
 )
 from mappedram.format.encoder import (
     encode_command,
@@ -43,6 +44,7 @@ from mappedram.format.encoder import (
     encode_vmdesc,
 )
 from mappedram.format.structs import MappedRamHeader
+from mappedram.format.vmdesc import configuration_entry, describe_configuration
 
 __all__ = [
     "BlockLayout",
@@ -247,10 +249,18 @@ def plan_file(
     if spec.switchover_start:
         tail += encode_command(MIG_CMD_SWITCHOVER_START)
     tail += encode_section_end(sid) + encode_eos() + encode_footer(sid)
-    tail += spec.device_state
-    if spec.vmdesc is not None:
-        tail += encode_vmdesc(spec.vmdesc)
+    tail += spec.device_state + _trailer(spec)
     return FilePlan(start=start, head=head, entries=entries, ram=ram, tail=bytes(tail))
+
+
+# reference: qemu_savevm_state_header (the "configuration" entry opens the trailer)
+def _trailer(spec: StreamSpec) -> bytes:
+    """The vmdesc trailer, its configuration entry describing the configuration section
+    this plan writes (so QEMU's analyze-migration.py reads the stream), or b"" for none."""
+    if spec.vmdesc is None:
+        return b""
+    entry = configuration_entry(spec.machine_type, [c for c in VALIDATED_CAPABILITIES if c in spec.capabilities])
+    return encode_vmdesc(describe_configuration(spec.vmdesc, entry))
 
 
 def machine_has_switchover_start(machine_type: str) -> bool:
@@ -299,9 +309,7 @@ def plan_legacy(blocks: Sequence[tuple[str, int]], spec: StreamSpec, *, start: i
     head += encode_eos() + encode_footer(sid) + encode_section_part(sid)
     end_head = encode_command(MIG_CMD_SWITCHOVER_START) if spec.switchover_start else b""
     end_head += encode_section_end(sid)
-    end_tail = encode_eos() + encode_footer(sid) + spec.device_state
-    if spec.vmdesc is not None:
-        end_tail += encode_vmdesc(spec.vmdesc)
+    end_tail = encode_eos() + encode_footer(sid) + spec.device_state + _trailer(spec)
     return LegacyPlan(
         start=start,
         head=bytes(head),

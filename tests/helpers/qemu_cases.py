@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from .qemu_harness import PAGE_SIZE, QemuVM, file_uri, o_direct_supported, pattern_ram
+import mappedram
+from mappedram.ops import verify
+
+from .qemu_harness import PAGE_SIZE, QemuVM, file_uri, o_direct_supported, pattern_ram, require_qemu
 
 RAM_MIB = 64
 MACHINE_PREFIX = {"pc": "pc-i440fx-", "q35": "pc-q35-"}
@@ -113,3 +117,36 @@ def qemu_load(vm: QemuVM, path: Path, load: Variant, offset: int | None = None) 
     assert info["status"] == "completed", info
     status = vm.cmd("query-status")
     assert status["status"] != "running", status
+
+
+@functools.cache
+def qemu_trailer(machine: str, mapped_ram: bool) -> dict[str, Any]:
+    """The vmdesc trailer QEMU itself writes for ``machine`` with mapped-ram on or off
+    (a fresh save of a small guest, once per session): the oracle for ours."""
+    binary = require_qemu()
+    with tempfile.TemporaryDirectory(prefix="mappedram-trailer-") as tmp:
+        out = Path(tmp) / "qemu.mig"
+        qemu_save(binary, machine, write_src_ram(Path(tmp)), out, MAPPED_RAM if mapped_ram else LEGACY)
+        with mappedram.open_file(out) as mf:
+            assert mf.vmdesc is not None, "QEMU wrote no vmdesc trailer"
+            return dict(mf.vmdesc.data)
+
+
+def assert_trailer_like_qemu(path: Path, machine: str) -> None:
+    """``path``'s trailer describes its stream as QEMU's own would: the configuration entry
+    equals the one QEMU writes for that machine and format, key order and all; the trailer
+    opens with it, as QEMU's does; and verify (which walks every section with the
+    trailer, as QEMU's analyze-migration.py does) finds nothing wrong."""
+    with mappedram.open_file(path) as mf:
+        assert mf.vmdesc is not None, f"{path}: no vmdesc trailer"
+        ours = mf.vmdesc.data
+        mapped = mf.mapped_ram
+    qemu = qemu_trailer(machine, mapped)
+    assert list(ours)[:2] == list(qemu)[:2] == ["configuration", "page_size"], (list(ours), list(qemu))
+    assert ours["configuration"] == qemu["configuration"], (
+        f"{path}: configuration entry differs from QEMU's ({'mapped-ram' if mapped else 'legacy'}, {machine}):\n"
+        f"ours: {ours['configuration']}\nQEMU: {qemu['configuration']}"
+    )
+    assert ours["page_size"] == qemu["page_size"]
+    report = verify(path)
+    assert report.ok, report.problems

@@ -38,6 +38,7 @@ from tests.helpers.qemu_cases import (
     PREFILL,
     RAM_MIB,
     Variant,
+    assert_trailer_like_qemu,
     needs_o_direct,
     nonzero_pages,
     qemu_destination,
@@ -122,6 +123,7 @@ def test_qemu_loads_rewritten_file(tmp_path: Path, machine: str, source: Variant
         assert [b.idstr for b in f.blocks] == [b.idstr for b in q.blocks]
         assert f.block(BACKEND_ID).pages_present == nonzero_pages(pattern)
         assert f.device_state() == q.device_state()
+    assert_trailer_like_qemu(ours, machine)
 
     with qemu_destination(qemu_binary, machine, tmp_path) as vm:
         qemu_load(vm, ours, load)
@@ -196,6 +198,8 @@ def test_qemu_loads_save_from_buffer(tmp_path: Path, machine: str, case: BufferS
             assert out.read_bytes()[: case.offset] == PREFILL[: case.offset], "bytes before offset= were not kept"
         with mappedram.open_file(out, case.offset or 0) as f:
             assert [b.idstr for b in f.blocks] == [BACKEND_ID] and f.device_sections == [], f.device_sections
+        if case.offset is None:
+            assert_trailer_like_qemu(out, machine)
         qemu_load(vm, out, case.load, case.offset)
     _assert_dst_ram(tmp_path, pattern, f"save ({case.name}) on {machine}, loaded as {case.load.name}")
 
@@ -221,6 +225,7 @@ def test_qemu_loads_save_with_qemu_device_state(tmp_path: Path, machine: str) ->
             vmdesc=vmdesc,
             ram_section_id=section_id,
         )
+        assert_trailer_like_qemu(out, machine)
         qemu_load(vm, out, MULTIFD4)
     _assert_dst_ram(tmp_path, pattern, f"save with QEMU's device state on {machine}")
 
@@ -289,6 +294,7 @@ def test_qemu_loads_cli_save(tmp_path: Path) -> None:
         )
         assert proc.returncode == 0, f"mappedram save failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         assert _qemu_machine_type(out) == machine_type
+        assert_trailer_like_qemu(out, "pc")
         qemu_load(vm, out, MULTIFD4)
     _assert_dst_ram(tmp_path, src_ram.read_bytes(), "CLI save on pc")
 
@@ -312,6 +318,7 @@ def test_qemu_loads_converted_file(tmp_path: Path, machine: str, source: Variant
     assert proc.returncode == 0, proc.stderr
     with mappedram.open_file(qemu_file) as q, mappedram.open_file(ours) as f:
         assert f.format_name == to and f.device_state() == q.device_state()
+    assert_trailer_like_qemu(ours, machine)
     diff = subprocess.run([sys.executable, "-m", "mappedram", "diff", os.fspath(qemu_file), os.fspath(ours)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert diff.returncode == 0, diff.stdout + diff.stderr

@@ -274,7 +274,15 @@ def test_bad_requests() -> None:
 def test_qemu_loads_live_save(tmp_path: Path, fmt: str) -> None:
     """A live save of many passes loads into QEMU (mapped-ram on or off to match); its RAM
     equals the writer's RAM at the stop point."""
-    from tests.helpers.qemu_cases import LEGACY, MULTIFD4, RAM_MIB, qemu_destination, qemu_load, resolved_machine
+    from tests.helpers.qemu_cases import (
+        LEGACY,
+        MULTIFD4,
+        RAM_MIB,
+        assert_trailer_like_qemu,
+        qemu_destination,
+        qemu_load,
+        resolved_machine,
+    )
     from tests.helpers.qemu_harness import BACKEND_ID, first_mismatch, require_qemu
 
     qemu_binary = require_qemu()
@@ -286,6 +294,7 @@ def test_qemu_loads_live_save(tmp_path: Path, fmt: str) -> None:
         writer.start()
         report = live_save(out, {BACKEND_ID: buf}, [SteppingTracker(writer)], stop=lambda: (writer.stop(), [])[1], format=fmt, machine_type=resolved_machine(vm), live=LiveOptions(max_passes=4, downtime_limit=0.0))
         assert len(report.passes) == 5 and all(p.pages_sent for p in report.passes), report.passes
+        assert_trailer_like_qemu(out, "q35")
         qemu_load(vm, out, MULTIFD4 if fmt == "mapped-ram" else LEGACY)
     mismatch = first_mismatch((tmp_path / "dst.ram").read_bytes(), writer.at_stop)
     assert mismatch is None, f"QEMU's RAM after loading the live {fmt} save: {mismatch}"

@@ -136,17 +136,20 @@ def split_device_sections(blob: bytes, base: int, devices: list[dict[str, Any]])
     sections: list[DeviceSection] = []
     pos = 0
     last = len(blob) - 1  # index of the EOF byte
+    trailer = base + len(blob)  # the trailer follows the device state
     for index, device in enumerate(devices):
         name = device.get("name") if isinstance(device, dict) else None
         instance = device.get("instance_id") if isinstance(device, dict) else None
         header = _section_header(blob, pos)
         if header is None or header[1] != name or header[2] != instance:
+            found = f"section {header[1]!r} instance {header[2]}" if header else _what_is(blob, pos, last)
             raise FormatError(
-                f"device section {index} does not match the vmdesc",
+                f"the vmdesc trailer (at {trailer:#x}) describes device section {index} as {name!r} "
+                f"instance {instance}; the stream holds {found} there",
                 offset=base + pos,
                 field="section header",
                 expected=f"FULL section {name!r} instance {instance}",
-                actual=(f"{header[1]!r} instance {header[2]}" if header else blob[pos : pos + 16]),
+                actual=found,
             )
         section_id, idstr, instance_id, version_id, body = header
         footer = bytes([QEMU_VM_SECTION_FOOTER]) + struct.pack(">I", section_id)
@@ -174,29 +177,43 @@ def split_device_sections(blob: bytes, base: int, devices: list[dict[str, Any]])
         )
         pos = end
     if pos != last:
+        found = _what_is(blob, pos, last)
         raise FormatError(
-            "device state continues past the sections the vmdesc lists",
+            f"the stream holds {found} after the {len(devices)} device sections the vmdesc trailer "
+            f"(at {trailer:#x}) describes",
             offset=base + pos,
             field="QEMU_VM_EOF",
-            expected=f"EOF after {len(devices)} sections",
-            actual=blob[pos : pos + 16],
+            expected=f"QEMU_VM_EOF after {len(devices)} sections",
+            actual=found,
         )
     return sections
 
 
+def _what_is(blob: bytes, pos: int, last: int) -> str:
+    header = _section_header(blob, pos)
+    if header is not None:
+        return f"section {header[1]!r} instance {header[2]}"
+    return "QEMU_VM_EOF" if pos == last else f"bytes {blob[pos : pos + 8].hex(' ')}"
+
+
 def _find_section_end(blob: bytes, body: int, footer: bytes, nxt: Any, last: int) -> int | None:
+    """Past the footer that ends the section: the one followed by the next described
+    section, or for the last one by QEMU_VM_EOF; failing that, the first followed by any
+    section or by QEMU_VM_EOF, where the stream and the trailer part (the caller reports it)."""
+    undescribed = None
     at = blob.find(footer, body)
     while at >= 0:
         end = at + len(footer)
-        if nxt is None:
-            if end == last:
-                return end
-        else:
-            header = _section_header(blob, end)
-            if header is not None and header[1] == nxt.get("name") and header[2] == nxt.get("instance_id"):
-                return end
+        header = _section_header(blob, end)
+        if nxt is None and end == last:
+            return end
+        named = None if header is None else (header[1], header[2])
+        if nxt is not None and named == (nxt.get("name"), nxt.get("instance_id")):
+            return end
+        if undescribed is None and (header is not None or end == last):
+            undescribed = end
         at = blob.find(footer, at + 1)
-    return None
+    return undescribed
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import allocated_bytes
 from mappedram.errors import FormatError
 from mappedram.format.libvirt import QemuSaveFormat
+from mappedram.format.vmdesc import trailer_mismatches
 from mappedram.image import MigrationFile, RamBlock, open_file
 from mappedram.layout import plan_mapped_ram
 
@@ -250,6 +251,8 @@ _STRUCTURE_CHECKS = [
     "bitmaps readable, no bit past the end of a block",
     "device state delimited by the vmdesc, ends with QEMU_VM_EOF",
     "vmdesc trailer is valid JSON and ends the file",
+    "vmdesc trailer describes the stream as QEMU's analyze-migration.py reads it: page_size, the configuration "
+    "entry (every subsection the stream holds, none it lacks), each device's version, fields and subsections",
 ]
 
 _LIBVIRT_CHECKS = [
@@ -283,7 +286,7 @@ def verify(path: str | os.PathLike[str], offset: int = 0) -> VerifyReport:
                 f"QEMU stream at {mf.libvirt.stream_offset:#x}"
             )
         _check_device_ids(mf, problems)
-        _check_vmdesc_page_size(mf, problems)
+        _check_trailer(mf, problems)
         if mf.mapped_ram:
             _note_layout(mf, notes)
         if not mf.vmdesc:
@@ -347,20 +350,20 @@ def _check_device_ids(mf: MigrationFile, problems: list[Problem]) -> None:
         seen[d.section_id] = d.idstr
 
 
-def _check_vmdesc_page_size(mf: MigrationFile, problems: list[Problem]) -> None:
+def _check_trailer(mf: MigrationFile, problems: list[Problem]) -> None:
+    """The trailer describes the stream as QEMU's tools read it (format/vmdesc.py)."""
     if mf.vmdesc is None:
         return
-    ps = mf.vmdesc.data.get("page_size")
-    if ps is not None and ps != mf.page_size:
-        problems.append(
-            Problem(
-                "vmdesc page_size differs from the stream's",
-                mf.vmdesc.json_offset,
-                "page_size",
-                expected=str(mf.page_size),
-                actual=str(ps),
-            )
-        )
+    found = trailer_mismatches(
+        mf.vmdesc,
+        mf.configuration,
+        mf.configuration_bytes(),
+        mf.device_sections or [],
+        mf.device_state(),
+        mf.device_state_offset,
+        mf.page_size,
+    )
+    problems.extend(Problem.from_error(exc) for exc in found)
 
 
 def _note_layout(mf: MigrationFile, notes: list[str]) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -151,7 +153,69 @@ def test_second_save_to_same_target_fails_at_once(tmp_path):
     release.set()
     t.join()
     assert not errors and ops.verify(target).ok
+    assert _lock_files(tmp_path) == []
+    save(target, {"pc.ram": random_pages(4, 0.5, 5)})  # the lock was let go
     save(tmp_path / "other.mig", {"pc.ram": random_pages(4, 0.5, 4)})  # other targets are not locked
+
+
+def _lock_files(directory: Path) -> list[str]:
+    return [p for p in os.listdir(directory) if p.endswith(".mappedram-lock")]
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+def test_no_lock_file_after_a_save_completes_or_fails(tmp_path, where):
+    directory = tmp_path
+    if where == "shm":
+        if not os.path.isdir("/dev/shm"):
+            pytest.skip("no /dev/shm on this machine")
+        directory = Path(tempfile.mkdtemp(prefix="mappedram-lock-", dir="/dev/shm"))
+    try:
+        target = directory / "snap.mig"
+        save(target, {"pc.ram": random_pages(64, 0.5, 1)})
+        assert _lock_files(directory) == [] and ops.verify(target).ok
+        with inject(_fail_nth("write", 1, errno.EIO)), pytest.raises(IOEngineError):
+            save(target, {"pc.ram": random_pages(64, 0.5, 2)}, options=EngineOptions(channels=1))
+        assert _lock_files(directory) == [] and _leftovers(directory) == []
+        assert sorted(os.listdir(directory)) == ["snap.mig"]
+    finally:
+        if where == "shm":
+            shutil.rmtree(directory)
+
+
+def test_lock_left_by_a_killed_save_is_removed_by_the_next(tmp_path):
+    target = tmp_path / "snap.mig"
+    stale = tmp_path / ".snap.mig.mappedram-lock"
+    stale.touch()  # what a save killed while holding the lock leaves
+    save(target, {"pc.ram": random_pages(8, 0.5, 1)})
+    assert _lock_files(tmp_path) == []
+
+
+def test_lock_on_a_file_its_owner_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """Between our open and our flock, the owner finished and unlinked the lock file: that
+    lock excludes nobody, so it is dropped and the lock taken on the file the path names."""
+    from mappedram.engine import fileio
+
+    path = os.fspath(tmp_path / ".t.mappedram-lock")
+    real_flock = fileio.fcntl.flock
+    calls = []
+
+    def flock(fd, op):
+        if not calls:  # the first attempt: the owner lets go after our open
+            os.unlink(path)
+        calls.append(op)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fileio.fcntl, "flock", flock)
+    fd = fileio.lock_exclusive(path, "t")
+    monkeypatch.setattr(fileio.fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2, calls
+        assert os.path.samestat(os.fstat(fd), os.lstat(path))  # we hold the file the path names
+        with pytest.raises(IOEngineError, match="in use by another save"):
+            fileio.lock_exclusive(path, "t")
+    finally:
+        fileio.unlock_remove(fd, path)
+    assert not os.path.exists(path)
 
 
 def _fail_nth(op: str, n: int, err: int):

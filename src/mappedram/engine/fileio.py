@@ -39,6 +39,7 @@ __all__ = [
     "unlink_quiet",
     "map_file",
     "lock_exclusive",
+    "unlock_remove",
     "list_dir",
     "prefetch",
 ]
@@ -298,19 +299,51 @@ def map_file(path: str, *, writable: bool, size: int | None = None) -> mmap.mmap
 
 
 def lock_exclusive(path: str, what: str) -> int:
-    """Take an exclusive, non-blocking flock on ``path`` (created); return its fd, to close to unlock."""
+    """Take an exclusive, non-blocking flock on the lock file ``path``; return its fd.
+
+    The lock file exists only while it is held: :func:`unlock_remove` unlinks it before it
+    lets go. So a lock taken here must still be the file ``path`` names: an owner may have
+    unlinked it between this open and this flock (a new owner then created another), and
+    a lock on an unlinked file excludes nobody. Such a lock is dropped and taken again.
+    The file is opened without following a symlink and created 0600.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(1000):  # each turn means another owner came and went meanwhile
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise _fail(exc, "open", path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno_mod.EWOULDBLOCK, errno_mod.EAGAIN):
+                raise IOEngineError(f"{what} is in use by another save", path=path, errno=exc.errno) from None
+            raise _fail(exc, "lock", path) from None
+        try:
+            named = os.lstat(path)
+        except FileNotFoundError:
+            named = None
+        except OSError as exc:
+            os.close(fd)
+            raise _fail(exc, "stat", path) from None
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+    raise IOEngineError(f"{what}: the lock file keeps being replaced", path=path)
+
+
+def unlock_remove(fd: int, path: str) -> None:
+    """Release a lock of :func:`lock_exclusive`: unlink its file while still holding it, then close."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise _fail(exc, "open", path) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
     except OSError as exc:
         os.close(fd)
-        if exc.errno in (errno_mod.EWOULDBLOCK, errno_mod.EAGAIN):
-            raise IOEngineError(f"{what} is in use by another save", path=path, errno=exc.errno) from None
-        raise _fail(exc, "lock", path) from None
-    return fd
+        raise _fail(exc, "unlink", path) from None
+    close_fd(fd, path)
 
 
 def list_dir(path: str) -> list[str]:

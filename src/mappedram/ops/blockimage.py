@@ -17,7 +17,7 @@ from mappedram.errors import UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES
+from .protocol import CHUNK_PAGES, refuse_same_file
 
 __all__ = ["ExtractedBlock", "ExtractReport", "extract", "safe_filename"]
 
@@ -90,6 +90,8 @@ def extract(
         else:
             assert block is not None
             targets = [(mf.block(block), out)]
+        for _, dest in targets:
+            refuse_same_file(mf.path, dest, "extract")
         total = sum(b.used_length for b, _ in targets)
         options.started(total)
         start = time.perf_counter()

@@ -29,7 +29,7 @@ from mappedram.errors import IncompleteRestoreError, IOEngineError, UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, resolve_direct
+from .protocol import CHUNK_PAGES, refuse_same_file, resolve_direct
 from .writer import TimedReport, block_view
 
 __all__ = ["RestoreReport", "restore", "restore_files", "opened"]
@@ -154,6 +154,8 @@ def restore_files(
 ) -> RestoreReport:
     """:func:`restore` into raw image files (created sparse, or grown, to the block's size)."""
     with opened(source, offset) as mf:
+        for _, dest in blocks:
+            refuse_same_file(mf.path, dest, "restore")
         sizes = {name: mf.block(name).used_length for name, _ in blocks}
         maps = {name: map_file(dest, writable=True, size=sizes[name]) for name, dest in blocks}
         try:

@@ -4,7 +4,11 @@ Theory of operation (every writer, mapped-ram or legacy, static or live, uses th
 calling :func:`commit` with a *body* that writes the file's bytes on a descriptor):
 
 * Rule 1, one save per target at a time: an exclusive, non-blocking flock on a lock
-  file beside the target (``.<name>.mappedram-lock``); a second save fails at once.
+  file beside the target (``.<name>.mappedram-lock``); a second save fails at once. The
+  lock file lives only while its save runs: the owner unlinks it, still holding it, when
+  the save ends (completed or failed), and a lock taken on a file that was unlinked
+  meanwhile is taken again (engine/fileio.py, lock_exclusive). Only a killed save leaves
+  it behind, and the next save to that target removes it.
 * Rule 2, nothing half-written at the target: the body writes a temporary file
   ``.<name>.mappedram-<pid>-<token>.tmp`` beside it (O_EXCL, mode 0600), which is fsynced,
   renamed over the target, and the directory fsynced. A failure anywhere (in the body,
@@ -37,8 +41,9 @@ from mappedram.engine.fileio import (
     replace,
     truncate,
     unlink_quiet,
+    unlock_remove,
 )
-from mappedram.errors import IOEngineError
+from mappedram.errors import IOEngineError, UsageError
 
 __all__ = [
     "TEMP_MARKER",
@@ -50,6 +55,7 @@ __all__ = [
     "temp_name",
     "lock_name",
     "remove_leftovers",
+    "refuse_same_file",
 ]
 
 #: Temporary files of saves in progress are named ``.<target>.mappedram-<pid>-<token>.tmp``.
@@ -125,7 +131,7 @@ def commit(target: str, offset: int | None, durable: bool, notes: list[str], bod
                 unlink_quiet(work)
             raise
     finally:
-        close_fd(lock, lock_name(target))
+        unlock_remove(lock, lock_name(target))
     return result
 
 
@@ -163,3 +169,24 @@ def remove_leftovers(target: str) -> list[str]:
             unlink_quiet(os.path.join(head, name))
             gone.append(name)
     return gone
+
+
+def refuse_same_file(source: str | os.PathLike[str], output: str | os.PathLike[str], what: str) -> None:
+    """Refuse to write ``output`` when it is the file ``source`` (the same inode: the same
+    path, a symlink to it or a hard link of it). Reading a file while writing it, in place
+    or truncated at an offset first, would destroy the data being read: every command
+    that reads one file and writes another refuses, whatever the options."""
+    try:
+        out = os.stat(output)
+        src = os.stat(source)
+    except OSError:
+        return  # no such output yet (or no source: the reader says so)
+    if os.path.samestat(out, src):
+        if os.path.realpath(output) == os.path.realpath(source):
+            how = " (through a symlink)" if os.path.abspath(output) != os.path.abspath(source) else ""
+        else:
+            how = " (a hard link of it)"
+        raise UsageError(
+            f"{os.fspath(output)}: the output is the input file {os.fspath(source)} itself{how}; "
+            f"{what} cannot write into the file it reads: give another output path"
+        )

@@ -1,12 +1,18 @@
 """Guest-physical export against QEMU's own ``dump-guest-memory`` of the same stopped guest.
 
-Two kinds of guests, on ``pc`` and ``q35``:
+Three kinds of guests, on ``pc`` and ``q35``:
 
 * small (64 MiB, 2 vCPUs, TCG) running tests/data/bios/exportbios.S: it programs the host
   bridge (PAM modes, and on q35 SMRAM, TSEG and SMBASE) and halts in long mode with known
   registers, so the map, the EM_X86_64 notes and both CPUs' notes are exercised;
 * large (pc 4 GiB: split at 3 GiB; q35 3 GiB: split at 2 GiB), QEMU's default firmware,
-  paused at reset (never run): RAM above 4 GiB, the reset PAM state, EM_386 notes.
+  paused at reset (never run): RAM above 4 GiB, the reset PAM state, EM_386 notes;
+* with QEMU's default devices (VGA, a NIC; no -nodefaults), 64 MiB: SeaBIOS run until it
+  has mapped the VGA's BAR0 and its VGA BIOS has written the text screen (both polled over
+  QMP), so vga.vram shows behind BAR0; never run (on q35 also without SMM, where RAM shows
+  in the VGA window); and BARs programmed through the PCI configuration ports from the
+  monitor (0xcf8/0xcfc), for the ROM BAR, a disabled device and invalid or covered BARs
+  (these are saved with mapped-ram only).
 
 QEMU dumps the guest, then saves it (mapped-ram); a second QEMU of the same guest saves it
 in the legacy format. Our ELF export of either file must equal QEMU's dump byte for byte,
@@ -23,9 +29,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,7 +54,7 @@ from mappedram.format.x86map import (
 from mappedram.ops import EngineOptions
 from mappedram.ops.guestphys import guest_memory_map, section_bodies
 from tests.helpers import DATA as TEST_DATA
-from tests.helpers.qemu_harness import PAGE_SIZE, QemuVM, file_uri, require_qemu
+from tests.helpers.qemu_harness import PAGE_SIZE, QemuVM, file_uri, kvm_usable, require_qemu
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -158,7 +166,7 @@ def test_export_without_device_state_says_so(tmp_path: Path) -> None:
         f.seek(seg.file_offset)
         assert f.read(seg.size) == ram.tobytes()
     assert os.stat(elf).st_blocks * 512 < 64 * PAGE_SIZE  # zero pages are holes
-    with pytest.raises(mappedram.UsageError, match="overwrite"):
+    with pytest.raises(mappedram.UsageError, match="the output is the input file"):
         ops.export(path, path)
     with mappedram.open_file(path) as f:
         assert f.blocks[0].pages_present == 6
@@ -500,3 +508,191 @@ def test_large_exports_equal_qemu_dump(large: Saved) -> None:
     assert raw.stat().st_size == loads[-1].p_paddr + loads[-1].p_filesz
     _assert_same_bytes(raw, [p.p_paddr for p in loads], large.dump, loads)
     raw.unlink()
+
+
+# -- QEMU's default devices: RAM behind PCI BARs ----------------------------------------
+
+#: vga.vram: the VGA's 16 MiB BAR0 (vga_common_init's vgamem_mb default).
+VRAM_SIZE = 16 * MIB
+#: PCI_BAR_UNMAPPED as query-pci reports it (an int64).
+BAR_UNMAPPED = (-1, (1 << 64) - 1)
+
+
+class DefaultDevicesVM(QemuVM):
+    """The harness's guest, with QEMU's default devices: no ``-nodefaults`` (``-display none`` stays)."""
+
+    @property
+    def args(self) -> list[str]:
+        return [a for a in super().args if a != "-nodefaults"]
+
+
+def _hmp(vm: QemuVM, command: str) -> str:
+    return str(vm.cmd("human-monitor-command", {"command-line": command}))
+
+
+def _vga(vm: QemuVM) -> dict[str, Any]:
+    """query-pci's entry of the VGA controller (class 0x0300) on the root bus."""
+    [dev] = [d for bus in vm.cmd("query-pci") for d in bus["devices"] if d["class_info"]["class"] == 0x0300]
+    return dict(dev)
+
+
+def _vga_bar0(vm: QemuVM) -> tuple[int, int] | None:
+    """(address, size) of the VGA's BAR0 once QEMU has mapped it (pci_update_mappings), else None."""
+    [bar0] = [r for r in _vga(vm)["regions"] if r["bar"] == 0]
+    return None if bar0["address"] in BAR_UNMAPPED else (bar0["address"], bar0["size"])
+
+
+def _vga_text_written(vm: QemuVM) -> bool:
+    """The first words of the text screen (0xb8000, read through vga-lowmem) are no longer zero."""
+    out = _hmp(vm, "xp /8xw 0xb8000")
+    return any(int(w, 16) for line in out.splitlines() for w in line.partition(":")[2].split())
+
+
+def _poll(vm: QemuVM, done: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll ``done`` over QMP until it holds, the guest running; ``timeout`` only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what}: not seen within {timeout} s\n{vm.stderr[-2000:]}"
+        time.sleep(0.005)
+
+
+#: HMP's size letters: b(yte), h(alf word), w(ord).
+_HMP_SIZE = {1: "b", 2: "h", 4: "w"}
+
+
+def _pci_config_write(vm: QemuVM, dev: dict[str, Any], reg: int, value: int, size: int) -> None:
+    """Write the device's configuration space through the 0xcf8/0xcfc ports (HMP ``o``), as firmware does."""
+    bdf = (dev["bus"] << 16) | (dev["slot"] << 11) | (dev["function"] << 8)
+    _hmp(vm, f"o /w 0xcf8 {0x80000000 | bdf | (reg & ~3):#x}")
+    _hmp(vm, f"o /{_HMP_SIZE[size]} {0xCFC + (reg & 3):#x} {value:#x}")
+
+
+@dataclass(frozen=True)
+class DefaultsCase:
+    name: str
+    machine: str  # -machine, with properties
+    accel: str = "tcg"
+    ram_mib: int = 64
+    #: "ran": SeaBIOS run until VGA BAR0 is mapped and the text screen written; "reset": never run;
+    #: else a BAR programming scenario on the never-run guest (see _PROGRAMS)
+    state: str = "ran"
+
+    @property
+    def family_machine(self) -> str:
+        return self.machine.split(",")[0]
+
+
+#: VGA config writes (register, value, size) per scenario; the COMMAND register last, as firmware does.
+_PROGRAMS: dict[str, list[tuple[int, int, int]]] = {
+    "rom-and-bar0": [(0x10, 0xE0000000, 4), (0x30, 0xFEBE0001, 4), (0x04, 0x0002, 2)],
+    "memory-disabled": [(0x10, 0xE0000000, 4), (0x30, 0xFEBE0001, 4), (0x04, 0x0001, 2)],
+    "bar0-reaches-4g": [(0x10, 0xFF000000, 4), (0x30, 0xFEBE0000, 4), (0x04, 0x0002, 2)],  # ROM BAR not enabled
+    "bar0-over-ram": [(0x10, 0x03000000, 4), (0x04, 0x0002, 2)],  # with 56 MiB of RAM: half covered
+}
+
+
+def _save_defaults_guest(case: DefaultsCase, work: Path, dump_dir: Path) -> tuple[Saved, tuple[int, int] | None]:
+    require_qemu()
+    guest = Guest(case.name, case.family_machine, case.ram_mib, False)
+    ram = work / "guest.ram"
+    family = machine_family("pc-q35-10.0" if guest.machine == "q35" else "pc-i440fx-10.0")
+    _write_ram(ram, guest.ram_size, guest.addresses(ram_split(family, None, guest.ram_size).below_4g_mem_size))
+    saved = Saved(guest, dump_dir / f"{case.name}.dump", work / "mapped.mig", work / "legacy.mig", work)
+    with DefaultDevicesVM(ram, machine=case.machine, ram_mib=guest.ram_mib, accel=case.accel, workdir=work,
+                          name="src", timeout=60) as vm:  # fmt: skip
+        assert _vga_bar0(vm) is None  # at reset: COMMAND is 0
+        if case.state == "ran":
+            vm.cmd("cont")
+            _poll(vm, lambda: _vga_bar0(vm), "SeaBIOS mapping the VGA's BAR0")
+            _poll(vm, lambda: _vga_text_written(vm), "the VGA BIOS writing the text screen")
+            vm.cmd("stop")
+        elif case.state != "reset":
+            dev = _vga(vm)
+            for reg, value, size in _PROGRAMS[case.state]:
+                _pci_config_write(vm, dev, reg, value, size)
+        bar0 = _vga_bar0(vm)
+        vm.dump_guest_memory(saved.dump)
+        vm.save(file_uri(saved.mapped), {"mapped-ram": True}, timeout=300)
+    return saved, bar0
+
+
+DEFAULTS_RAN = [DefaultsCase("pc-defaults-ran", "pc"), DefaultsCase("q35-defaults-ran", "q35")]
+DEFAULTS_RESET = [
+    DefaultsCase("q35-defaults-reset", "q35", state="reset"),
+    DefaultsCase("q35-defaults-reset-no-smm", "q35,smm=off", state="reset"),
+    DefaultsCase("pc-defaults-reset", "pc", state="reset"),
+] + ([DefaultsCase("q35-defaults-reset-kvm", "q35", accel="kvm", state="reset")] if kvm_usable() else [])
+DEFAULTS_PROGRAMMED = [DefaultsCase(f"{m}-{p}", m, state=p, ram_mib=56 if p == "bar0-over-ram" else 64)
+                       for p in _PROGRAMS for m in ("pc", "q35")]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=DEFAULTS_RAN, ids=lambda c: c.name)
+def defaults_ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 dump_dir: Path) -> tuple[Saved, tuple[int, int] | None]:  # fmt: skip
+    case: DefaultsCase = request.param
+    return _save_defaults_guest(case, tmp_path_factory.mktemp(case.name), dump_dir)
+
+
+def _export_equals_dump(saved: Saved, out: Path) -> ops.ExportReport:
+    """Our ELF export of QEMU's mapped-ram save has QEMU's PT_LOADs, notes and bytes."""
+    report = ops.export(saved.mapped, out, options=EngineOptions(channels=2))
+    _assert_aligned_equals_dump(out, saved.dump)
+    return report
+
+
+@pytest.mark.qemu
+def test_defaults_ran_vram_behind_bar0_equals_qemu_dump(defaults_ran: tuple[Saved, tuple[int, int] | None],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    saved, bar0 = defaults_ran
+    assert bar0 is not None and bar0[1] == VRAM_SIZE
+    loads = _loads(saved.dump)
+    assert (bar0[0], VRAM_SIZE) in [(p.p_paddr, p.p_filesz) for p in loads]  # QEMU dumps vga.vram at BAR0
+    report = _export_equals_dump(saved, tmp_path / "ours.elf")
+    [vram] = [s for s in report.segments if s.block.endswith("/vga.vram")]
+    assert (vram.paddr, vram.size, vram.block_offset) == (bar0[0], VRAM_SIZE, 0)
+    assert not report.warnings, report.warnings
+    assert not any(b.endswith("vga.vram") for b in report.unplaced_blocks)
+    with saved.dump.open("rb") as f:  # the VGA BIOS's text screen is in vram's first page
+        f.seek(next(p.p_offset for p in loads if p.p_paddr == bar0[0]))
+        assert f.read(PAGE_SIZE) != bytes(PAGE_SIZE)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("case", DEFAULTS_RESET, ids=lambda c: c.name)
+def test_defaults_never_ran_equals_qemu_dump(case: DefaultsCase, tmp_path: Path, dump_dir: Path) -> None:
+    saved, bar0 = _save_defaults_guest(case, tmp_path, dump_dir)
+    assert bar0 is None
+    first = (_loads(saved.dump)[0].p_paddr, _loads(saved.dump)[0].p_filesz)
+    if case.machine == "q35,smm=off":
+        assert first == (0, 0xC0000)  # no SMRAM regions: RAM shows in the VGA window
+    elif case.accel == "tcg":
+        assert first == (0, 0xA0000)  # smram-region shows the PCI window, where vga-lowmem is
+    report = _export_equals_dump(saved, tmp_path / "ours.elf")
+    assert (report.segments[0].paddr, report.segments[0].size) == first
+    assert not report.warnings, report.warnings
+    vram = next(b for b in report.unplaced_blocks if b.endswith("/vga.vram"))
+    assert any(vram in n and "memory space disabled in the COMMAND register" in n for n in report.notes)
+    saved.dump.unlink()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("case", DEFAULTS_PROGRAMMED, ids=lambda c: c.name)
+def test_defaults_programmed_bars_equal_qemu_dump(case: DefaultsCase, tmp_path: Path, dump_dir: Path) -> None:
+    saved, bar0 = _save_defaults_guest(case, tmp_path, dump_dir)
+    loads = {p.p_paddr: p.p_filesz for p in _loads(saved.dump)}
+    report = _export_equals_dump(saved, tmp_path / "ours.elf")
+    assert not report.warnings, report.warnings
+    placed = {s.block.rpartition("/")[2]: (s.paddr, s.size, s.block_offset) for s in report.segments}
+    if case.state == "rom-and-bar0":
+        assert bar0 == (0xE0000000, VRAM_SIZE) and loads[0xE0000000] == VRAM_SIZE and loads[0xFEBE0000] == 0x10000
+        assert placed["vga.vram"] == (0xE0000000, VRAM_SIZE, 0) and placed["vga.rom"] == (0xFEBE0000, 0x10000, 0)
+    elif case.state == "bar0-over-ram":
+        # RAM (priority 0) covers the BAR's first 8 MiB; the PCI space (-1) shows the rest of vga.vram
+        assert bar0 == (0x03000000, VRAM_SIZE) and loads[56 * MIB] == 8 * MIB
+        assert placed["vga.vram"] == (56 * MIB, 8 * MIB, 8 * MIB)
+    else:
+        assert bar0 is None and not {"vga.vram", "vga.rom"} & set(placed)
+        reason = {"memory-disabled": "memory space disabled", "bar0-reaches-4g": "reaches 4 GiB"}[case.state]
+        assert any("vga.vram" in n and reason in n for n in report.notes), report.notes
+        assert {b.rpartition("/")[2] for b in report.unplaced_blocks} >= {"vga.vram", "vga.rom"}
+    saved.dump.unlink()

@@ -13,25 +13,38 @@ region                prio   content
 ====================  =====  =====================================================
 PAM segments (13)     1      0xc0000-0xfffff: RAM if the mode is 1-3, PCI if 0
 smram-region          1      0xa0000-0xbffff: PCI window (VGA) unless D_OPEN
+                             (q35: only with SMM ranges, see below)
 smram-open-high       1      q35: RAM 0xa0000.. at 0xfeda0000 if D_OPEN and H_SMRAME
 tseg-blackhole        1      q35: I/O, the top TSEG bytes of low RAM, if T_EN and G_SMRAME
 smbase-blackhole      1      q35: I/O at 0x30000-0x4ffff once F_SMBASE is locked
 ram-below-4g          0      RAM [0, below_4g_mem_size)
 ram-above-4g          0      RAM at 4 GiB, offset below_4g_mem_size in the block
 pci (container)       -1     pc.rom at 0xc0000, isa-bios (top 128 KiB of pc.bios) below
-                             1 MiB, pc.bios ending at 4 GiB, vga-lowmem (I/O) at 0xa0000
+                             1 MiB, pc.bios ending at 4 GiB, vga-lowmem (I/O) at 0xa0000,
+                             and the RAM behind the devices' BARs (prio 1, added last)
 ====================  =====  =====================================================
 
+The q35 MCH creates its SMRAM regions only when the machine has SMM (x86_machine_is_smm_enabled:
+always with TCG, with KVM when the host supports it, never with ``smm=off``). Without them
+nothing covers the legacy window, so ram-below-4g shows through the VGA window
+0xa0000-0xbffff; and mch_reset then leaves the SMRAM register 0, where it is otherwise
+never without its read-only C_BASE_SEG bits (0x02). That register tells the two apart.
+
 What the file does not hold, and is therefore assumed: ``max-ram-below-4g`` (QEMU's
-default unless given), SMM being enabled (QEMU's default on x86), memory mapped through
-PCI BARs (framebuffers, option ROM BARs), the VGA chain-4 window, DIMMs and NUMA layouts.
+default unless given), SMM being enabled on i440FX (its SMRAM window exists either way),
+the VGA chain-4 window, the kvmvapic ROM alias (RAM over RAM where PAM is RAM, as firmware
+leaves it), DIMMs and NUMA layouts. Where devices' BARs are (clipped to the windows of the
+bridges in front of them) is read from their configuration spaces by the caller
+(format/pci.py) and handed in as ``bars``.
 
 References:
     QEMU hw/i386/pc_piix.c (pc_init1: the below/above 4G split, gigabyte_align),
     hw/i386/pc_q35.c (pc_q35_init), hw/i386/pc.c (pc_memory_init, pc_pci_as_mapping_init),
     hw/i386/x86-common.c (x86_bios_rom_init, x86_isa_bios_init), hw/pci-host/pam.c
     (init_pam, pam_update), hw/pci-host/i440fx.c (i440fx_update_memory_mappings),
-    hw/pci-host/q35.c (mch_update_pam, mch_update_smram, mch_update_smbase_smram),
+    hw/pci-host/q35.c (mch_realize, mch_reset, mch_update, mch_update_pam, mch_update_smram,
+    mch_update_smbase_smram), hw/i386/x86.c (x86_machine_is_smm_enabled), hw/pci/pci.c
+    (pci_update_mappings),
     include/hw/pci-host/q35.h, system/memory_mapping.c (guest_phys_block_add_section).
 """
 
@@ -56,6 +69,7 @@ __all__ = [
     "host_bridge_reset",
     "guest_phys_blocks",
     "describe",
+    "mch_has_smm_ranges",
     "I440FX_PAM",
     "I440FX_SMRAM",
     "MCH_HOST_BRIDGE_PAM0",
@@ -92,6 +106,7 @@ MCH_HOST_BRIDGE_F_SMBASE = 0x9C
 MCH_HOST_BRIDGE_EXT_TSEG_MBYTES = 0x50
 MCH_HOST_BRIDGE_EXT_TSEG_MBYTES_QUERY = 0xFFFF
 MCH_HOST_BRIDGE_SMRAM_DEFAULT = 0x02  # SMRAM_C_BASE_SEG
+SMRAM_C_BASE_SEG_MASK = 0x07  # read-only: MCH_HOST_BRIDGE_SMRAM_WMASK(_LCK) never covers it
 MCH_HOST_BRIDGE_ESMRAMC_DEFAULT = 0x38  # SM_CACHE | SM_L1 | SM_L2
 MCH_HOST_BRIDGE_ESMRAMC_H_SMRAME = 0x80
 MCH_HOST_BRIDGE_ESMRAMC_TSEG_SZ_MASK = 0x06
@@ -262,7 +277,14 @@ def _sorted(regions: list[_Region]) -> list[_Region]:
     return [r for _, r in sorted(enumerate(regions), key=lambda ir: (-ir[1].priority, -ir[0]))]
 
 
-# reference: guest_phys_blocks_append, guest_phys_block_add_section, pc_memory_init, init_pam
+# reference: mch_realize, mch_reset (has_smm_ranges), pc_q35_init (x86_machine_is_smm_enabled)
+def mch_has_smm_ranges(bridge: HostBridge) -> bool:
+    """The MCH made its SMRAM regions (the machine has SMM): its SMRAM register keeps C_BASE_SEG."""
+    return bool(bridge.smram & SMRAM_C_BASE_SEG_MASK)
+
+
+# reference: guest_phys_blocks_append, guest_phys_block_add_section, pc_memory_init, init_pam,
+# pci_update_mappings (a BAR: memory_region_add_subregion_overlap(pci address space, addr, mr, 1))
 def guest_phys_blocks(
     family: str,
     split: RamSplit,
@@ -273,12 +295,16 @@ def guest_phys_blocks(
     option_rom: tuple[str, int] | None,
     vga: bool,
     smm: bool = True,
+    bars: Sequence[GuestPhysBlock] = (),
 ) -> list[GuestPhysBlock]:
     """The guest-physical RAM blocks dump-guest-memory would list, in address order.
 
     ``bios`` and ``option_rom`` are (idstr, size) of ``pc.bios`` and ``pc.rom`` when the
     file has them; ``vga`` says a VGA device claims the legacy window 0xa0000-0xbffff.
-    ``bridge`` None (unknown machine) leaves the legacy area to RAM.
+    ``bridge`` None (unknown machine) leaves the legacy area to RAM. ``bars`` are the RAM
+    regions mapped by PCI devices' BARs (in the PCI address space, at priority 1), in the
+    order the devices mapped them. ``smm`` False: the machine has no SMM (q35 without SMRAM
+    regions; a q35 bridge whose SMRAM register is 0 says so itself).
     """
     p = _Painter()
     below, above = split.below_4g_mem_size, split.above_4g_mem_size
@@ -291,6 +317,8 @@ def guest_phys_blocks(
         p.pci.append(_Region(FOUR_GIB - bios[1], FOUR_GIB, 0, "ram", bios[0], 0, "pc.bios"))
     if vga:
         p.pci.append(_Region(0xA0000, 0xC0000, 1, "io", name="vga-lowmem"))
+    for bar in bars:
+        p.pci.append(_Region(bar.target_start, bar.target_end, 1, "ram", bar.idstr, bar.offset, "pci-bar"))
     p.pci = _sorted(p.pci)
 
     regions = [_Region(0, below, 0, "ram", ram_block, 0, "ram-below-4g")]
@@ -333,8 +361,8 @@ def _bridge_regions(family: str, bridge: HostBridge, below: int, ram_size: int, 
         if not bridge.smram & SMRAM_D_OPEN:
             out.append(_Region(0xA0000, 0xC0000, 1, "pci", name="smram-region"))
         return out
-    if family != FAMILY_Q35 or not smm:
-        return out
+    if family != FAMILY_Q35 or not smm or not mch_has_smm_ranges(bridge):
+        return out  # mch_realize: no SMRAM regions; RAM shows in 0xa0000-0xbffff
     # reference: mch_update_smram (D_LCK clears D_OPEN)
     smram = bridge.smram & ~SMRAM_D_OPEN if bridge.smram & SMRAM_D_LCK else bridge.smram
     h_smrame = bool(bridge.esmramc & MCH_HOST_BRIDGE_ESMRAMC_H_SMRAME)

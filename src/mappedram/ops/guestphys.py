@@ -3,8 +3,11 @@
 The guest-physical map is rebuilt from the file (format/x86map.py): the machine type and
 the main RAM block's size give the below/above-4G split as QEMU computes it; the host
 bridge's device section (``I440FX`` or ``mch``, decoded with the vmdesc) gives the PAM
-and SMRAM registers that decide what shows in 0xa0000-0xfffff. The ``cpu`` sections,
-decoded with the vmdesc, give the NT_PRSTATUS and "QEMU" notes (format/x86cpu.py).
+and SMRAM registers that decide what shows in 0xa0000-0xfffff. Each PCI device's section
+gives its configuration space (format/pci.py): RAM blocks the device maps (framebuffers,
+option ROMs) are placed where its BARs are, when its COMMAND register enables them. The
+``cpu`` sections, decoded with the vmdesc, give the NT_PRSTATUS and "QEMU" notes
+(format/x86cpu.py).
 Page data is copied by the engine's sparse copy: pages that are zero (or absent from the
 file) are never written, so they stay holes in the output.
 
@@ -14,7 +17,8 @@ may make the output differ from what dump-guest-memory would have written are al
 
 References:
     QEMU dump/dump.c (dump_init, create_vmcore), system/memory_mapping.c,
-    target/i386/arch_dump.c, hw/i386/pc_piix.c, hw/i386/pc_q35.c, hw/pci-host/pam.c.
+    target/i386/arch_dump.c, hw/i386/pc_piix.c, hw/i386/pc_q35.c, hw/pci-host/pam.c,
+    hw/pci/pci.c (pci_update_mappings, pci_bar_address).
 """
 
 from __future__ import annotations
@@ -39,12 +43,14 @@ from mappedram.format.x86map import (
     decode_host_bridge,
     guest_phys_blocks,
     machine_family,
+    mch_has_smm_ranges,
     ram_split,
 )
 from mappedram.image import MigrationFile, open_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES
+from .pcimap import legacy_vga, pci_devices, place_bars, section_bodies
+from .protocol import CHUNK_PAGES, refuse_same_file
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -77,21 +83,6 @@ class GuestMemoryMap:
     unplaced: list[str]
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def section_bodies(mf: MigrationFile, vmsd_name: str) -> list[tuple[int, bytes, object]]:
-    """(instance_id, body, vmdesc fields) of every device section of ``vmsd_name``, in stream order."""
-    if mf.vmdesc is None or mf.device_sections is None:
-        return []
-    wanted = [(s, d) for s, d in zip(mf.device_sections, mf.vmdesc.devices) if d.get("vmsd_name") == vmsd_name]
-    if not wanted:
-        return []
-    blob = mf.device_state()
-    out = []
-    for section, desc in wanted:
-        at = section.body_offset - mf.device_state_offset
-        out.append((section.instance_id, blob[at : at + section.body_length], desc.get("fields")))
-    return out
 
 
 def _host_bridge(mf: MigrationFile, family: str) -> HostBridge | None:
@@ -138,23 +129,43 @@ def guest_memory_map(mf: MigrationFile, *, max_ram_below_4g: int | None = None) 
         f"4 GiB and {split.above_4g_mem_size:#x} from {split.above_4g_mem_start:#x}; max-ram-below-4g {limit} "
         "(a machine property, not in the file)"
     )
+    no_smram = family == FAMILY_Q35 and bridge is not None and not mch_has_smm_ranges(bridge)
+    if no_smram:
+        notes.append(
+            "the mch has no SMRAM regions (its SMRAM register is 0: the machine has no SMM, as with KVM "
+            "without SMM support or smm=off): RAM shows in 0xa0000-0xbffff"
+        )
     bios = _block_size(mf, "pc.bios")
     option_rom = _block_size(mf, "pc.rom")
-    vga = any(b.idstr.endswith("vga.vram") for b in mf.blocks)
-    if vga:
+    devices = pci_devices(mf)
+    vga_owner = legacy_vga(mf, devices)
+    if vga_owner is not None and not no_smram:
         notes.append(
-            "a VGA device claims 0xa0000-0xbffff (vga-lowmem): no RAM is placed there; dump-guest-memory "
-            "writes the vga.chain4 window of the framebuffer there in chain-4 video modes"
+            f"a VGA device claims 0xa0000-0xbffff (vga-lowmem of {vga_owner}): no RAM is placed there while the "
+            "host bridge routes it to PCI (SMRAM closed); dump-guest-memory writes the vga.chain4 window of the "
+            "framebuffer there in chain-4 video modes"
         )
-    blocks = guest_phys_blocks(family, split, main.idstr, bridge=bridge, bios=bios, option_rom=option_rom, vga=vga)
+    pci = place_bars(mf, devices)
+    if pci.placed:
+        notes.append("RAM behind PCI BARs: " + "; ".join(pci.placed))
+    if pci.unmapped:
+        notes.append("RAM of PCI devices not mapped (dump-guest-memory leaves it out too): " + "; ".join(pci.unmapped))
+    if pci.unknown:
+        warnings.append("RAM of PCI devices that cannot be placed: " + "; ".join(pci.unknown))
+    blocks = guest_phys_blocks(family, split, main.idstr, bridge=bridge, bios=bios, option_rom=option_rom,
+                               vga=vga_owner is not None, bars=pci.bars)  # fmt: skip
     placed = {b.idstr for b in blocks}
     unplaced = [b.idstr for b in mf.blocks if b.idstr not in placed]
-    if unplaced:
+    hidden = sorted({b.idstr for b in pci.bars} - placed)
+    if hidden:
+        notes.append("RAM behind PCI BARs wholly covered by regions of higher priority (RAM): " + ", ".join(hidden))
+    others = [idstr for idstr in unplaced if idstr not in pci.claimed]
+    if others:
         notes.append(
             "blocks not in the guest-physical map: "
-            + ", ".join(unplaced)
-            + " (fw_cfg blobs and flash are not RAM of the address space; memory behind PCI BARs, "
-            "DIMMs and further memory backends cannot be placed from the file)"
+            + ", ".join(others)
+            + " (fw_cfg blobs and flash are not RAM of the address space; DIMMs and further memory backends "
+            "cannot be placed from the file)"
         )
     return GuestMemoryMap(mf.machine_type, family, main.idstr, split, bridge, blocks, unplaced, notes, warnings)
 
@@ -233,8 +244,7 @@ def export(
     if format not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     out = os.fspath(output)
-    if os.path.exists(out) and os.path.samefile(out, path):
-        raise UsageError(f"{out}: the output would overwrite the migration file it is exported from")
+    refuse_same_file(path, out, "export")
     with open_file(path, offset) as mf:
         gmap = guest_memory_map(mf, max_ram_below_4g=max_ram_below_4g)
         if not gmap.blocks:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -46,7 +49,15 @@ def test_every_truncation_is_rejected(tmp_path, kind):
         with pytest.raises(FormatError) as info:
             _open(tmp_path, data[:cut])
         assert info.value.path is not None and info.value.offset is not None, cut
+        _says_truncated(info.value, cut)
         assert not ops.verify(tmp_path / "bad.mig").ok
+
+
+def _says_truncated(err: FormatError, size: int) -> None:
+    """A cut file's error says so, with the file's size, and points inside the file."""
+    text = str(err)
+    assert "truncated" in text and (f"{size:,}" in text or size == 0), (size, text)
+    assert err.offset is not None and 0 <= err.offset <= size, (size, text)
 
 
 def test_truncated_qemu_vectors(tmp_path, vector):
@@ -59,7 +70,36 @@ def test_truncated_qemu_vectors(tmp_path, vector):
             os.copy_file_range(fin.fileno(), fout.fileno(), cut, 0, 0) if cut else None
         report = ops.verify(dst)
         assert not report.ok, cut
-        assert report.problems[0].offset is not None
+        p = report.problems[0]
+        assert p.offset is not None and p.offset <= cut, (cut, p)
+        assert report.error_text is not None and "truncated" in report.error_text, (cut, report.error_text)
+        assert f"{cut:,}" in report.error_text or cut == 0, (cut, report.error_text)
+
+
+def test_cut_file_errors_read_alike_in_every_command(tmp_path, vector):
+    """One prefix for every command (``mappedram: FILE: ...``), the same fields in JSON."""
+    src, _ = vector("pc-64M-mapped-ram.mig")
+    cut = tmp_path / "cut.mig"
+    cut.write_bytes(src.read_bytes()[:300_000])
+    texts = []
+    for argv in (["info", cut], ["verify", cut], ["export", cut, "-o", tmp_path / "x.elf"],
+                 ["extract", cut, "--block", "m0", "-o", tmp_path / "m0.raw"], ["diff", cut, src]):  # fmt: skip
+        proc = _cli([os.fspath(a) for a in argv])
+        assert proc.returncode != 0, argv
+        assert proc.stderr.startswith(f"mappedram: {cut}: truncated: the file ends at byte 300,000"), proc.stderr
+        texts.append(proc.stderr.strip())
+        js = _cli([os.fspath(a) for a in argv] + ["--output", "json"])
+        data = json.loads(js.stdout)
+        fields = data["problems"][0] if argv[0] == "verify" else data
+        assert {"message", "offset", "field", "expected", "actual", "block", "error"} <= set(fields), data
+        assert fields["offset"] <= 300_000 and "truncated" in fields["message"], data
+    assert len(set(texts)) == 1, texts
+    assert not (tmp_path / "x.elf").exists() and not (tmp_path / "m0.raw").exists()
+
+
+def _cli(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mappedram", *argv], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 def _patch(data: bytes, at: int, new: bytes) -> bytes:
@@ -277,7 +317,7 @@ def test_legacy_claim_larger_than_file_is_rejected_before_allocation(tmp_path):
     huge = _patch(data, at, struct.pack(">Q", 1 << 50))  # a 1 PiB block: 2**38 pages
     huge = _patch(huge, data.index(b"\x03ram") + 12, struct.pack(">Q", (1 << 50) | 4))
     tracemalloc.start()
-    with pytest.raises(LayoutError, match="more pages than the file has bytes"):
+    with pytest.raises(LayoutError, match="more pages than the file's"):
         _open(tmp_path, huge)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

@@ -13,7 +13,10 @@
     │   └── IncompleteRestoreError      ... during a restore: lists the page ranges not restored
     └── KvmError                        /dev/kvm is missing or refused, or a KVM ioctl failed
 
-Every error carries keyword-only structured fields and renders them in ``str()``.
+Every error carries keyword-only structured fields and renders them in ``str()``, always
+in one shape: ``FILE: message (offset 0x.., field .., expected .., found ..)``; the CLI
+prints that after ``mappedram: ``, and ``to_dict()`` gives the same fields as JSON (the
+bare ``message``, the rendered ``text``).
 Any exception other than :class:`FormatError` (or :class:`IOEngineError` for
 OS failures) raised while decoding untrusted input is a bug.
 """
@@ -47,7 +50,7 @@ class MappedRamError(Exception):
         self.fields = fields
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error": type(self).__name__, "message": str(self), **self.fields}
+        return {"error": type(self).__name__, "message": self.message, **self.fields, "text": str(self)}
 
 
 class FormatError(MappedRamError):
@@ -90,17 +93,13 @@ class FormatError(MappedRamError):
         return self
 
     def __str__(self) -> str:
-        where = []
-        if self.path is not None:
-            where.append(self.path)
-        if self.offset is not None:
-            where.append(f"offset {self.offset:#x}")
-        text = ", ".join(where)
-        text = f"{text}: " if text else ""
-        if self.block is not None:
+        text = f"{self.path}: " if self.path is not None else ""
+        if self.block is not None and f"block {self.block!r}" not in self.message:
             text += f"block {self.block!r}: "
         text += self.message
         details = []
+        if self.offset is not None:
+            details.append(f"offset {self.offset:#x}")
         if self.field is not None:
             details.append(f"field {self.field}")
         if self.expected is not None:
@@ -153,9 +152,11 @@ class IOEngineError(MappedRamError):
         self.errno = errno
 
     def __str__(self) -> str:
-        where = [p for p in (self.path, None if self.offset is None else f"offset {self.offset:#x}") if p]
-        prefix = ", ".join(where)
-        return f"{prefix}: {self.message}" if prefix else self.message
+        text = f"{self.path}: {self.message}" if self.path is not None else self.message
+        details = [f"offset {self.offset:#x}"] if self.offset is not None else []
+        if self.length is not None:
+            details.append(f"{self.length} bytes")
+        return text + (" (" + ", ".join(details) + ")" if details else "")
 
 
 class IncompleteRestoreError(IOEngineError):

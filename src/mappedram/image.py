@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -320,8 +321,13 @@ def _decode(
 ) -> MigrationFile:
     size = file_size(fd, path)
     if start < 0 or start >= size:
+        what = "the file is empty (0 bytes)" if size == 0 else f"the file ends at byte {size:,} ({size:#x})"
         raise TruncatedError(
-            "no stream at the start offset", offset=start, field="offset", expected=f"< file size {size:#x}"
+            f"no migration stream at offset {start:#x}: {what} (truncated, or the wrong offset)",
+            offset=min(max(start, 0), size),
+            field="offset",
+            expected=f"a stream start below the file size {size:#x}",
+            actual=f"offset {start:#x}",
         )
     libvirt = None
     if is_libvirt_save(pread_upto(fd, 16, start, path)):
@@ -339,7 +345,10 @@ def _decode(
     ahead = start
     index: dict[str, int] = {}  # block idstr -> its place in ``blocks``, once the listener has them
     while device_at is None:
-        event = dec.next_event()
+        try:
+            event = dec.next_event()
+        except TruncatedError as exc:
+            raise _truncated(exc, size, blocks) from None
         if event is NEED_DATA:
             at = dec.feed_offset
             if at >= ahead and config is not None and not config.mapped_ram:
@@ -412,11 +421,12 @@ def _decode(
             require_vmdesc = config.machine_type is not None
         if require_vmdesc or not tail or tail[-1] != QEMU_VM_EOF:
             raise TruncatedError(
-                "no vmdesc trailer at the end of the file: the device state is cut off",
-                offset=size,
+                f"truncated: the file ends at byte {size:,} ({size:#x}), inside the device state that starts "
+                f"at {device_at:#x}: no vmdesc trailer ends the file",
+                offset=device_at,
                 field="QEMU_VM_VMDESCRIPTION",
-                expected="0x06 be32 len, JSON, ending the file",
-                actual="end of file",
+                expected="device sections, QEMU_VM_EOF, then 0x06 be32 len and the JSON text, ending the file",
+                actual=f"end of file at {size:#x}",
             )
         device_len = tail_len
     return MigrationFile(
@@ -434,6 +444,66 @@ def _decode(
         device_sections=device_sections,
         libvirt=libvirt,
     )
+
+
+def _truncated(exc: TruncatedError, size: int, blocks: Sequence[RamBlock]) -> TruncatedError:
+    """The decoder's "stream ends inside ..." restated for a person: the file's size, the
+    record or region the cut falls in, and what a whole file has there. Offsets in it lie
+    inside the file: a mapped-ram stream resumes past the page regions, which a cut file
+    may not reach."""
+    at = size if exc.offset is None else exc.offset
+    more = re.match(r"(\d+) more bytes", str(exc.expected or ""))
+    needed = at + int(more.group(1)) if more else at + 1
+    region = _region_at(size, blocks)
+    if region is not None:
+        where, start, end, block = region
+        return TruncatedError(
+            f"truncated: the file ends at byte {size:,} ({size:#x}), inside {where}",
+            offset=start,
+            field="file size",
+            expected=f"a file of at least {max(end, needed):,} bytes (that region ends at {end:#x})",
+            actual=f"{size:,} bytes",
+            block=block,
+        )
+    if at > size:
+        if any(b.layout is not None for b in blocks):
+            where = f"the mapped-ram page regions, before the stream resumes at {at:#x}"
+        else:  # a legacy scan steps over page data without reading it
+            where = "the data of a RAM page record"
+        return TruncatedError(
+            f"truncated: the file ends at byte {size:,} ({size:#x}), inside {where}",
+            offset=size,
+            field="file size",
+            expected=f"a file of at least {needed:,} bytes",
+            actual=f"{size:,} bytes",
+        )
+    return TruncatedError(
+        f"truncated: the file ends at byte {size:,} ({size:#x}), inside the {exc.field} at {at:#x}",
+        offset=at,
+        field=exc.field,
+        expected=f"the whole {exc.field}",
+        actual=f"end of file at {size:#x}",
+        block=exc.block,
+    )
+
+
+def _region_at(size: int, blocks: Sequence[RamBlock]) -> tuple[str, int, int, str] | None:
+    """The mapped-ram region (bitmap or pages) of a block that the end of the file cuts."""
+    for b in blocks:
+        lay = b.layout
+        if lay is None:
+            continue
+        if lay.bitmap_offset <= size < lay.bitmap_offset + lay.bitmap_size:
+            end = lay.bitmap_offset + lay.bitmap_size
+            return f"the dirty bitmap of block {b.idstr!r}", lay.bitmap_offset, end, b.idstr
+        if lay.pages_offset <= size < lay.end:
+            page = (size - lay.pages_offset) // lay.page_size
+            where = f"the page region of block {b.idstr!r} (page {page:,} of {lay.num_pages:,})"
+            return where, lay.pages_offset, lay.end, b.idstr
+        if lay.header_offset <= size < lay.end:
+            where = f"the padding before the bitmap or the pages of block {b.idstr!r}"
+            return where, lay.header_offset, lay.end, b.idstr
+    return None
 
 
 def _tell(

@@ -5,8 +5,9 @@
 * :mod:`.render`: the reports as text; :mod:`.args`: the shared options, defined once.
 
 The CLI imports the operations (:mod:`mappedram.ops`, :mod:`mappedram.vm.ops`) and the
-errors only. A :class:`~mappedram.errors.MappedRamError` becomes ``mappedram: error: ...``
-on stderr and the error's exit code (``--traceback`` shows the stack instead).
+errors only. A :class:`~mappedram.errors.MappedRamError` becomes ``mappedram: FILE: ...``
+on stderr (with ``--output json`` also its fields on stdout) and the error's exit code
+(``--traceback`` shows the stack instead).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if getattr(args, "output", None) == "json":
             print(json.dumps(exc.to_dict(), indent=2, default=str))
-        print(f"mappedram: error: {exc}", file=sys.stderr)
+        print(f"mappedram: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # Output piped into e.g. `head`: stop quietly, as a Unix tool should.

@@ -24,6 +24,8 @@ __all__ = [
     "engine_options",
     "show_progress",
     "progress_bar",
+    "quiet",
+    "note",
     "emit",
 ]
 
@@ -64,7 +66,12 @@ def add_output(p: argparse.ArgumentParser) -> None:
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print nothing but errors: no progress bar, no report, no notes (--output json still prints its JSON)",
+    )
 
 
 def add_channels(p: argparse.ArgumentParser) -> None:
@@ -137,8 +144,19 @@ def progress_bar(enabled: bool, label: str) -> Iterator[tuple[Progress | None, O
 
 
 def emit(args: argparse.Namespace, report: Any, render: Callable[[Any], str]) -> None:
-    """Print a report: ``to_dict()`` as JSON with ``--output json``, else its rendering."""
+    """Print a report: ``to_dict()`` as JSON with ``--output json``, else its rendering
+    (nothing with ``--quiet``)."""
     if args.output == "json":
         print(json.dumps(report.to_dict(), indent=2))
-    else:
+    elif not quiet(args):
         print(render(report))
+
+
+def quiet(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "quiet", False))
+
+
+def note(args: argparse.Namespace, text: str) -> None:
+    """A line for a person on stderr (a warning, where files were kept), unless ``--quiet``."""
+    if not quiet(args):
+        print(f"mappedram: {text}", file=sys.stderr)

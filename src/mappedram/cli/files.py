@@ -19,9 +19,11 @@ from .args import (
     add_quiet,
     emit,
     engine_options,
+    note,
     parse_size,
     parse_target,
     progress_bar,
+    quiet,
     show_progress,
 )
 
@@ -40,7 +42,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
-        print(render.render_verify(report))
+        if not quiet(args):
+            print(render.render_verify(report))
     else:
         print(f"mappedram: {render.render_verify(report)}", file=sys.stderr)
     return 0 if report.ok else 1
@@ -66,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             options=engine_options(args, update, start),
         )  # fmt: skip
     for w in report.warnings:
-        print(f"mappedram: warning: {w}", file=sys.stderr)
+        note(args, f"warning: {w}")
     emit(args, report, render.render_export)
     return 0
 
@@ -124,7 +127,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     a, offset_a = parse_target(args.a, args.offset_a)
     b, offset_b = parse_target(args.b, args.offset_b)
-    report = ops.diff(a, b, offset_a=offset_a, offset_b=offset_b, options=engine_options(args))
+    with progress_bar(show_progress(args), "diff") as (update, start):
+        report = ops.diff(a, b, offset_a=offset_a, offset_b=offset_b, options=engine_options(args, update, start))
     emit(args, report, render.render_diff)
     return 0 if report.identical else 1
 
@@ -139,11 +143,13 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("info", help="describe a migration file")
     source(p)
     add_output(p)
+    add_quiet(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("verify", help="check a migration file's structure; exit 1 at the first problem")
     source(p)
     add_output(p)
+    add_quiet(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("extract", help="write RAM blocks as raw images (sparse where pages are zero)")
@@ -231,4 +237,5 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--offset-b", metavar="N", help="where the stream starts in B")
     add_channels(p)
     add_output(p)
+    add_quiet(p)
     p.set_defaults(func=cmd_diff)

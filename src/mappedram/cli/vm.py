@@ -19,7 +19,7 @@ from mappedram.ops import FORMATS, AutoConverge, LiveOptions, PassStats, Progres
 from mappedram.vm import ops as vmops
 
 from . import render
-from .args import add_engine, add_output, add_quiet, emit, engine_options, show_progress
+from .args import add_engine, add_output, add_quiet, emit, engine_options, note, progress_bar, show_progress
 
 __all__ = ["add_commands"]
 
@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     emit(args, report, render.render_demo)
     if args.keep or args.dir:
-        print(f"files kept in {workdir}", file=sys.stderr)
+        note(args, f"files kept in {workdir}")
     return 0 if report.ok else 1
 
 
@@ -120,9 +120,11 @@ def cmd_vm_save(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_restore(args: argparse.Namespace) -> int:
-    report = vmops.vm_restore(
-        args.file, run=args.run, run_iterations=args.run_iterations, rate=args.rate, options=engine_options(args)
-    )
+    with progress_bar(show_progress(args), "restore") as (update, start):
+        report = vmops.vm_restore(
+            args.file, run=args.run, run_iterations=args.run_iterations, rate=args.rate,
+            options=engine_options(args, update, start),
+        )  # fmt: skip
     emit(args, report, render.render_vm_restore)
     return 0 if report.ok else 1
 

@@ -724,7 +724,8 @@ class Decoder:
             self._legacy_pages += used_length // page_size
             if self._legacy_pages > self._stream_end - self._abs(cur):
                 raise LayoutError(
-                    "RAM blocks claim more pages than the file has bytes",
+                    f"RAM blocks claim more pages than the file's {self._stream_end:,} bytes can hold "
+                    "(every page of a legacy stream takes at least one byte): truncated, or a corrupt block list",
                     offset=self._abs(cur - 8),
                     field="used_length",
                     expected=f"<= {self._stream_end - self._abs(cur)} pages in all",

@@ -438,9 +438,9 @@ def diff(
         names_b = {blk.idstr for blk in fb.blocks}
         names_a = {blk.idstr for blk in fa.blocks}
         out = []
-        for ba in fa.blocks:
-            if ba.idstr not in names_b:
-                continue
+        common = [(ba, fb.block(ba.idstr)) for ba in fa.blocks if ba.idstr in names_b]
+        options.started(sum(min(ba.num_pages, bb.num_pages) * ba.page_size for ba, bb in common))
+        for ba, _ in common:
             bb = fb.block(ba.idstr)
             n = min(ba.num_pages, bb.num_pages)
             differ = np.zeros(max(ba.num_pages, bb.num_pages), dtype=np.bool_)

@@ -162,7 +162,7 @@ def _rewrite_legacy(
     ends as its last record says. Nothing of the source is trusted before the scan ends:
     a bad record fails the open, and the temporary file is discarded.
     """
-    check_sources(target, [("", 0, FilePages(source, _no_offsets))], offset is not None)
+    check_sources(target, [("", 0, FilePages(source, _no_offsets))])
     notes: list[str] = []
     direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
 

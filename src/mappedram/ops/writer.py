@@ -35,7 +35,7 @@ from mappedram.format.encoder import encode_page_records_into, page_records_size
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
+from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, resolve_direct
 
 __all__ = [
     "DEFAULT_MACHINE",
@@ -174,6 +174,8 @@ def save_files(
     options: EngineOptions = DEFAULTS,
 ) -> SaveReport:
     """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied)."""
+    for _, src in blocks:
+        refuse_same_file(src, path, "save")
     maps = [(name, map_file(src, writable=False)) for name, src in blocks]
     try:
         return save(path, maps, machine_type=machine_type, offset=offset, options=options)
@@ -182,24 +184,23 @@ def save_files(
             m.close()
 
 
-def check_sources(target: str, sources: Sequence[Source], in_place: bool) -> None:
+def check_sources(target: str, sources: Sequence[Source]) -> None:
     """Raise UsageError unless ``sources`` can be saved to ``target`` (names unique, not onto itself)."""
     if not sources:
         raise UsageError("nothing to save: no RAM blocks")
     names = [n for n, _, _ in sources]
     if len(set(names)) != len(names):
         raise UsageError("block names must be unique")
-    if in_place and os.path.exists(target):
-        for _, _, src in sources:
-            if isinstance(src, FilePages) and os.path.exists(src.path) and os.path.samefile(src.path, target):
-                raise UsageError(f"{target}: cannot write in place onto the file being read; write a new file")
+    for _, _, src in sources:
+        if isinstance(src, FilePages):
+            refuse_same_file(src.path, target, "save")
 
 
 def save_sources(
     target: str, sources: Sequence[Source], spec: StreamSpec, offset: int | None, options: EngineOptions
 ) -> SaveReport:
     """A mapped-ram save: pages by N channels at their slots, then bitmaps, then the tail."""
-    check_sources(target, sources, offset is not None)
+    check_sources(target, sources)
     notes: list[str] = []
     direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
     start = offset or 0
@@ -256,7 +257,7 @@ def save_legacy_sources(
     encoded straight into the writer's staging buffer, and full buffers are written in one
     call; with ``direct_io`` through O_DIRECT, in whole aligned blocks.
     """
-    check_sources(target, sources, offset is not None)
+    check_sources(target, sources)
     notes: list[str] = []
     direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
     start = offset or 0

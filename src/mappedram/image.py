@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -264,6 +264,7 @@ def open_file(
     *,
     require_vmdesc: bool | None = None,
     listener: PageListener | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> MigrationFile:
     """Open and decode the migration stream that starts at ``offset`` in ``path``.
 
@@ -276,12 +277,14 @@ def open_file(
     x86 QEMU writes) rejects a file without the vmdesc trailer, which is how a cut-off
     device state shows.
 
-    ``listener`` is told of a legacy stream's page records as the scan reads them.
+    ``listener`` is told of a legacy stream's page records as the scan reads them;
+    ``progress`` is called with the bytes of the file the decoder has passed since its
+    last call (they add up to the file's size from ``offset``, page regions included).
     """
     path = os.fspath(path)
     fd = open_read(path)
     try:
-        mf = _decode(fd, path, offset, require_vmdesc, listener)
+        mf = _decode(fd, path, offset, require_vmdesc, listener, progress)
     except FormatError as exc:
         close_fd(fd, path)
         raise exc.with_path(path) from None
@@ -317,9 +320,15 @@ def read_configuration(path: str | os.PathLike[str], offset: int = 0) -> Configu
 
 
 def _decode(
-    fd: int, path: str, start: int, require_vmdesc: bool | None, listener: PageListener | None = None
+    fd: int,
+    path: str,
+    start: int,
+    require_vmdesc: bool | None,
+    listener: PageListener | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> MigrationFile:
     size = file_size(fd, path)
+    passed = start  # how far progress has been told
     if start < 0 or start >= size:
         what = "the file is empty (0 bytes)" if size == 0 else f"the file ends at byte {size:,} ({size:#x})"
         raise TruncatedError(
@@ -356,6 +365,9 @@ def _decode(
                 ahead = at + _SCAN_AHEAD
                 prefetch(fd, at + _FEED_CHUNK, _SCAN_AHEAD)
             dec.feed(pread_upto(fd, _FEED_CHUNK, at, path) if at < size else b"")
+            if progress is not None and at > passed:
+                progress(min(at, size) - passed)
+                passed = min(at, size)
             continue
         if isinstance(event, RamPageRun):
             b = by_name[event.idstr]
@@ -393,6 +405,8 @@ def _decode(
         elif isinstance(event, (RamEos, SectionFooterEvent)):
             pass
     assert config is not None and ram_id is not None
+    if progress is not None and size > passed:
+        progress(size - passed)
 
     mapped = [b.layout for b in blocks if b.layout is not None]
     check_layout(mapped, stream_start=start, file_size=size)

@@ -99,10 +99,11 @@ def engine_options(
     args: argparse.Namespace, progress: Progress | None = None, on_start: OnStart | None = None, **changes: Any
 ) -> EngineOptions:
     """The :class:`EngineOptions` the parsed arguments say."""
-    if args.channels < 1:
-        raise UsageError(f"--channels must be at least 1, got {args.channels}")
+    channels = getattr(args, "channels", DEFAULT_CHANNELS)
+    if channels < 1:
+        raise UsageError(f"--channels must be at least 1, got {channels}")
     settings: dict[str, Any] = dict(
-        channels=args.channels,
+        channels=channels,
         direct_io=getattr(args, "direct_io", False),
         direct_io_fallback=getattr(args, "direct_io_fallback", False),
         progress=progress,

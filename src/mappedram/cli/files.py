@@ -32,13 +32,16 @@ __all__ = ["add_commands"]
 
 def cmd_info(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.file, args.offset)
-    emit(args, ops.info(path, offset), render.render_info)
+    with progress_bar(show_progress(args), "info") as (update, start):
+        report = ops.info(path, offset, options=engine_options(args, update, start))
+    emit(args, report, render.render_info)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.file, args.offset)
-    report = ops.verify(path, offset)
+    with progress_bar(show_progress(args), "verify") as (update, start):
+        report = ops.verify(path, offset, options=engine_options(args, update, start))
     if args.output == "json":
         print(json.dumps(report.to_dict(), indent=2))
     elif report.ok:

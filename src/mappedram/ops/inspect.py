@@ -196,10 +196,20 @@ def _info_from(mf: MigrationFile) -> InfoReport:
     )
 
 
-def info(path: str | os.PathLike[str], offset: int = 0) -> InfoReport:
-    """Describe a migration file, in the manner of ``qemu-img info``."""
-    with open_file(path, offset) as mf:
+def info(path: str | os.PathLike[str], offset: int = 0, *, options: EngineOptions = DEFAULTS) -> InfoReport:
+    """Describe a migration file, in the manner of ``qemu-img info`` (``options.progress``:
+    the bytes of the file decoded, for a legacy stream that is read whole)."""
+    with _open(path, offset, options) as mf:
         return _info_from(mf)
+
+
+def _open(path: str | os.PathLike[str], offset: int, options: EngineOptions) -> MigrationFile:
+    if options.progress is not None:
+        try:
+            options.started(max(0, os.path.getsize(path) - offset))
+        except OSError:
+            pass  # open_file names the problem
+    return open_file(path, offset, progress=options.progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,14 +274,14 @@ _LIBVIRT_CHECKS = [
 ]
 
 
-def verify(path: str | os.PathLike[str], offset: int = 0) -> VerifyReport:
+def verify(path: str | os.PathLike[str], offset: int = 0, *, options: EngineOptions = DEFAULTS) -> VerifyReport:
     """Check the whole structure of a file; the report names the first problem found.
 
     QEMU's format has no checksums of page data: what a page holds cannot be checked.
     """
     spath = os.fspath(path)
     try:
-        mf = open_file(spath, offset)
+        mf = _open(spath, offset, options)
     except FormatError as exc:
         return VerifyReport(spath, offset, False, None, [], [Problem.from_error(exc)], error_text=str(exc))
     with mf:

@@ -168,8 +168,14 @@ CASES = {
     ),
     "vmdesc length lies": (
         lambda d: _patch(d, d.rindex(b"\x06"), b"\x06" + struct.pack(">I", 5)),
+        FormatError,
+        "claims 5 bytes of JSON, but",
+        None,
+    ),
+    "vmdesc cut inside its JSON": (
+        lambda d: d[:-20],
         TruncatedError,
-        "no vmdesc trailer",
+        "truncated: .* inside the vmdesc trailer",
         None,
     ),
     "vmdesc not JSON": (lambda d: d[:-1] + b"!", FormatError, "not valid JSON", None),

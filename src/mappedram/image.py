@@ -434,6 +434,7 @@ def _decode(
         if require_vmdesc is None:
             require_vmdesc = config.machine_type is not None
         if require_vmdesc or not tail or tail[-1] != QEMU_VM_EOF:
+            _cut_trailer(tail, device_at, size)
             raise TruncatedError(
                 f"truncated: the file ends at byte {size:,} ({size:#x}), inside the device state that starts "
                 f"at {device_at:#x}: no vmdesc trailer ends the file",
@@ -501,6 +502,35 @@ def _truncated(exc: TruncatedError, size: int, blocks: Sequence[RamBlock]) -> Tr
     )
 
 
+def _cut_trailer(tail: bytes, device_at: int, size: int) -> None:
+    """Raise the error for a trailer that is there but whose length does not end the file."""
+    at = tail.rfind(b"\x06")
+    while at >= 0 and tail[at + 5 : at + 7] != b'{"':
+        at = tail.rfind(b"\x06", 0, at)
+    if at < 0 or at + 5 > len(tail):
+        return
+    claimed = int.from_bytes(tail[at + 1 : at + 5], "big")
+    held = len(tail) - at - 5
+    where = device_at + at
+    if claimed > held:
+        raise TruncatedError(
+            f"truncated: the file ends at byte {size:,} ({size:#x}), inside the vmdesc trailer at {where:#x} "
+            f"({held:,} of its {claimed:,} bytes of JSON)",
+            offset=where,
+            field="vmdesc length",
+            expected=f"a file of {where + 5 + claimed:,} bytes",
+            actual=f"{size:,} bytes",
+        )
+    raise FormatError(
+        f"the vmdesc trailer at {where:#x} claims {claimed:,} bytes of JSON, but {held:,} follow it to the end "
+        "of the file",
+        offset=where + 1,
+        field="vmdesc length",
+        expected=held,
+        actual=claimed,
+    )
+
+
 def _region_at(size: int, blocks: Sequence[RamBlock]) -> tuple[str, int, int, str] | None:
     """The mapped-ram region (bitmap or pages) of a block that the end of the file cuts."""
     for b in blocks:
@@ -515,7 +545,10 @@ def _region_at(size: int, blocks: Sequence[RamBlock]) -> tuple[str, int, int, st
             where = f"the page region of block {b.idstr!r} (page {page:,} of {lay.num_pages:,})"
             return where, lay.pages_offset, lay.end, b.idstr
         if lay.header_offset <= size < lay.end:
-            where = f"the padding before the bitmap or the pages of block {b.idstr!r}"
+            what, first = min((r for r in (("bitmap", lay.bitmap_offset), ("pages", lay.pages_offset)) if r[1] > size),
+                              key=lambda r: r[1])  # fmt: skip
+            where = (f"the gap before block {b.idstr!r}'s {what}, which its mapped-ram header at "
+                     f"{lay.header_offset:#x} places at {first:#x} (or that header is corrupt)")  # fmt: skip
             return where, lay.header_offset, lay.end, b.idstr
     return None
 

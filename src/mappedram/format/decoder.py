@@ -793,6 +793,16 @@ class Decoder:
                 actual=header.page_size,
                 block=idstr,
             )
+        if header.pages_offset % self._config.page_size:
+            # parse_ramblock_mapped_ram: "region has bad alignment" (a page-size sanity check)
+            raise LayoutError(
+                f"block {idstr!r}: its pages region has bad alignment",
+                offset=at + 20,
+                field="MappedRamHeader.pages_offset",
+                expected=f"a multiple of the page size {self._config.page_size:#x}",
+                actual=header.pages_offset,
+                block=idstr,
+            )
 
     # reference: check_section_footer
     def _read_footer(self) -> Event:

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from mappedram._runs import assign_last
 from mappedram.engine.copy import gather_pages
-from mappedram.engine.fileio import close_fd, file_size, open_read, pread_upto, prefetch
+from mappedram.engine.fileio import close_fd, data_extents, file_size, open_read, pread_upto, prefetch
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
@@ -49,6 +49,7 @@ from mappedram.format.events import (
     SectionHeader,
 )
 from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode_save_data, is_libvirt_save
+from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, extension
 from mappedram.format.vmstate import DeviceSection, VmDesc, find_vmdesc, split_device_sections
 from mappedram.layout import BlockLayout, check_layout
 
@@ -230,6 +231,20 @@ class MigrationFile:
         if len(data) != self.device_state_length:
             raise TruncatedError("file shrank while open", offset=self.device_state_offset, path=self.path)
         return data
+
+    @property
+    def clean_zero_slots(self) -> bool:
+        """The trailer records that every slot whose bit is 0 reads as zeros (files this
+        project writes); QEMU's files make no such promise."""
+        return self.vmdesc is not None and extension(self.vmdesc.data, CLEAN_ZERO_SLOTS) is True
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` raw bytes of the file at ``offset`` (short at the end of the file)."""
+        return pread_upto(self._fd, length, offset, self.path)
+
+    def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of ``[start, end)`` that store data (the rest are holes)."""
+        return data_extents(self._fd, start, end, self.path)
 
     def configuration_bytes(self) -> bytes:
         """The configuration section after its type byte (empty when the stream has none)."""

@@ -44,7 +44,7 @@ from mappedram.format.encoder import (
     encode_vmdesc,
 )
 from mappedram.format.structs import MappedRamHeader
-from mappedram.format.vmdesc import configuration_entry, describe_configuration
+from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, configuration_entry, describe_configuration, set_extension
 
 __all__ = [
     "BlockLayout",
@@ -249,18 +249,24 @@ def plan_file(
     if spec.switchover_start:
         tail += encode_command(MIG_CMD_SWITCHOVER_START)
     tail += encode_section_end(sid) + encode_eos() + encode_footer(sid)
-    tail += spec.device_state + _trailer(spec)
+    tail += spec.device_state + _trailer(spec, clean_zero_slots=True)
     return FilePlan(start=start, head=head, entries=entries, ram=ram, tail=bytes(tail))
 
 
 # reference: qemu_savevm_state_header (the "configuration" entry opens the trailer)
-def _trailer(spec: StreamSpec) -> bytes:
+def _trailer(spec: StreamSpec, *, clean_zero_slots: bool = False) -> bytes:
     """The vmdesc trailer, its configuration entry describing the configuration section
-    this plan writes (so QEMU's analyze-migration.py reads the stream), or b"" for none."""
+    this plan writes (so QEMU's analyze-migration.py reads the stream), or b"" for none.
+
+    ``clean_zero_slots`` records that every slot whose bit is 0 reads as zeros: true of
+    every mapped-ram file this project writes (a fresh or truncated file is all holes; pass
+    1 writes zeros or nothing; a live save punches the slots of pages that became zero).
+    """
     if spec.vmdesc is None:
         return b""
     entry = configuration_entry(spec.machine_type, [c for c in VALIDATED_CAPABILITIES if c in spec.capabilities])
-    return encode_vmdesc(describe_configuration(spec.vmdesc, entry))
+    text = describe_configuration(spec.vmdesc, entry)
+    return encode_vmdesc(set_extension(text, CLEAN_ZERO_SLOTS, True if clean_zero_slots else None))
 
 
 def machine_has_switchover_start(machine_type: str) -> bool:

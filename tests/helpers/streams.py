@@ -123,3 +123,21 @@ def legacy_stream(
     out += encode_section_end(RAM_ID) + encode_eos() + encode_footer(RAM_ID)
     blob, trailer = device_state()
     return bytes(out + blob + trailer)
+
+
+def as_qemu_writes_it(data: bytes) -> bytes:
+    """``data`` (a whole file) with its trailer as QEMU would write it: without this
+    project's "mappedram" key (QEMU's tools ignore it; QEMU never writes it)."""
+    import json
+
+    from mappedram.format.encoder import encode_vmdesc
+    from mappedram.format.vmdesc import EXTENSION_KEY
+    from mappedram.format.vmstate import find_vmdesc
+
+    tail_at = max(0, len(data) - (16 << 20))
+    vmdesc = find_vmdesc(data[tail_at:], tail_at)
+    if vmdesc is None or EXTENSION_KEY not in vmdesc.data:
+        return data
+    trailer = json.loads(vmdesc.raw)
+    del trailer[EXTENSION_KEY]
+    return data[: vmdesc.offset] + encode_vmdesc(json.dumps(trailer).encode())

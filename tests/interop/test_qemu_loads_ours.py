@@ -54,6 +54,7 @@ from tests.helpers.qemu_harness import (
     first_mismatch,
     require_qemu,
 )
+from tests.helpers.streams import as_qemu_writes_it
 
 pytestmark = pytest.mark.qemu
 
@@ -140,7 +141,7 @@ def test_rewrite_of_qemu_mapped_ram_file_is_identical(tmp_path: Path, machine: s
     if source.offset is not None:
         ours.write_bytes(PREFILL)
     ops.rewrite(qemu_file, ours, source_offset=source.offset or 0, offset=source.offset, options=EngineOptions(channels=1))
-    difference = _file_difference(ours.read_bytes(), qemu_file.read_bytes())
+    difference = _file_difference(as_qemu_writes_it(ours.read_bytes()), qemu_file.read_bytes())
     assert difference is None, f"rewrite of QEMU's {source.name} file on {machine} is not identical: {difference}"
 
 
@@ -252,7 +253,7 @@ def test_save_of_all_blocks_matches_qemu_file(tmp_path: Path, machine: str) -> N
     chunks = {data[sections[i].offset : sections[i + 1].offset] for i in parts}
     assert len(chunks) == 1, f"QEMU's PART sections differ: {chunks}"
     expected = data[: sections[parts[0]].offset] + data[sections[parts[-1]].offset :]
-    difference = _file_difference(out.read_bytes(), expected)
+    difference = _file_difference(as_qemu_writes_it(out.read_bytes()), expected)
     assert difference is None, f"save() of QEMU's {machine} file (blocks + device state): {difference}"
 
 

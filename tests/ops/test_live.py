@@ -231,9 +231,16 @@ def test_page_that_became_zero_clears_its_bit(tmp_path: Path) -> None:
 
     live_save(tmp_path / "z.mig", [("pc.ram", buf)], [tracker], stop=stop, live=LiveOptions(max_passes=1), options=EngineOptions(durable=False))
     with mappedram.open_file(tmp_path / "z.mig") as f:
-        present = np.asarray(f.block("pc.ram").present)
+        block = f.block("pc.ram")
+        present = np.asarray(block.present)
         assert present[:10].all() and not present[10:20].any() and present[20:100].all() and not present[100:].any()
+        assert block.layout is not None
+        pages_offset = block.layout.pages_offset
     _assert_same(_file_ram(tmp_path / "z.mig"), bytes(buf))
+    # the slots of the pages that became zero read as zeros (punched), not as their old bytes
+    with open(tmp_path / "z.mig", "rb") as f:
+        f.seek(pages_offset + 10 * PAGE)
+        assert f.read(10 * PAGE) == bytes(10 * PAGE)
 
 
 def test_bandwidth_limit_is_honoured(tmp_path: Path) -> None:

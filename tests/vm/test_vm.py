@@ -101,7 +101,10 @@ def test_demo(tmp_path: Path, guest: str) -> None:
     assert len(legacy["passes"]) == len(mapped["passes"])
     assert [p["throttle"] for p in legacy["passes"]] == [p["throttle"] for p in mapped["passes"]]
     assert legacy["file_size"] == (tmp_path / "guest-legacy.mig").stat().st_size
-    assert report["restore"]["counter_after"] == report["restore"]["counter"] + BATCH
+    assert [r["restore"]["mode"] for r in report["restores"]] == list(vmops.RESTORE_MODES)
+    for r in report["restores"]:
+        assert r["ok"] and r["counter_after"] == r["counter"] + BATCH, r
+        assert r["seconds_to_first_instruction"] is not None
     for name in ("guest.mig", "guest-legacy.mig"):
         assert run("verify", str(tmp_path / name)).returncode == 0
     human = run("demo", "--guest", guest, "--mem", "16", *stepped("--downtime-limit", ALWAYS),

@@ -122,7 +122,7 @@ def cmd_vm_save(args: argparse.Namespace) -> int:
 def cmd_vm_restore(args: argparse.Namespace) -> int:
     with progress_bar(show_progress(args), "restore") as (update, start):
         report = vmops.vm_restore(
-            args.file, run=args.run, run_iterations=args.run_iterations, rate=args.rate,
+            args.file, mode=args.mode, run=args.run, run_iterations=args.run_iterations, rate=args.rate,
             options=engine_options(args, update, start),
         )  # fmt: skip
     emit(args, report, render.render_vm_restore)
@@ -221,6 +221,9 @@ def add_commands(sub: Any) -> None:
 
     p = vsub.add_parser("restore", help="restore a saved guest into a fresh VM, check it, resume it, check again")
     p.add_argument("file", metavar="FILE", help="a file saved by `vm save` or the demo")
+    p.add_argument("--mode", choices=vmops.RESTORE_MODES, default="eager",
+                   help="eager: read all RAM first; map: the RAM is a private mapping of the file, the guest"
+                        " runs at once and reads each page on first touch")  # fmt: skip
     run_opts(p)
     rate_opt(p)
     add_engine(p)

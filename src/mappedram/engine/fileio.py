@@ -8,6 +8,8 @@ naming the operation, the file and the offset.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno as errno_mod
 import fcntl
 import mmap
@@ -40,6 +42,8 @@ __all__ = [
     "map_file",
     "lock_exclusive",
     "unlock_remove",
+    "punch_hole",
+    "data_extents",
     "list_dir",
     "prefetch",
 ]
@@ -252,6 +256,57 @@ def fsync_dir(path: str) -> None:
         raise _fail(exc, "fsync", path) from None
     finally:
         os.close(fd)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+_ZEROS = bytes(1 << 20)
+
+
+def punch_hole(fd: int, offset: int, length: int, path: str) -> None:
+    """Make ``length`` bytes at ``offset`` read as zeros, freeing their blocks:
+    fallocate(PUNCH_HOLE | KEEP_SIZE); where the filesystem cannot punch, zeros are written."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno_mod.EOPNOTSUPP, errno_mod.ENOSYS):
+        raise IOEngineError(f"punch hole failed: {os.strerror(err)}", path=path, offset=offset, length=length,
+                            errno=err)  # fmt: skip
+    done = 0
+    while done < length:
+        n = min(len(_ZEROS), length - done)
+        pwrite_full(fd, memoryview(_ZEROS)[:n], offset + done, path)
+        done += n
+
+
+def data_extents(fd: int, start: int, end: int, path: str) -> list[tuple[int, int]]:
+    """The ``(offset, end)`` ranges of ``[start, end)`` that hold data (SEEK_DATA/SEEK_HOLE);
+    what lies between them reads as zeros without being stored."""
+    out: list[tuple[int, int]] = []
+    at = start
+    while at < end:
+        try:
+            data = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno_mod.ENXIO:  # no data after ``at``
+                break
+            if exc.errno == errno_mod.EINVAL:  # no SEEK_DATA here: say all of it may hold data
+                return [(start, end)]
+            raise _fail(exc, "seek", path, at) from None
+        if data >= end:
+            break
+        try:
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError as exc:
+            raise _fail(exc, "seek", path, data) from None
+        out.append((data, min(hole, end)))
+        at = hole
+    return out
 
 
 def truncate(fd: int, size: int, path: str) -> None:

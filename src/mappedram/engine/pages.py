@@ -30,7 +30,7 @@ from mappedram._runs import bit_runs
 
 from .copy import gather_pages, nonzero_pages, nonzero_pages_at
 from .directio import DIRECT_ALIGN, aligned_buffer, is_aligned
-from .fileio import close_fd, open_read, open_write, preadv_exact, prefetch, pwrite_full
+from .fileio import close_fd, open_read, open_write, preadv_exact, prefetch, punch_hole, pwrite_full
 
 __all__ = [
     "MemoryPages",
@@ -174,6 +174,7 @@ class PageWriteChannel:
         self._buffered = -1  # a page-cache descriptor for sparse dirty sets, opened when needed
         self.pages_written = 0
         self.bytes_written = 0
+        self.pages_punched = 0  # slots of pages that became zero, made to read as zeros again
 
     def run(self, task: WriteTask) -> int:
         ps = self.page_size
@@ -185,7 +186,13 @@ class PageWriteChannel:
             chosen = np.flatnonzero(task.mask)
             keep = np.zeros(task.npages, dtype=np.bool_)
             keep[chosen] = nonzero_pages_at(view, chosen, ps)
+            # A page written before that is zero now: its bit goes to 0, and its slot must
+            # read as zeros again (a slot whose bit is 0 never holds stale bytes), so it is punched.
+            gone = np.zeros(task.npages, dtype=np.bool_)
+            gone[chosen] = task.bits[chosen] & ~keep[chosen]
             task.bits[chosen] = keep[chosen]
+            if gone.any():
+                self._punch(gone, task.file_offset)
         starts, lengths = bit_runs(keep)
         # The dirty pages of a later pass of a live save are scattered: O_DIRECT would write
         # each run synchronously, or rewrite the clean pages between them in merged extents.
@@ -208,6 +215,13 @@ class PageWriteChannel:
                 self.on_write(n * ps)
         self.pages_written += int(np.count_nonzero(keep))
         return (task.npages if task.mask is None else len(chosen)) * ps  # RAM bytes this task covered
+
+    def _punch(self, gone: npt.NDArray[np.bool_], file_offset: int) -> None:
+        ps = self.page_size
+        starts, lengths = bit_runs(gone)
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            punch_hole(self.fd, file_offset + s * ps, n * ps, self.path)
+        self.pages_punched += int(np.count_nonzero(gone))
 
     def _buffered_fd(self) -> int:
         if self._buffered < 0:

@@ -30,6 +30,10 @@ from .events import Configuration
 from .vmstate import DeviceSection, VmDesc
 
 __all__ = [
+    "EXTENSION_KEY",
+    "CLEAN_ZERO_SLOTS",
+    "set_extension",
+    "extension",
     "CONFIGURATION_SUBSECTIONS",
     "configuration_entry",
     "configuration_entry_of",
@@ -39,6 +43,14 @@ __all__ = [
 
 #: The configuration section's subsections, in the order QEMU sends them (vmstate_configuration).
 CONFIGURATION_SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities", "configuration/uuid")
+
+#: The trailer key under which this project records what QEMU's format cannot say. QEMU's
+#: loader never parses the trailer and analyze-migration.py reads only "configuration",
+#: "page_size" and "devices", so both ignore it.
+EXTENSION_KEY = "mappedram"
+#: Every page slot whose bitmap bit is 0 reads as zeros (a hole, or zeros written): the page
+#: regions are a correct memory image as they stand (QEMU never clears a slot it leaves).
+CLEAN_ZERO_SLOTS = "clean-zero-slots"
 
 #: Nesting allowed in a description (QEMU's deepest are a few levels).
 _MAX_DEPTH = 32
@@ -138,6 +150,30 @@ def describe_configuration(json_text: bytes, entry: dict[str, Any] | None) -> by
         return json_text
     rest = {k: v for k, v in data.items() if k != "configuration"}
     return json.dumps({"configuration": entry, **rest}).encode("utf-8")
+
+
+def set_extension(json_text: bytes, name: str, value: Any) -> bytes:
+    """``json_text`` with ``trailer["mappedram"][name] = value`` (the key goes last);
+    ``value`` None removes ``name`` (and the "mappedram" key once it is empty)."""
+    data = json.loads(json_text.decode("utf-8"))
+    ext = data.get(EXTENSION_KEY)
+    ext = dict(ext) if isinstance(ext, dict) else {}
+    unchanged = name not in ext if value is None else (name in ext and ext[name] == value)
+    if unchanged:
+        return json_text
+    ext.pop(name, None)
+    if value is not None:
+        ext[name] = value
+    data.pop(EXTENSION_KEY, None)
+    if ext:
+        data[EXTENSION_KEY] = ext
+    return json.dumps(data).encode("utf-8")
+
+
+def extension(data: dict[str, Any], name: str) -> Any:
+    """The value of ``name`` under the trailer's "mappedram" key (None when absent)."""
+    ext = data.get(EXTENSION_KEY)
+    return ext.get(name) if isinstance(ext, dict) else None
 
 
 # -- the walk of analyze-migration.py ---------------------------------------------------

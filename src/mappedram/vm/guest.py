@@ -484,6 +484,19 @@ class Guest(Protocol):
         """A tracker of the pages the guest writes from now on (turns logging on)."""
         ...
 
+    def dirty_pages(self) -> Any:
+        """One bool per page: written by the guest since the last call (clears the log)."""
+        ...
+
+    def rewind(self, cpu: GuestCpu) -> None:
+        """Put the paused guest's vCPU back to ``cpu`` (its RAM is the caller's to put back)."""
+        ...
+
+    @property
+    def first_entry(self) -> float | None:
+        """``time.perf_counter()`` when the guest first ran (None: not yet)."""
+        ...
+
     def set_throttle(self, pct: int) -> None:
         """Sleep ``pct / (100 - pct)`` of each batch's run time (auto-converge)."""
         ...

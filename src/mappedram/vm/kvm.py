@@ -51,6 +51,7 @@ __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES",
     "EXIT_REASONS",
     "GuestMemory",
+    "file_memory",
     "IoExit",
     "Kvm",
     "KvmVm",
@@ -365,6 +366,25 @@ def anonymous_memory(size: int) -> GuestMemory:
     except (AttributeError, OSError):
         pass  # no THP on this kernel: 4 KiB pages work the same, only slower to fault in
     return memory
+
+
+def file_memory(path: str, offset: int, size: int) -> GuestMemory:
+    """Guest RAM that is ``size`` bytes of the file ``path`` from ``offset``, mapped private
+    (``MAP_PRIVATE``): reads come from the page cache, shared with every other mapping and
+    reader of the file; a write copies the page first, so the file is never modified."""
+    if size <= 0 or size % mmap.PAGESIZE or offset % mmap.ALLOCATIONGRANULARITY:
+        raise ValueError(f"cannot map {size} bytes at {offset:#x}: not page-aligned")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KvmError(f"{path}: cannot open for mapping: {exc.strerror}", ioctl="open", errno=exc.errno) from None
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    except OSError as exc:
+        raise KvmError(f"{path}: cannot map {size} bytes at {offset:#x}: {exc.strerror}", ioctl="mmap",
+                       errno=exc.errno) from None  # fmt: skip
+    finally:
+        os.close(fd)
 
 
 def memory_address(memory: GuestMemory) -> int:

@@ -207,6 +207,8 @@ class MicroVM:
             The limiter acts at batch exits, so keep ``batch`` well under ``rate``.
         batch: loop iterations between two exits (pause points, status updates).
         dirty_log: enable KVM's dirty log on the RAM slot (:meth:`dirty_pages`).
+        memory: the guest's RAM, when it is given (e.g. a private mapping of a snapshot's
+            page region: :func:`.kvm.file_memory`); the VM owns it from then on.
     """
 
     kind = "kvm"
@@ -222,6 +224,7 @@ class MicroVM:
         rate: float | None = None,
         batch: int = 4096,
         dirty_log: bool = True,
+        memory: GuestMemory | None = None,
     ) -> None:
         check_params(mem_mib, fill_fraction=fill_fraction, batch=batch, rate=rate)
         self.mem_mib = mem_mib
@@ -250,7 +253,9 @@ class MicroVM:
         self._kvm = Kvm()
         try:
             self._vm = self._kvm.create_vm()
-            self.memory: GuestMemory = anonymous_memory(self.size)
+            if memory is not None and len(memory) != self.size:
+                raise UsageError(f"guest memory of {len(memory)} bytes for a {mem_mib} MiB guest")
+            self.memory: GuestMemory = memory if memory is not None else anonymous_memory(self.size)
             self._vm.add_memslot(0, 0, self.memory, log_dirty=dirty_log)
             self._vcpu = self._vm.create_vcpu(0)
             self._vcpu.set_cpuid2(self._kvm.supported_cpuid())
@@ -276,6 +281,19 @@ class MicroVM:
         """Return once the fill phase is over (the guest is in its redirty loop)."""
         if not self._runner.wait_for(lambda: self._phase() == PHASE_LOOP, timeout):
             raise KvmError(f"the guest did not finish its fill within {timeout} s")
+
+    def rewind(self, cpu: GuestCpu) -> None:
+        """Put the paused (or new) vCPU back to ``cpu`` (its RAM is the caller's to put back)."""
+        if not isinstance(cpu, CpuState):
+            raise UsageError(f"a KVM guest's state is a CpuState, not {type(cpu).__name__}")
+        if self._runner.state not in ("new", "paused"):
+            raise UsageError(f"the vCPU is {self._runner.state}: pause it first")
+        apply_cpu(self._vcpu, cpu)
+
+    @property
+    def first_entry(self) -> float | None:
+        """``time.perf_counter()`` when the vCPU first entered the guest (None: not yet)."""
+        return self._runner.first_entry
 
     def pause(self, timeout: float = 10.0) -> CpuState:
         """Stop the guest at its next I/O exit, the OUT completed, and return the exact vCPU state."""

@@ -28,22 +28,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mappedram.errors import FormatError, UsageError
+from mappedram.errors import UsageError
 from mappedram.format.vmstate import DeviceRecord
-from mappedram.image import MigrationFile, open_file
+from mappedram.image import open_file
 from mappedram.ops.converge import AutoConverge
 from mappedram.ops.live import LiveOptions, LiveSaveReport, PassStats, live_save
-from mappedram.ops.loader import RestoreReport, restore
 from mappedram.ops.options import DEFAULTS, EngineOptions
 from mappedram.ops.trackers import DirtyTracker
 
-from .cpustate import CPUSTATE_IDSTR, CpuState
 from .guest import Guest, GuestCpu
 from .kvm import kvm_available
 from .microvm import MicroVM
-from .softvm import SOFTCPU_IDSTR, SoftCpu, SoftVM
+from .restore import RESTORE_MODES, GuestRestoreReport, RestoreLoop, restore_guest
+from .softvm import SoftVM
+from .statecodec import read_guest_state
 
 __all__ = [
+    "RESTORE_MODES",
+    "RestoreLoop",
     "GUEST_KINDS",
     "VM_LIVE_DEFAULTS",
     "DEMO_OPTIONS",
@@ -297,93 +299,35 @@ class VmRestoreReport:
     path: str
     guest: str
     mem_mib: int
-    restore: RestoreReport
+    restore: GuestRestoreReport
     counter: int  # the iteration the file stopped at
-    at_restore: dict[str, Any]  # the restored guest, before it runs, against the recomputation
+    at_restore: dict[str, Any] | None  # the restored guest, before it runs, against the recomputation
+    # (None in map mode when the guest runs: checking first would read all of it before it starts)
     ran_seconds: float
     counter_after: int
     after: dict[str, Any] | None  # the guest after running on, paused again, against the recomputation
+    seconds_to_first_instruction: float | None = None  # from the call; None: the guest did not run
 
     @property
     def ok(self) -> bool:
-        return bool(self.at_restore["ok"]) and (self.after is None or bool(self.after["ok"]))
+        checks = [c for c in (self.at_restore, self.after) if c is not None]
+        return bool(checks) and all(bool(c["ok"]) for c in checks)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "restore": self.restore.to_dict(), "ok": self.ok}
 
 
-#: The built-in guests' vCPU sections, by idstr: how to decode one.
-_STATE_CODECS: dict[str, type[CpuState] | type[SoftCpu]] = {CPUSTATE_IDSTR: CpuState, SOFTCPU_IDSTR: SoftCpu}
-
-
-def read_guest_state(mf: MigrationFile) -> CpuState | SoftCpu:
-    """The built-in guest's vCPU section of ``mf`` (``mappedram-cpu`` or ``mappedram-soft-cpu``)."""
-    sections = mf.device_sections or []
-    blob = mf.device_state()
-    for s in sections:
-        cls = _STATE_CODECS.get(s.idstr)
-        if cls is None:
-            continue
-        start = s.body_offset - mf.device_state_offset
-        body = blob[start : start + s.body_length]
-        if len(body) != cls.SIZE:
-            raise FormatError(
-                f"{s.idstr} section has a body of the wrong size",
-                offset=s.body_offset,
-                field=s.idstr,
-                expected=f"{cls.SIZE} bytes",
-                actual=f"{len(body)} bytes",
-                path=mf.path,
-            )
-        try:
-            return cls.decode(body)
-        except FormatError as exc:
-            if exc.offset is not None:
-                exc.offset += s.body_offset
-            exc.path = mf.path
-            raise
-    raise FormatError(
-        "no vCPU state of the built-in guest in this file",
-        offset=mf.device_state_offset,
-        field="device sections",
-        expected=f"a {CPUSTATE_IDSTR!r} or {SOFTCPU_IDSTR!r} section",
-        actual=", ".join(repr(s.idstr) for s in sections) or "none",
-        path=mf.path,
-    )
-
-
 def _restore_into(
-    path: str | os.PathLike[str], *, rate: float | None, options: EngineOptions
-) -> tuple[Guest, GuestCpu, RestoreReport]:
-    """A fresh guest rebuilt from ``path`` (decoded once, checked before the guest's RAM is written)."""
+    path: str | os.PathLike[str], *, mode: str, rate: float | None, options: EngineOptions
+) -> tuple[Guest, GuestCpu, GuestRestoreReport]:
+    """A fresh guest rebuilt from ``path`` in ``mode`` (decoded once, checked before its RAM is written)."""
     with open_file(path) as mf:
-        cpu = read_guest_state(mf)
-        block = mf.block(MicroVM.ram_idstr)
-        if block.used_length % (1 << 20):
-            raise FormatError(
-                "the guest's RAM is not a whole number of MiB",
-                offset=block.entry_offset,
-                field="used_length",
-                expected="a multiple of 0x100000",
-                actual=block.used_length,
-                block=block.idstr,
-                path=mf.path,
-            )
-        mem_mib = block.used_length >> 20
-        vm: Guest
-        if isinstance(cpu, SoftCpu):
-            vm = SoftVM.from_state(cpu, mem_mib, rate=rate)
-        else:
-            reason = kvm_available()
-            if reason is not None:
-                raise UsageError(f"{os.fspath(path)} holds a KVM guest, and KVM cannot run here: {reason}")
-            vm = MicroVM.from_state(cpu, mem_mib, rate=rate, dirty_log=False)
-        try:
-            report = restore(mf, {vm.ram_idstr: vm.memory}, options=options)
-        except BaseException:
-            vm.close()
-            raise
-    return vm, cpu, report
+        return restore_guest(mf, mode=mode, rate=rate, options=options)
+
+
+def _first_instruction(vm: Guest, t0: float) -> float | None:
+    """Seconds from ``t0`` to the guest's first instruction (None: it has not run)."""
+    return None if vm.first_entry is None else vm.first_entry - t0
 
 
 def _run_on(vm: Guest, cpu: GuestCpu, run: float, run_iterations: int | None) -> tuple[GuestCpu, float]:
@@ -401,27 +345,37 @@ def _run_on(vm: Guest, cpu: GuestCpu, run: float, run_iterations: int | None) ->
 def vm_restore(
     path: str | os.PathLike[str],
     *,
+    mode: str = "eager",
     run: float = 1.0,
     run_iterations: int | None = None,
     rate: float | None = None,
     options: EngineOptions = DEFAULTS,
 ) -> VmRestoreReport:
-    """Build a fresh guest from ``path``, check it, resume it for ``run`` seconds (or exactly
-    ``run_iterations``), check it again."""
-    vm, cpu, report = _restore_into(path, rate=rate, options=options)
+    """Build a fresh guest from ``path`` in ``mode`` ("eager" or "map": vm/restore.py),
+    resume it for ``run`` seconds (or exactly ``run_iterations``) and check it.
+
+    The guest's RAM is checked against the recomputation after it ran (before, in eager
+    mode, too: in map mode a check would read the whole file before the first instruction).
+    The time to the first instruction is the restore's time to ready plus the time from
+    resume() to the guest's first entry (the check before it is left out).
+    """
+    vm, cpu, report = _restore_into(path, mode=mode, rate=rate, options=options)
     with vm:
-        at_restore = vm.check(cpu).to_dict()
+        at_restore = vm.check(cpu).to_dict() if mode == "eager" or not (run > 0 or run_iterations) else None
         after = None
         counter_after = cpu.counter
         elapsed = 0.0
+        first = None
         if run > 0 or run_iterations:
+            t_resume = time.perf_counter()
             later, elapsed = _run_on(vm, cpu, run, run_iterations)
             counter_after = later.counter
             after = vm.check(later).to_dict()
+            since = _first_instruction(vm, t_resume)
+            first = None if since is None else report.seconds_to_ready + since
         kind = vm.kind
-    return VmRestoreReport(
-        os.fspath(path), kind, report.ram_bytes >> 20, report, cpu.counter, at_restore, elapsed, counter_after, after
-    )
+    return VmRestoreReport(os.fspath(path), kind, report.ram_bytes >> 20, report, cpu.counter, at_restore,
+                           elapsed, counter_after, after, first)  # fmt: skip
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -436,7 +390,7 @@ class DemoReport:
     warmup_seconds: float
     mapped_ram: LiveSaveReport
     legacy: LiveSaveReport
-    restore: VmRestoreReport
+    restores: list[VmRestoreReport]  # one per restore mode (RESTORE_MODES)
     source_match: dict[str, bool]  # restored RAM and vCPU state equal the source's at the stop point
     notes: list[str] = field(default_factory=list)
 
@@ -451,8 +405,7 @@ class DemoReport:
             )
         if not m.downtime_met:
             out.append(f"the downtime {m.downtime:.3f} s exceeded its limit of {m.downtime_limit:g} s")
-        if not self.restore.ok:
-            out.append("the restored guest did not verify")
+        out += [f"the guest restored in {r.restore.mode} mode did not verify" for r in self.restores if not r.ok]
         out += [f"not so: {name}" for name, good in self.source_match.items() if not good]
         return out
 
@@ -465,7 +418,7 @@ class DemoReport:
             **asdict(self),
             "mapped_ram": self.mapped_ram.to_dict(),
             "legacy": self.legacy.to_dict(),
-            "restore": self.restore.to_dict(),
+            "restores": [r.to_dict() for r in self.restores],
             "failures": self.failures,
             "ok": self.ok,
         }
@@ -525,20 +478,12 @@ def demo(
         mapped = live_save_guest(source, mapped_path, "mapped-ram", stopped, step_batches=step_batches, live=live,
                                  options=options)  # fmt: skip
         cpu = stopped[0]
-        phase("restoring into a fresh VM")
-        vm, restored_cpu, restored = _restore_into(mapped_path, rate=config.rate, options=options)
-        with vm:
-            match = {
-                "RAM equals the source's at the stop point": _same_memory(vm.memory, source.memory),
-                "vCPU state equals the source's at the stop point": restored_cpu == cpu,
-            }
-            at_restore = vm.check(restored_cpu).to_dict()
-            phase("resuming the restored guest")
-            later, elapsed = _run_on(vm, restored_cpu, run, run_iterations)
-            after = vm.check(later).to_dict()
-        restore_report = VmRestoreReport(
-            mapped_path, choice.kind, config.mem_mib, restored, cpu.counter, at_restore, elapsed, later.counter, after
-        )
+        restores, match = [], {}
+        for mode in RESTORE_MODES:
+            phase(f"restoring into a fresh VM ({mode})")
+            report, equal = _demo_restore(mapped_path, mode, source, cpu, config, run, run_iterations, options)
+            restores.append(report)
+            match.update({f"{name} ({mode})": good for name, good in equal.items()})
         phase("the source runs on; the same live save as a legacy stream, with the same throttle")
         if step_batches is None:
             source.resume()
@@ -548,5 +493,35 @@ def demo(
                                  options=options)  # fmt: skip
     notes = list(mapped.notes)
     warm = warmup if warmup_iterations is None else 0.0
-    return DemoReport(choice.kind, choice.reason, config.mem_mib, fill, warm, mapped, legacy, restore_report, match,
+    return DemoReport(choice.kind, choice.reason, config.mem_mib, fill, warm, mapped, legacy, restores, match,
                       notes)  # fmt: skip
+
+
+def _demo_restore(
+    path: str,
+    mode: str,
+    source: Guest,
+    cpu: GuestCpu,
+    config: GuestConfig,
+    run: float,
+    run_iterations: int | None,
+    options: EngineOptions,
+) -> tuple[VmRestoreReport, dict[str, bool]]:
+    """The demo's restore in ``mode``: RAM and vCPU compared with the source's at the stop
+    point (before the guest runs), checked, run on, checked again. The time to the first
+    instruction leaves the comparison out: it is the restore's time to ready plus the
+    time from resume() to the guest's first entry."""
+    vm, restored_cpu, restored = _restore_into(path, mode=mode, rate=config.rate, options=options)
+    with vm:
+        same = {
+            "RAM equals the source's at the stop point": _same_memory(vm.memory, source.memory),
+            "vCPU state equals the source's at the stop point": restored_cpu == cpu,
+        }
+        at_restore = vm.check(restored_cpu).to_dict()
+        t_resume = time.perf_counter()
+        later, elapsed = _run_on(vm, restored_cpu, run, run_iterations)
+        after = vm.check(later).to_dict()
+        first = _first_instruction(vm, t_resume)
+    first = None if first is None else restored.seconds_to_ready + first
+    return VmRestoreReport(path, vm.kind, config.mem_mib, restored, cpu.counter, at_restore, elapsed, later.counter,
+                           after, first), same  # fmt: skip

@@ -58,8 +58,12 @@ class SoftGuest:
         batch: int = 4096,
         rate: float | None = None,
         state: SoftState | None = None,
+        memory: mmap.mmap | None = None,
     ) -> None:
-        self.memory = mmap.mmap(-1, mem_bytes)
+        self.memory = memory if memory is not None else mmap.mmap(-1, mem_bytes)
+        if len(self.memory) != mem_bytes:
+            raise ValueError(f"guest memory of {len(self.memory)} bytes for {mem_bytes}")
+        self.first_entry: float | None = None  # perf_counter() when the guest first ran
         self.page_size = page_size
         self.words = np.frombuffer(self.memory, dtype=np.uint64).reshape(-1, page_size // 8)
         self.tracker = OwnerTracker(len(self.words), page_size)
@@ -88,6 +92,13 @@ class SoftGuest:
     def state(self) -> SoftState:
         with self._lock:
             return self._state
+
+    def set_state(self, state: SoftState) -> None:
+        """Put a paused (or new) guest's registers back to ``state``."""
+        with self._cond:
+            if self._run:
+                raise RuntimeError("the software guest is running: pause it first")
+            self._state = state
 
     def start(self) -> None:
         """Start (or resume) the workload on its thread."""
@@ -145,6 +156,7 @@ class SoftGuest:
                 self._cond.wait(left)
 
     def _loop(self) -> None:
+        self.first_entry = time.perf_counter()
         try:
             while True:
                 with self._cond:

@@ -16,6 +16,7 @@ Its "vCPU" is two registers: the iteration counter and the running checksum
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -105,13 +106,15 @@ class SoftVM:
         rate: float | None = None,
         batch: int = 4096,
         _state: SoftState | None = None,
+        memory: mmap.mmap | None = None,
     ) -> None:
         check_params(mem_mib, fill_fraction=fill_fraction, batch=batch, rate=rate)
         self.mem_mib = mem_mib
         self.size = mem_mib << 20
         self.params = make_params(mem_mib, seed=seed, fill_fraction=fill_fraction, batch=batch)
         self._restored = _state is not None
-        self._guest = SoftGuest(self.size, self._advance, self._fill, batch=batch, rate=rate, state=_state)
+        self._guest = SoftGuest(self.size, self._advance, self._fill, batch=batch, rate=rate, state=_state,
+                                memory=memory)  # fmt: skip
         self.memory = self._guest.memory
         self._started = False
 
@@ -221,8 +224,19 @@ class SoftVM:
         The guest's own parameters (seed, fill, batch) are read from the restored params
         page at :meth:`resume`; ``params`` may set ``rate``.
         """
-        rate = params.get("rate")
-        return cls(mem_mib, rate=rate, _state=SoftState(cpu.counter, cpu.checksum, True))
+        return cls(mem_mib, rate=params.get("rate"), memory=params.get("memory"),
+                   _state=SoftState(cpu.counter, cpu.checksum, True))  # fmt: skip
+
+    def rewind(self, cpu: GuestCpu) -> None:
+        """Put the paused guest's registers back to ``cpu`` (its RAM is the caller's to put back)."""
+        if not isinstance(cpu, SoftCpu):
+            raise UsageError(f"a software guest's state is a SoftCpu, not {type(cpu).__name__}")
+        self._guest.set_state(SoftState(cpu.counter, cpu.checksum, True))
+
+    @property
+    def first_entry(self) -> float | None:
+        """``time.perf_counter()`` when the guest first ran (None: not yet)."""
+        return self._guest.first_entry
 
     def adopt_params(self) -> None:
         """After a restore: take the guest's parameters from its params page."""

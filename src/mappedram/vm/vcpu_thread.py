@@ -48,6 +48,7 @@ class VcpuThread:
         self._stop_requested = False
         self.error: BaseException | None = None
         self.io_exits = 0
+        self.first_entry: float | None = None  # perf_counter() at the first KVM_RUN
         self._resumes = 0  # times the thread left a pause: what resume() waits for
 
     @property
@@ -155,6 +156,7 @@ class VcpuThread:
 
     def _loop(self) -> None:
         vcpu = self.vcpu
+        self.first_entry = time.perf_counter()
         while True:
             reason = vcpu.run()
             if reason == KVM_EXIT_INTR:

@@ -260,7 +260,12 @@ def _check_line(check: dict[str, Any]) -> str:
 
 def render_vm_restore(r: vmops.VmRestoreReport) -> str:
     g = r.restore
-    if g.mode == "map":
+    if g.mode == "lazy":
+        z = g.lazy
+        how = "lazy" if z is None else (
+            f"lazy: {z.pages_faulted:,} pages served on fault, {z.pages_prefetched:,} prefetched,"
+            f" {z.pages_zero:,} zero; resident after {z.seconds_to_resident or 0:.2f} s ({z.fill_gbps or 0:.2f} GB/s)")
+    elif g.mode == "map":
         how = (f"mapped: {g.pages_mapped:,} pages read from the file on first touch, {g.pages_zero:,} zero pages"
                f"{f', {g.stale_pages_zeroed:,} stale slots overlaid with zeros' if g.stale_pages_zeroed else ''}")
     else:

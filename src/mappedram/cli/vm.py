@@ -123,7 +123,7 @@ def cmd_vm_restore(args: argparse.Namespace) -> int:
     with progress_bar(show_progress(args), "restore") as (update, start):
         report = vmops.vm_restore(
             args.file, mode=args.mode, run=args.run, run_iterations=args.run_iterations, rate=args.rate,
-            options=engine_options(args, update, start),
+            lazy_fallback=args.fallback_eager, options=engine_options(args, update, start),
         )  # fmt: skip
     emit(args, report, render.render_vm_restore)
     return 0 if report.ok else 1
@@ -223,7 +223,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("file", metavar="FILE", help="a file saved by `vm save` or the demo")
     p.add_argument("--mode", choices=vmops.RESTORE_MODES, default="eager",
                    help="eager: read all RAM first; map: the RAM is a private mapping of the file, the guest"
-                        " runs at once and reads each page on first touch")  # fmt: skip
+                        " runs at once and reads each page on first touch; lazy (KVM guest): the guest runs"
+                        " at once, userfaultfd serves each page it touches while prefetch threads fill the rest",
+                   )  # fmt: skip
+    p.add_argument("--fallback-eager", action="store_true",
+                   help="with --mode lazy: restore eagerly where userfaultfd cannot be used (else that is an error)")
     run_opts(p)
     rate_opt(p)
     add_engine(p)

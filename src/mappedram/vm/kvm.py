@@ -51,6 +51,10 @@ __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES",
     "EXIT_REASONS",
     "GuestMemory",
+    "IO",
+    "IOR",
+    "IOW",
+    "IOWR",
     "file_memory",
     "IoExit",
     "Kvm",
@@ -89,26 +93,26 @@ _IOC_WRITE = 1
 _IOC_READ = 2
 
 
-def _IOC(direction: int, kind: int, nr: int, size: int) -> int:
+def IOC(direction: int, kind: int, nr: int, size: int) -> int:
     if not 0 <= size < 1 << _IOC_SIZEBITS:
         raise ValueError(f"ioctl argument size {size} does not fit _IOC_SIZEBITS")
     return (direction << _IOC_DIRSHIFT) | (kind << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
-def _IO(kind: int, nr: int) -> int:
-    return _IOC(_IOC_NONE, kind, nr, 0)
+def IO(kind: int, nr: int) -> int:
+    return IOC(_IOC_NONE, kind, nr, 0)
 
 
-def _IOR(kind: int, nr: int, struct: type[Any]) -> int:
-    return _IOC(_IOC_READ, kind, nr, ctypes.sizeof(struct))
+def IOR(kind: int, nr: int, struct: type[Any]) -> int:
+    return IOC(_IOC_READ, kind, nr, ctypes.sizeof(struct))
 
 
-def _IOW(kind: int, nr: int, struct: type[Any]) -> int:
-    return _IOC(_IOC_WRITE, kind, nr, ctypes.sizeof(struct))
+def IOW(kind: int, nr: int, struct: type[Any]) -> int:
+    return IOC(_IOC_WRITE, kind, nr, ctypes.sizeof(struct))
 
 
-def _IOWR(kind: int, nr: int, struct: type[Any]) -> int:
-    return _IOC(_IOC_READ | _IOC_WRITE, kind, nr, ctypes.sizeof(struct))
+def IOWR(kind: int, nr: int, struct: type[Any]) -> int:
+    return IOC(_IOC_READ | _IOC_WRITE, kind, nr, ctypes.sizeof(struct))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,25 +273,25 @@ class kvm_run(ctypes.Structure):
 KVMIO = 0xAE
 KVM_API_VERSION = 12
 
-KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
-KVM_CREATE_VM = _IO(KVMIO, 0x01)
-KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
-KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
-KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
-KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
-KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
-KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
-KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
-KVM_RUN = _IO(KVMIO, 0x80)
-KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
-KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
-KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
-KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
-KVM_GET_MSRS = _IOWR(KVMIO, 0x88, kvm_msrs)
-KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
-KVM_GET_FPU = _IOR(KVMIO, 0x8C, kvm_fpu)
-KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
-KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
+KVM_GET_API_VERSION = IO(KVMIO, 0x00)
+KVM_CREATE_VM = IO(KVMIO, 0x01)
+KVM_CHECK_EXTENSION = IO(KVMIO, 0x03)
+KVM_GET_VCPU_MMAP_SIZE = IO(KVMIO, 0x04)
+KVM_GET_SUPPORTED_CPUID = IOWR(KVMIO, 0x05, kvm_cpuid2)
+KVM_CREATE_VCPU = IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG = IOW(KVMIO, 0x42, kvm_dirty_log)
+KVM_SET_USER_MEMORY_REGION = IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)
+KVM_RUN = IO(KVMIO, 0x80)
+KVM_GET_REGS = IOR(KVMIO, 0x81, kvm_regs)
+KVM_SET_REGS = IOW(KVMIO, 0x82, kvm_regs)
+KVM_GET_SREGS = IOR(KVMIO, 0x83, kvm_sregs)
+KVM_SET_SREGS = IOW(KVMIO, 0x84, kvm_sregs)
+KVM_GET_MSRS = IOWR(KVMIO, 0x88, kvm_msrs)
+KVM_SET_MSRS = IOW(KVMIO, 0x89, kvm_msrs)
+KVM_GET_FPU = IOR(KVMIO, 0x8C, kvm_fpu)
+KVM_SET_FPU = IOW(KVMIO, 0x8D, kvm_fpu)
+KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
 
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4

@@ -241,6 +241,7 @@ class MicroVM:
         self.fill_pages = self.params.fill_pages
         self._restored = False
         self._closed = False
+        self.lazy: Any = None  # the LazyLoader filling this VM's RAM (vm/lazy.py), closed with the VM
         self._pace_ref: tuple[float, int] | None = None
         self._window: tuple[float, int] = (time.monotonic(), 0)
         self._measured = 0.0
@@ -361,6 +362,8 @@ class MicroVM:
             return
         self._closed = True
         self._runner.stop()  # if the thread cannot be stopped this raises and keeps everything mapped
+        if self.lazy is not None:
+            self.lazy.close()
         self._close_fds()
 
     def _close_fds(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mappedram.errors import UsageError
+from mappedram.errors import KvmError, UsageError
 from mappedram.format.vmstate import DeviceRecord
 from mappedram.image import open_file
 from mappedram.ops.converge import AutoConverge
@@ -42,6 +42,7 @@ from .microvm import MicroVM
 from .restore import RESTORE_MODES, GuestRestoreReport, RestoreLoop, restore_guest
 from .softvm import SoftVM
 from .statecodec import read_guest_state
+from .uffd import UserfaultfdUnavailable, userfaultfd_problem
 
 __all__ = [
     "RESTORE_MODES",
@@ -325,6 +326,17 @@ def _restore_into(
         return restore_guest(mf, mode=mode, rate=rate, options=options)
 
 
+def _resident(vm: Guest, timeout: float = FILL_TIMEOUT) -> None:
+    """Wait until a lazily restored guest's RAM is all there; raise the fill's error if it failed."""
+    loader = getattr(vm, "lazy", None)
+    if loader is None:
+        return
+    if not loader.wait_resident(timeout):
+        raise KvmError(f"the lazy restore did not make the guest's RAM resident within {timeout} s")
+    if loader.error is not None:
+        raise loader.error
+
+
 def _first_instruction(vm: Guest, t0: float) -> float | None:
     """Seconds from ``t0`` to the guest's first instruction (None: it has not run)."""
     return None if vm.first_entry is None else vm.first_entry - t0
@@ -349,30 +361,50 @@ def vm_restore(
     run: float = 1.0,
     run_iterations: int | None = None,
     rate: float | None = None,
+    lazy_fallback: bool = False,
     options: EngineOptions = DEFAULTS,
 ) -> VmRestoreReport:
-    """Build a fresh guest from ``path`` in ``mode`` ("eager" or "map": vm/restore.py),
+    """Build a fresh guest from ``path`` in ``mode`` (eager, map or lazy: vm/restore.py),
     resume it for ``run`` seconds (or exactly ``run_iterations``) and check it.
 
     The guest's RAM is checked against the recomputation after it ran (before, in eager
-    mode, too: in map mode a check would read the whole file before the first instruction).
-    The time to the first instruction is the restore's time to ready plus the time from
-    resume() to the guest's first entry (the check before it is left out).
+    mode, too: in map and lazy mode a check would read the whole file before the first
+    instruction; a lazy guest is checked once its RAM is resident). The time to the first
+    instruction is the restore's time to ready plus the time from resume() to the guest's
+    first entry (the check before it is left out). Where userfaultfd cannot be used, a lazy
+    restore fails with the reason, or with ``lazy_fallback`` restores eagerly and says so.
     """
-    vm, cpu, report = _restore_into(path, mode=mode, rate=rate, options=options)
+    try:
+        vm, cpu, report = _restore_into(path, mode=mode, rate=rate, options=options)
+    except UserfaultfdUnavailable as exc:
+        if not lazy_fallback:
+            raise
+        vm, cpu, report = _restore_into(path, mode="eager", rate=rate, options=options)
+        report = dataclasses.replace(report, notes=[*report.notes, f"restored eagerly: {exc.message}"])
     with vm:
-        at_restore = vm.check(cpu).to_dict() if mode == "eager" or not (run > 0 or run_iterations) else None
+        running = bool(run > 0 or run_iterations)
+        if not running:
+            _resident(vm)
+        at_restore = vm.check(cpu).to_dict() if mode == "eager" or not running else None
         after = None
         counter_after = cpu.counter
         elapsed = 0.0
         first = None
-        if run > 0 or run_iterations:
+        if running:
             t_resume = time.perf_counter()
-            later, elapsed = _run_on(vm, cpu, run, run_iterations)
+            try:
+                later, elapsed = _run_on(vm, cpu, run, run_iterations)
+            except KvmError:
+                _resident(vm)  # a lazy fill that failed stopped the guest: say why
+                raise
+            _resident(vm)
             counter_after = later.counter
             after = vm.check(later).to_dict()
             since = _first_instruction(vm, t_resume)
             first = None if since is None else report.seconds_to_ready + since
+        loader = getattr(vm, "lazy", None)
+        if loader is not None:
+            report = report.complete(loader.stats())
         kind = vm.kind
     return VmRestoreReport(os.fspath(path), kind, report.ram_bytes >> 20, report, cpu.counter, at_restore,
                            elapsed, counter_after, after, first)  # fmt: skip
@@ -479,7 +511,8 @@ def demo(
                                  options=options)  # fmt: skip
         cpu = stopped[0]
         restores, match = [], {}
-        for mode in RESTORE_MODES:
+        modes, skipped = _demo_modes(choice.kind)
+        for mode in modes:
             phase(f"restoring into a fresh VM ({mode})")
             report, equal = _demo_restore(mapped_path, mode, source, cpu, config, run, run_iterations, options)
             restores.append(report)
@@ -491,10 +524,22 @@ def demo(
         same = _replay_throttle(source, schedule, live)
         legacy = live_save_guest(source, legacy_path, "legacy", [], step_batches=step_batches, live=same,
                                  options=options)  # fmt: skip
-    notes = list(mapped.notes)
+    notes = list(mapped.notes) + skipped
     warm = warmup if warmup_iterations is None else 0.0
     return DemoReport(choice.kind, choice.reason, config.mem_mib, fill, warm, mapped, legacy, restores, match,
                       notes)  # fmt: skip
+
+
+def _demo_modes(kind: str) -> tuple[list[str], list[str]]:
+    """The restore modes the demo shows for a guest of ``kind``, and why any is left out."""
+    if kind == "software":
+        return [m for m in RESTORE_MODES if m != "lazy"], [
+            "lazy restore not shown: the software guest's writes hold the interpreter lock the fault thread needs"
+        ]
+    problem = userfaultfd_problem()
+    if problem is not None:
+        return [m for m in RESTORE_MODES if m != "lazy"], [f"lazy restore not shown: {problem}"]
+    return list(RESTORE_MODES), []
 
 
 def _demo_restore(
@@ -513,6 +558,7 @@ def _demo_restore(
     time from resume() to the guest's first entry."""
     vm, restored_cpu, restored = _restore_into(path, mode=mode, rate=config.rate, options=options)
     with vm:
+        _resident(vm)  # the comparison reads all of it
         same = {
             "RAM equals the source's at the stop point": _same_memory(vm.memory, source.memory),
             "vCPU state equals the source's at the stop point": restored_cpu == cpu,
@@ -522,6 +568,9 @@ def _demo_restore(
         later, elapsed = _run_on(vm, restored_cpu, run, run_iterations)
         after = vm.check(later).to_dict()
         first = _first_instruction(vm, t_resume)
+        loader = getattr(vm, "lazy", None)
+        if loader is not None:
+            restored = restored.complete(loader.stats())
     first = None if first is None else restored.seconds_to_ready + first
     return VmRestoreReport(path, vm.kind, config.mem_mib, restored, cpu.counter, at_restore, elapsed, later.counter,
                            after, first), same  # fmt: skip

@@ -4,6 +4,11 @@ Modes (``RESTORE_MODES``):
 
 * ``eager``: fresh anonymous RAM; every page is read from the file (the engine's parallel
   restore, checked before the first byte is written) before the guest runs;
+* ``lazy`` (the KVM guest): fresh anonymous RAM registered with userfaultfd; the guest runs
+  at once, each page it touches is served from its slot by a fault thread, and prefetch
+  threads install the rest in large runs at disk speed (vm/lazy.py). The software guest
+  cannot: its writes run in Python with the interpreter lock held, which the fault
+  thread needs;
 * ``map``: the guest's RAM is a private (copy-on-write) mapping of the block's page run
   at ``pages_offset``: nothing is read before the guest runs; each page comes from the
   page cache on first touch, and a write copies it, so the file is never modified. Right
@@ -24,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import time
@@ -40,15 +46,16 @@ from mappedram.ops.mapping import stale_slots
 from mappedram.ops.options import DEFAULTS, EngineOptions
 
 from .cpustate import CpuState
-from .guest import Guest, GuestCpu
+from .guest import PAGE_SIZE, PARAMS_ADDR, STATUS_PAGE, Guest, GuestCpu
 from .kvm import file_memory, kvm_available
+from .lazy import LazyLoader, LazyOptions, LazyStats
 from .microvm import MicroVM
 from .softvm import SoftCpu, SoftVM
 from .statecodec import read_guest_state
 
 __all__ = ["RESTORE_MODES", "GuestRestoreReport", "ResetReport", "RestoreLoop", "restore_guest"]
 
-RESTORE_MODES = ("eager", "map")
+RESTORE_MODES = ("eager", "map", "lazy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +73,16 @@ class GuestRestoreReport:
     stale_checked: bool  # map: the file's slots were looked at (False: its trailer vouches for them)
     eager: RestoreReport | None = None
     notes: list[str] = field(default_factory=list)
+    lazy: LazyStats | None = None  # lazy: the fill, once the guest's RAM is resident (see complete())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eager"] = None if self.eager is None else self.eager.to_dict()
         return d
+
+    def complete(self, lazy: LazyStats) -> GuestRestoreReport:
+        """This report with the lazy fill's figures."""
+        return dataclasses.replace(self, lazy=lazy)
 
 
 def _ram_block(mf: MigrationFile, ram_idstr: str) -> tuple[RamBlock, int]:
@@ -100,6 +112,7 @@ def restore_guest(
     rate: float | None = None,
     dirty_log: bool = False,
     options: EngineOptions = DEFAULTS,
+    lazy: LazyOptions | None = None,
 ) -> tuple[Guest, GuestCpu, GuestRestoreReport]:
     """A fresh guest rebuilt from ``mf`` in ``mode`` (see the module docstring), not yet running.
 
@@ -125,8 +138,10 @@ def restore_guest(
                                            present, block.num_pages - present, 0, 0, False, eager)  # fmt: skip
     lay = block.layout
     if lay is None:
-        raise UsageError(f"{mf.path}: a legacy stream cannot be mapped (its pages have no fixed slots): "
-                         "restore it with mode 'eager', or convert it to mapped-ram first")  # fmt: skip
+        raise UsageError(f"{mf.path}: a legacy stream cannot be restored in {mode} mode (its pages have no fixed "
+                         "slots): restore it with mode 'eager', or convert it to mapped-ram first")  # fmt: skip
+    if mode == "lazy":
+        return _lazy(mf, cpu, block, mem_mib, t0, rate=rate, dirty_log=dirty_log, lazy=lazy)
     stale = stale_slots(mf, block)
     memory = file_memory(mf.path, lay.pages_offset, block.used_length)
     notes = []
@@ -145,6 +160,34 @@ def restore_guest(
     return vm, cpu, GuestRestoreReport("map", block.used_length, time.perf_counter() - t0, block.num_pages, 0,
                                        block.num_pages - present, present, stale.count, not stale.trusted,
                                        None, notes)  # fmt: skip
+
+
+def _lazy(mf: MigrationFile, cpu: GuestCpu, block: RamBlock, mem_mib: int, t0: float, *, rate: float | None,
+          dirty_log: bool, lazy: LazyOptions | None) -> tuple[Guest, GuestCpu, GuestRestoreReport]:  # fmt: skip
+    if not isinstance(cpu, CpuState):
+        raise UsageError(f"{mf.path} holds a software guest, which cannot be restored lazily: its writes run in "
+                         "Python holding the interpreter lock, which the page-fault thread needs: use map")  # fmt: skip
+    reason = kvm_available()
+    if reason is not None:
+        raise UsageError(f"{mf.path} holds a KVM guest, and KVM cannot run here: {reason}")
+    memory = mmap.mmap(-1, block.used_length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        loader = LazyLoader(mf, block, memory, lazy)
+    except BaseException:
+        memory.close()
+        raise
+    try:
+        loader.install_now([PARAMS_ADDR // PAGE_SIZE, STATUS_PAGE])  # what the VMM itself reads
+        vm = MicroVM.from_state(cpu, mem_mib, rate=rate, dirty_log=dirty_log, memory=memory)
+    except BaseException:
+        loader.close()
+        memory.close()
+        raise
+    vm.lazy = loader
+    loader.start()
+    present = int(np.count_nonzero(block.present))
+    return vm, cpu, GuestRestoreReport("lazy", block.used_length, time.perf_counter() - t0, block.num_pages, 0,
+                                       block.num_pages - present, 0, 0, True)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +225,10 @@ class RestoreLoop:
             self.mf.close()
             raise
         self.mode = mode
+        loader = getattr(self.vm, "lazy", None)
+        if loader is not None and (not loader.wait_resident(600) or loader.error is not None):
+            self.close()
+            raise loader.error or UsageError("the lazy restore did not become resident")
         idstr = self.vm.ram_idstr
         self._block = self.mf.block(idstr)
         self._stale = stale_slots(self.mf, self._block).pages if mode == "map" else None

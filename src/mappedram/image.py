@@ -213,6 +213,14 @@ class MigrationFile:
         count = len(view) // b.page_size
         gather_pages(self._fd, self.path, b.sources(first_page, count), b.page_size, view)
 
+    def read_page_list(self, block: RamBlock | str, pages: npt.NDArray[np.int64], out: memoryview | bytearray) -> None:
+        """Fill ``out`` with the block's ``pages`` (any page numbers, in that order), one after another."""
+        b = self.block(block) if isinstance(block, str) else block
+        view = memoryview(out).cast("B")
+        if len(view) != len(pages) * b.page_size:
+            raise UsageError(f"buffer of {len(view)} bytes for {len(pages)} pages of {b.page_size} bytes")
+        gather_pages(self._fd, self.path, b.sources()[pages], b.page_size, view)
+
     def read_pages(self, block: RamBlock | str, first_page: int, count: int = 1) -> bytes:
         b = self.block(block) if isinstance(block, str) else block
         buf = bytearray(count * b.page_size)

@@ -56,6 +56,7 @@ from .statecodec import read_guest_state
 __all__ = ["RESTORE_MODES", "GuestRestoreReport", "ResetReport", "RestoreLoop", "restore_guest"]
 
 RESTORE_MODES = ("eager", "map", "lazy")
+_RESET_CHUNK = 8192  # pages gathered at a time by a repeat restore
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,8 +255,16 @@ class RestoreLoop:
                 view[again] = 0
                 del view
         else:
-            for s, n in zip(starts.tolist(), lengths.tolist()):
-                self.mf.readinto(self._block, s, memoryview(self.vm.memory)[s * ps : (s + n) * ps])
+            # gather the written pages' file data in large reads, then put each in its place
+            pages = np.frombuffer(self.vm.memory, dtype=np.uint8).reshape(-1, ps)
+            which = np.flatnonzero(dirty)
+            buf = bytearray(min(len(which), _RESET_CHUNK) * ps)
+            for at in range(0, len(which), _RESET_CHUNK):
+                part = which[at : at + _RESET_CHUNK]
+                chunk = memoryview(buf)[: len(part) * ps]
+                self.mf.read_page_list(self._block, part, chunk)
+                pages[part] = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, ps)
+            del pages
         self.vm.rewind(self.cpu)
         return ResetReport(self.mode, self._block.num_pages, int(np.count_nonzero(dirty)),
                            time.perf_counter() - t0)  # fmt: skip

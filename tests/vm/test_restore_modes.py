@@ -206,23 +206,25 @@ def test_lazy_read_error_stops_the_guest_with_a_clear_error(tmp_path: Path) -> N
         assert "the guest was stopped" in text
 
 
-@needs_uffd
-def test_lazily_restored_guest_saves_live_again(tmp_path: Path) -> None:
-    """Dirty logging works over a memslot that userfaultfd filled: a later live save restores exactly."""
+@pytest.mark.parametrize("mode", [pytest.param("lazy", marks=needs_uffd), pytest.param("map", marks=needs_kvm)])
+def test_restored_guest_saves_live_again(tmp_path: Path, mode: str) -> None:
+    """Dirty logging works over a memslot that userfaultfd filled, or that maps the file
+    privately: a later live save of the restored guest restores exactly."""
     path = _saved(tmp_path, "kvm", mem=32)
     with mappedram.open_file(path) as mf:
-        vm, cpu, _ = restore_guest(mf, mode="lazy", dirty_log=True)
+        vm, cpu, _ = restore_guest(mf, mode=mode, dirty_log=True)
     again = tmp_path / "again.mig"
     with vm:
-        assert vm.lazy.wait_resident(120)
+        if mode == "lazy":
+            assert vm.lazy.wait_resident(120)
         vm.run_until(cpu.counter + 2 * BATCH)
         stopped: list[object] = []
         report = vmops.live_save_guest(vm, again, "mapped-ram", stopped, step_batches=2,  # type: ignore[arg-type]
                                        live=LiveOptions(max_passes=3, downtime_limit=1000))  # fmt: skip
         assert report.ok, report
         assert bytes(vm.memory) == _file_ram(again)
-    r = vmops.vm_restore(again, mode="lazy", run_iterations=BATCH)
-    assert r.ok and r.restore.lazy is not None and r.restore.lazy.error is None
+    r = vmops.vm_restore(again, mode=mode, run_iterations=BATCH)
+    assert r.ok and (mode != "lazy" or (r.restore.lazy is not None and r.restore.lazy.error is None))
 
 
 def test_userfaultfd_refused_names_the_sysctl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

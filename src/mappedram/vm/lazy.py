@@ -64,6 +64,7 @@ class LazyOptions:
     chunk_pages: int = 2048
     start_prefetch: bool = True
     fault_cluster: int = 16  # a fault installs the unclaimed pages of its aligned group of this many
+    direct_io: bool = False  # prefetch reads with O_DIRECT (disk to bounce buffer, no page-cache copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +281,7 @@ class LazyLoader:
 
     def _prefetch_loop(self) -> None:
         self._gate.wait()
-        fd = open_read(self.path)
+        fd = open_read(self.path, direct=self.options.direct_io)
         buf = mmap.mmap(-1, self.options.chunk_pages * self.ps)
         try:
             while self.error is None:

@@ -43,6 +43,8 @@ __all__ = [
     "lock_exclusive",
     "unlock_remove",
     "punch_hole",
+    "PRIVATE_MODE",
+    "make_private_dir",
     "data_extents",
     "list_dir",
     "prefetch",
@@ -52,7 +54,17 @@ __all__ = [
 IOV_MAX = getattr(os, "IOV_MAX", 1024)
 
 
+#: Files that hold guest memory or device state are created owner-only, as QEMU creates
+#: migration files and dumps (S_IRUSR | S_IWUSR), whatever the umask lets through.
+PRIVATE_MODE = 0o600
+
+
 def _fail(exc: OSError, op: str, path: str, offset: int | None = None, length: int | None = None) -> IOEngineError:
+    if exc.errno == errno_mod.ELOOP and op == "open":
+        return IOEngineError(
+            "is a symbolic link: mappedram never writes through a symlink (give the real path, or remove the link)",
+            path=path, errno=exc.errno,
+        )  # fmt: skip
     return IOEngineError(
         f"{op} failed: {exc.strerror or exc}", path=path, offset=offset, length=length, errno=exc.errno
     )
@@ -67,9 +79,10 @@ def open_read(path: str, *, direct: bool = False) -> int:
 
 
 def open_write(
-    path: str, *, create: bool = True, exclusive: bool = False, direct: bool = False, mode: int = 0o644
+    path: str, *, create: bool = True, exclusive: bool = False, direct: bool = False, mode: int = PRIVATE_MODE
 ) -> int:
-    flags = os.O_WRONLY | os.O_CLOEXEC
+    """Open ``path`` to write, never through a symlink (O_NOFOLLOW); a new file gets ``mode``."""
+    flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
     if create:
         flags |= os.O_CREAT
     if exclusive:
@@ -225,8 +238,8 @@ def allocated_bytes(path: str) -> int:
         raise _fail(exc, "stat", path) from None
 
 
-def create_sparse(path: str, size: int, *, mode: int = 0o644) -> None:
-    """Create (or truncate) ``path`` as a hole of ``size`` bytes."""
+def create_sparse(path: str, size: int, *, mode: int = PRIVATE_MODE) -> None:
+    """Create (or truncate) ``path`` as a hole of ``size`` bytes (never through a symlink)."""
     fd = open_write(path, mode=mode)
     try:
         os.ftruncate(fd, 0)
@@ -331,10 +344,11 @@ def unlink_quiet(path: str) -> None:
 
 
 def map_file(path: str, *, writable: bool, size: int | None = None) -> mmap.mmap:
-    """Map a raw image shared; a writable one is created (sparse) or grown to ``size``."""
+    """Map a raw image shared; a writable one is created (sparse, 0600) or grown to ``size``,
+    never through a symlink; an existing file keeps its mode."""
     try:
         if writable:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_MODE)
         else:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -399,6 +413,19 @@ def unlock_remove(fd: int, path: str) -> None:
         os.close(fd)
         raise _fail(exc, "unlink", path) from None
     close_fd(fd, path)
+
+
+def make_private_dir(path: str) -> None:
+    """Create the directory ``path`` owner-only (0700), or accept an existing one that is
+    not a symlink."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise IOEngineError("exists and is not a directory (a symlink is never followed)", path=path,
+                                errno=errno_mod.EEXIST) from None  # fmt: skip
+    except OSError as exc:
+        raise _fail(exc, "mkdir", path) from None
 
 
 def list_dir(path: str) -> list[str]:

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mappedram.engine.copy import PageCopy, sparse_copy, write_sparse_file
+from mappedram.engine.fileio import make_private_dir
 from mappedram.errors import UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, refuse_same_file
+from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink
 
 __all__ = ["ExtractedBlock", "ExtractReport", "extract", "safe_filename"]
 
@@ -84,13 +85,15 @@ def extract(
     out = os.fspath(output)
     with open_file(path, offset) as mf:
         if all_blocks:
-            os.makedirs(out, exist_ok=True)
+            refuse_symlink(out)
+            make_private_dir(out)
             taken: set[str] = set()
             targets = [(b, os.path.join(out, safe_filename(b.idstr, taken))) for b in mf.blocks]
         else:
             assert block is not None
             targets = [(mf.block(block), out)]
         for _, dest in targets:
+            refuse_symlink(dest)
             refuse_same_file(mf.path, dest, "extract")
         total = sum(b.used_length for b, _ in targets)
         options.started(total)

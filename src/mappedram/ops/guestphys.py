@@ -50,7 +50,7 @@ from mappedram.image import MigrationFile, open_file
 
 from .options import DEFAULTS, EngineOptions
 from .pcimap import legacy_vga, pci_devices, place_bars, section_bodies
-from .protocol import CHUNK_PAGES, refuse_same_file
+from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -244,6 +244,7 @@ def export(
     if format not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     out = os.fspath(output)
+    refuse_symlink(out)
     refuse_same_file(path, out, "export")
     with open_file(path, offset) as mf:
         gmap = guest_memory_map(mf, max_ram_below_4g=max_ram_below_4g)

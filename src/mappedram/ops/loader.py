@@ -29,7 +29,7 @@ from mappedram.errors import IncompleteRestoreError, IOEngineError, UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, refuse_same_file, resolve_direct
+from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink, resolve_direct
 from .writer import TimedReport, block_view
 
 __all__ = ["RestoreReport", "restore", "restore_files", "opened"]
@@ -154,12 +154,18 @@ def restore_files(
 ) -> RestoreReport:
     """:func:`restore` into raw image files (created sparse, or grown, to the block's size)."""
     with opened(source, offset) as mf:
+        existing = []
         for _, dest in blocks:
+            refuse_symlink(dest)
             refuse_same_file(mf.path, dest, "restore")
+            if os.path.exists(dest):
+                existing.append(f"{dest}: an existing file, written in place (its owner and mode "
+                                f"{os.stat(dest).st_mode & 0o777:o} kept)")  # fmt: skip
         sizes = {name: mf.block(name).used_length for name, _ in blocks}
         maps = {name: map_file(dest, writable=True, size=sizes[name]) for name, dest in blocks}
         try:
             report = restore(mf, maps, zero_absent=zero_absent, options=options)
+            report.notes.extend(existing)
             for m in maps.values():
                 m.flush()
             return report

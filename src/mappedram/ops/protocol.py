@@ -56,6 +56,7 @@ __all__ = [
     "lock_name",
     "remove_leftovers",
     "refuse_same_file",
+    "refuse_symlink",
 ]
 
 #: Temporary files of saves in progress are named ``.<target>.mappedram-<pid>-<token>.tmp``.
@@ -99,6 +100,7 @@ def commit(target: str, offset: int | None, durable: bool, notes: list[str], bod
     """Run ``body`` under the save protocol (module docstring); ``seconds["sync"]`` is added."""
     in_place = offset is not None
     start = offset or 0
+    refuse_symlink(target)
     lock = lock_exclusive(lock_name(target), target)
     try:
         leftovers = remove_leftovers(target)
@@ -169,6 +171,14 @@ def remove_leftovers(target: str) -> list[str]:
             unlink_quiet(os.path.join(head, name))
             gone.append(name)
     return gone
+
+
+def refuse_symlink(target: str) -> None:
+    """Refuse an output path that is a symlink: no command writes through one, or replaces one
+    (the rule for every output, lock and temporary file: README, Security)."""
+    if os.path.islink(target):
+        raise UsageError(f"{target}: is a symbolic link: mappedram never writes through a symlink, nor replaces "
+                         "one (give the real path, or remove the link)")  # fmt: skip
 
 
 def refuse_same_file(source: str | os.PathLike[str], output: str | os.PathLike[str], what: str) -> None:

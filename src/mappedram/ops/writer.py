@@ -35,7 +35,7 @@ from mappedram.format.encoder import encode_page_records_into, page_records_size
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, resolve_direct
+from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_symlink, resolve_direct
 
 __all__ = [
     "DEFAULT_MACHINE",
@@ -174,6 +174,7 @@ def save_files(
     options: EngineOptions = DEFAULTS,
 ) -> SaveReport:
     """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied)."""
+    refuse_symlink(os.fspath(path))
     for _, src in blocks:
         refuse_same_file(src, path, "save")
     maps = [(name, map_file(src, writable=False)) for name, src in blocks]
@@ -181,7 +182,10 @@ def save_files(
         return save(path, maps, machine_type=machine_type, offset=offset, options=options)
     finally:
         for _, m in maps:
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view of it lives on in an error being raised; the mapping goes with it
 
 
 def check_sources(target: str, sources: Sequence[Source]) -> None:

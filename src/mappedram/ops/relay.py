@@ -31,7 +31,7 @@ from mappedram.image import MigrationFile, RamBlock, open_file, read_configurati
 from mappedram.layout import FilePlan, StreamSpec, plan_file
 
 from .options import DEFAULTS, EngineOptions, Progress
-from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, resolve_direct
+from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_symlink, resolve_direct
 from .writer import SaveReport, Source, check_sources, save_legacy_sources, save_report, save_sources
 
 __all__ = ["CONVERT_FORMATS", "rewrite", "convert", "spec_from", "SlotWriter"]
@@ -54,6 +54,7 @@ def rewrite(
     into the same machine. This is also legacy -> mapped-ram conversion: a legacy stream
     is read once, each page written to its slot as the scan passes it.
     """
+    refuse_symlink(os.fspath(path))
     refuse_same_file(source, path, "rewrite")
     config = read_configuration(source, source_offset)
     if config is not None and not config.mapped_ram:
@@ -83,6 +84,7 @@ def convert(
         return rewrite(source, path, source_offset=source_offset, options=options)
     if to not in CONVERT_FORMATS:
         raise UsageError(f"unknown format {to!r}: expected mapped-ram or legacy")
+    refuse_symlink(os.fspath(path))
     refuse_same_file(source, path, "convert")
     with open_file(source, source_offset) as mf:
         spec = spec_from(mf)

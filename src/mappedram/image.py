@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from mappedram._runs import assign_last
 from mappedram.engine.copy import gather_pages
-from mappedram.engine.fileio import close_fd, data_extents, file_size, open_read, pread_upto, prefetch
+from mappedram.engine.fileio import close_fd, data_extents, file_identity, file_size, open_read, pread_upto, prefetch
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
@@ -239,6 +239,11 @@ class MigrationFile:
         if len(data) != self.device_state_length:
             raise TruncatedError("file shrank while open", offset=self.device_state_offset, path=self.path)
         return data
+
+    @property
+    def file_id(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the file decoded: a reader that opens the path again checks it."""
+        return file_identity(self._fd, self.path)
 
     @property
     def clean_zero_slots(self) -> bool:

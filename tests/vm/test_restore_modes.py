@@ -22,7 +22,7 @@ import pytest
 
 import mappedram
 from mappedram.engine.faults import inject
-from mappedram.errors import KvmError, UsageError
+from mappedram.errors import IOEngineError, KvmError, UsageError
 from mappedram.format.encoder import encode_vmdesc
 from mappedram.ops.live import LiveOptions
 from mappedram.ops.mapping import stale_slots
@@ -251,3 +251,16 @@ def test_software_guest_cannot_be_restored_lazily(tmp_path: Path) -> None:
     path = _saved(tmp_path, "software")
     with mappedram.open_file(path) as mf, pytest.raises(UsageError, match="interpreter lock"):
         restore_guest(mf, mode="lazy")
+
+
+@pytest.mark.parametrize(("guest", "mode"), [c for c in CASES if c.values[1] != "eager"])
+def test_a_file_replaced_after_it_was_checked_is_not_used(tmp_path: Path, guest: str, mode: str) -> None:
+    """Map and lazy restores open the file again by its path: if a save replaced it meanwhile
+    (renamed over it), they refuse instead of laying its bytes out by the old file's bitmap."""
+    path = _saved(tmp_path, guest)
+    other = tmp_path / "other.mig"
+    other.write_bytes(path.read_bytes())
+    with mappedram.open_file(path) as mf:
+        os.replace(other, path)
+        with pytest.raises((IOEngineError, KvmError), match="was replaced since it was opened and checked"):
+            restore_guest(mf, mode=mode)

@@ -14,6 +14,7 @@ import errno as errno_mod
 import fcntl
 import mmap
 import os
+import stat as stat_mod
 from collections.abc import Sequence
 
 from mappedram.errors import IOEngineError
@@ -43,6 +44,7 @@ __all__ = [
     "lock_exclusive",
     "unlock_remove",
     "punch_hole",
+    "file_identity",
     "PRIVATE_MODE",
     "make_private_dir",
     "data_extents",
@@ -109,6 +111,15 @@ def close_quiet(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def file_identity(fd: int, path: str) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of the open file: tells it apart from whatever its path names later."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise _fail(exc, "stat", path) from None
+    return st.st_dev, st.st_ino
 
 
 def file_size(fd: int, path: str) -> int:
@@ -404,9 +415,12 @@ def lock_exclusive(path: str, what: str) -> int:
 
 
 def unlock_remove(fd: int, path: str) -> None:
-    """Release a lock of :func:`lock_exclusive`: unlink its file while still holding it, then close."""
+    """Release a lock of :func:`lock_exclusive`: unlink its file while still holding it (only
+    if the path still names it: never another owner's), then close."""
     try:
-        os.unlink(path)
+        held, named = os.fstat(fd), os.lstat(path)
+        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+            os.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -420,12 +434,18 @@ def make_private_dir(path: str) -> None:
     not a symlink."""
     try:
         os.mkdir(path, 0o700)
+        return
     except FileExistsError:
-        if os.path.islink(path) or not os.path.isdir(path):
-            raise IOEngineError("exists and is not a directory (a symlink is never followed)", path=path,
-                                errno=errno_mod.EEXIST) from None  # fmt: skip
+        pass
     except OSError as exc:
         raise _fail(exc, "mkdir", path) from None
+    st = os.lstat(path)
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise IOEngineError("exists and is not a directory (a symlink is never followed)", path=path,
+                            errno=errno_mod.EEXIST)  # fmt: skip
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise IOEngineError("is a directory that others own or may write to: give a directory of your own",
+                            path=path, errno=errno_mod.EPERM)  # fmt: skip
 
 
 def list_dir(path: str) -> list[str]:

@@ -220,7 +220,9 @@ class PageWriteChannel:
         ps = self.page_size
         starts, lengths = bit_runs(gone)
         for s, n in zip(starts.tolist(), lengths.tolist()):
-            punch_hole(self.fd, file_offset + s * ps, n * ps, self.path)
+            # punch on a buffered descriptor: where punching is not supported, zeros are
+            # written instead, which O_DIRECT would refuse from an unaligned buffer
+            punch_hole(self._buffered_fd() if self.direct else self.fd, file_offset + s * ps, n * ps, self.path)
         self.pages_punched += int(np.count_nonzero(gone))
 
     def _buffered_fd(self) -> int:

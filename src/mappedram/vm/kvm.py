@@ -372,7 +372,7 @@ def anonymous_memory(size: int) -> GuestMemory:
     return memory
 
 
-def file_memory(path: str, offset: int, size: int) -> GuestMemory:
+def file_memory(path: str, offset: int, size: int, *, identity: tuple[int, int] | None = None) -> GuestMemory:
     """Guest RAM that is ``size`` bytes of the file ``path`` from ``offset``, mapped private
     (``MAP_PRIVATE``): reads come from the page cache, shared with every other mapping and
     reader of the file; a write copies the page first, so the file is never modified."""
@@ -383,6 +383,10 @@ def file_memory(path: str, offset: int, size: int) -> GuestMemory:
     except OSError as exc:
         raise KvmError(f"{path}: cannot open for mapping: {exc.strerror}", ioctl="open", errno=exc.errno) from None
     try:
+        st = os.fstat(fd)
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise KvmError(f"{path}: was replaced since it was opened and checked: not mapping another file",
+                           ioctl="open")  # fmt: skip
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
     except OSError as exc:
         raise KvmError(f"{path}: cannot map {size} bytes at {offset:#x}: {exc.strerror}", ioctl="mmap",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +54,7 @@ __all__ = ["LazyOptions", "LazyStats", "LazyLoader"]
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _PROT_NONE = 0
+_CLAIM_PAGES = 256  # pages a prefetcher claims at a time (1 MiB): what a fault may wait behind
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +94,10 @@ class LazyLoader:
         options = options or LazyOptions()
         if block.layout is None or block.bitmap is None:
             raise UsageError(f"{mf.path}: a legacy stream cannot be restored lazily (its pages have no fixed slots)")
-        if options.prefetch_threads < 0 or options.chunk_pages < 1:
-            raise UsageError("prefetch_threads must be >= 0 and chunk_pages >= 1")
+        if options.prefetch_threads < 0 or options.chunk_pages < 1 or options.fault_cluster < 1:
+            raise UsageError("prefetch_threads must be >= 0, chunk_pages and fault_cluster >= 1")
         self.path, self.block, self.options = mf.path, block, options
+        self._file_id = mf.file_id
         self.ps = block.page_size
         self.n = block.num_pages
         self.pages_offset = block.layout.pages_offset
@@ -109,6 +112,7 @@ class LazyLoader:
         self._gate = threading.Event()
         self._threads: list[threading.Thread] = []
         self._t0: float | None = None
+        self._closed = False
         self._resident_at: float | None = None
         self.error: MappedRamError | None = None
         self.uffd = Userfaultfd()
@@ -121,8 +125,9 @@ class LazyLoader:
     # -- control
 
     def install_now(self, pages: list[int]) -> None:
-        """Install ``pages`` at once, from this thread (the pages the VMM reads itself)."""
-        fd = open_read(self.path)
+        """Install ``pages`` at once, from this thread (the pages the VMM reads itself);
+        a failure raises here, before the guest exists."""
+        fd = self._open()
         buf = mmap.mmap(-1, self.ps)
         try:
             for page in pages:
@@ -131,6 +136,18 @@ class LazyLoader:
         finally:
             buf.close()
             close_fd(fd, self.path)
+        if self.error is not None:
+            raise self.error
+
+    def _open(self, *, direct: bool = False) -> int:
+        """A descriptor on the file, which must still be the one decoded (not replaced meanwhile)."""
+        fd = open_read(self.path, direct=direct)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self._file_id:
+            close_fd(fd, self.path)
+            raise IOEngineError("was replaced since it was opened and checked: not restoring from another file",
+                                path=self.path)  # fmt: skip
+        return fd
 
     def start(self) -> None:
         """Start the fault thread and the prefetch threads (idle until released, if asked)."""
@@ -163,13 +180,19 @@ class LazyLoader:
     def close(self) -> None:
         """Stop the threads and close the userfaultfd (pages not installed then read as zeros:
         only close a loader whose guest is stopped, or that is resident)."""
+        if self._closed:
+            return
         self._gate.set()
         with self._lock:
             self._next_chunk = self.n  # no more prefetch work
         self.uffd.interrupt()
+        alive = False
         for t in self._threads:
             t.join(30)
-        self.uffd.close()
+            alive = alive or t.is_alive()
+        self._closed = True
+        if not alive:  # a thread still at work would use the descriptor: leave it to the process
+            self.uffd.close()
 
     # -- claiming and installing
 
@@ -208,8 +231,9 @@ class LazyLoader:
                     zero += s - at
                 view = memoryview(buf)[: k * ps]
                 got = preadv_full(fd, [view], self.pages_offset + (first + s) * ps, self.path)
-                if got < k * ps:
-                    view[got:] = bytes(k * ps - got)  # a sparse file's tail: zeros
+                if got < k * ps:  # the layout was checked inside the file: it shrank since
+                    raise IOEngineError("file shrank while restoring", path=self.path,
+                                        offset=self.pages_offset + (first + s) * ps + got)  # fmt: skip
                 self.uffd.copy(self.base + (first + s) * ps, memory_address(buf), k * ps)
                 at = s + k
             if at < count:
@@ -217,6 +241,9 @@ class LazyLoader:
                 zero += count - at
         except MappedRamError as exc:
             self._fail(exc, first, count)
+            return
+        except BaseException as exc:  # a bug or a resource error: the guest must not hang on it
+            self._fail(IOEngineError(f"{type(exc).__name__}: {exc}", path=self.path), first, count)
             return
         with self._done:
             self._installed += count
@@ -240,6 +267,8 @@ class LazyLoader:
                 )  # fmt: skip
             self._done.notify_all()
         address, length = self.base + first * self.ps, count * self.ps
+        if self._closed:
+            return
         _libc.mprotect(address, length, _PROT_NONE)
         try:
             self.uffd.wake(address, length)
@@ -259,7 +288,22 @@ class LazyLoader:
     # -- the threads
 
     def _fault_loop(self) -> None:
-        fd = open_read(self.path)
+        try:
+            self._serve_faults()
+        except BaseException as exc:  # nobody serves faults any more: fail every page not yet claimed
+            self._fail_unclaimed(exc)
+
+    def _fail_unclaimed(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, MappedRamError) else IOEngineError(f"{type(exc).__name__}: {exc}", path=self.path)
+        with self._lock:
+            left = ~self._claimed
+            self._claimed[:] = True
+        starts, lengths = bit_runs(left)
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            self._fail(err, s, n)
+
+    def _serve_faults(self) -> None:
+        fd = self._open()
         buf = mmap.mmap(-1, self.options.fault_cluster * self.ps)
         try:
             while True:
@@ -281,8 +325,16 @@ class LazyLoader:
 
     def _prefetch_loop(self) -> None:
         self._gate.wait()
-        fd = open_read(self.path, direct=self.options.direct_io)
+        try:
+            fd = self._open(direct=self.options.direct_io)
+        except BaseException as exc:  # this thread cannot read: the others and the fault thread go on
+            with self._done:
+                if self.error is None:
+                    self.error = exc if isinstance(exc, MappedRamError) else IOEngineError(str(exc), path=self.path)
+                self._done.notify_all()
+            return
         buf = mmap.mmap(-1, self.options.chunk_pages * self.ps)
+        step = _CLAIM_PAGES
         try:
             while self.error is None:
                 with self._lock:
@@ -291,11 +343,16 @@ class LazyLoader:
                         return
                     count = min(self.options.chunk_pages, self.n - first)
                     self._next_chunk = first + count
-                    mine = ~self._claimed[first : first + count]
-                    self._claimed[first : first + count] = True
-                starts, lengths = bit_runs(mine)
-                for s, k in zip(starts.tolist(), lengths.tolist()):
-                    self._install(fd, buf, first + s, k, "prefetch")
+                # claim a little at a time, just before reading it: a fault on a page of the
+                # chunk not claimed yet is served by the fault thread at once
+                for at in range(first, first + count, step):
+                    k = min(step, first + count - at)
+                    with self._lock:
+                        mine = ~self._claimed[at : at + k]
+                        self._claimed[at : at + k] = True
+                    starts, lengths = bit_runs(mine)
+                    for s, n in zip(starts.tolist(), lengths.tolist()):
+                        self._install(fd, buf, at + s, n, "prefetch")
         finally:
             buf.close()
             close_fd(fd, self.path)

@@ -144,7 +144,7 @@ def restore_guest(
     if mode == "lazy":
         return _lazy(mf, cpu, block, mem_mib, t0, rate=rate, dirty_log=dirty_log, lazy=lazy)
     stale = stale_slots(mf, block)
-    memory = file_memory(mf.path, lay.pages_offset, block.used_length)
+    memory = file_memory(mf.path, lay.pages_offset, block.used_length, identity=mf.file_id)
     notes = []
     try:
         if stale.count:
@@ -188,7 +188,7 @@ def _lazy(mf: MigrationFile, cpu: GuestCpu, block: RamBlock, mem_mib: int, t0: f
     loader.start()
     present = int(np.count_nonzero(block.present))
     return vm, cpu, GuestRestoreReport("lazy", block.used_length, time.perf_counter() - t0, block.num_pages, 0,
-                                       block.num_pages - present, 0, 0, True)  # fmt: skip
+                                       block.num_pages - present, 0, 0, False)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,15 +225,17 @@ class RestoreLoop:
         except BaseException:
             self.mf.close()
             raise
-        self.mode = mode
-        loader = getattr(self.vm, "lazy", None)
-        if loader is not None and (not loader.wait_resident(600) or loader.error is not None):
+        try:
+            self.mode = mode
+            loader = getattr(self.vm, "lazy", None)
+            if loader is not None and (not loader.wait_resident(600) or loader.error is not None):
+                raise loader.error or UsageError("the lazy restore did not become resident")
+            self._block = self.mf.block(self.vm.ram_idstr)
+            self._stale = stale_slots(self.mf, self._block).pages if mode == "map" else None
+            self.vm.dirty_pages()  # the log starts at the restore
+        except BaseException:
             self.close()
-            raise loader.error or UsageError("the lazy restore did not become resident")
-        idstr = self.vm.ram_idstr
-        self._block = self.mf.block(idstr)
-        self._stale = stale_slots(self.mf, self._block).pages if mode == "map" else None
-        self.vm.dirty_pages()  # the log starts at the restore
+            raise
 
     def reset(self) -> ResetReport:
         """Restore the guest again from the file: only the pages it wrote since the last

@@ -82,6 +82,7 @@ USERFAULTFD_IOC_NEW = IO(UFFDIO, 0x00)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+_libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int]
 
 
 class UserfaultfdUnavailable(KvmError):
@@ -181,7 +182,10 @@ class Userfaultfd:
 
     def faults(self, max_events: int = 64) -> list[int] | None:
         """Block until page faults come (their addresses) or :meth:`interrupt` (None)."""
-        ready, _, _ = select.select([self.fd, self._wake_r], [], [])
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll()}
         if self._wake_r in ready:
             return None
         try:
@@ -194,10 +198,13 @@ class Userfaultfd:
 
     def interrupt(self) -> None:
         """Make a :meth:`faults` call (now or next) return None."""
-        os.write(self._wake_w, b"x")
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
 
     def close(self) -> None:
         for fd in (self.fd, self._wake_r, self._wake_w):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:

@@ -11,7 +11,8 @@
     ├── UsageError                      the caller asked for something impossible; exit_code 2
     ├── IOEngineError                   an OS call failed on a file (errno, path, offset)
     │   └── IncompleteRestoreError      ... during a restore: lists the page ranges not restored
-    └── KvmError                        /dev/kvm is missing or refused, or a KVM ioctl failed
+    ├── KvmError                        /dev/kvm is missing or refused, or a KVM ioctl failed
+    └── MigrationError                  a QEMU destination refused the stream or went away; exit_code 3
 
 Every error carries keyword-only structured fields and renders them in ``str()``, always
 in one shape: ``FILE: message (offset 0x.., field .., expected .., found ..)``; the CLI
@@ -36,6 +37,7 @@ __all__ = [
     "IOEngineError",
     "IncompleteRestoreError",
     "KvmError",
+    "MigrationError",
 ]
 
 
@@ -194,6 +196,40 @@ class KvmError(MappedRamError):
         self.errno = errno
         self.exit_reason = exit_reason
         self.details = details or {}
+
+
+class MigrationError(MappedRamError):
+    """A migration to a QEMU destination failed: the destination refused the stream, closed
+    the connection, or did not answer in time.
+
+    Args:
+        message: what happened, in words.
+        destination: the address served (``unix:PATH``, ``tcp:HOST:PORT``).
+        stage: where in the protocol it happened (``connect``, ``stream``, ``postcopy``, ...).
+        qemu_error: what QEMU said: its ``query-migrate`` error-desc, or the last error line
+            on its stderr when mappedram started it.
+    """
+
+    exit_code = 3
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        destination: str | None = None,
+        stage: str | None = None,
+        qemu_error: str | None = None,
+    ) -> None:
+        super().__init__(message, destination=destination, stage=stage, qemu_error=qemu_error)
+        self.destination = destination
+        self.stage = stage
+        self.qemu_error = qemu_error
+
+    def __str__(self) -> str:
+        text = f"{self.destination}: {self.message}" if self.destination else self.message
+        if self.qemu_error and self.qemu_error not in self.message:
+            text += f" (QEMU: {self.qemu_error})"
+        return text
 
 
 def _render(value: Any) -> str:

@@ -43,6 +43,15 @@ from mappedram.format.encoder import (
     encode_section_start,
     encode_vmdesc,
 )
+from mappedram.format.postcopy import (
+    encode_open_return_path,
+    encode_packaged,
+    encode_ping,
+    encode_postcopy_advise,
+    encode_postcopy_listen,
+    encode_postcopy_ram_discard,
+    encode_postcopy_run,
+)
 from mappedram.format.structs import MappedRamHeader
 from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, configuration_entry, describe_configuration, set_extension
 
@@ -53,6 +62,12 @@ __all__ = [
     "FilePlan",
     "LegacyPlan",
     "plan_legacy",
+    "StreamPlan",
+    "plan_stream",
+    "PING_OPENED",
+    "PING_PACKAGE",
+    "PING_RUN",
+    "PING_STARTED",
     "round_up",
     "plan_mapped_ram",
     "plan_file",
@@ -323,4 +338,69 @@ def plan_legacy(blocks: Sequence[tuple[str, int]], spec: StreamSpec, *, start: i
         part_head=encode_section_part(sid),
         end_head=end_head,
         end_tail=end_tail,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """Every byte a source sends a live QEMU destination but the page records.
+
+    Both start with ``opening`` (the destination answers its ping once it has read the
+    configuration) and ``head``. Precopy: the PART section of every page (``part_head``, records,
+    ``part_end``), then ``precopy_tail`` (RAM END, device state, EOF, vmdesc).
+    Postcopy (``head`` advised it): ``package`` (the device state; the
+    destination starts the guest when it has read it), ``part_head``, records sent as the
+    destination asks and in the background, ``part_end``, then ``postcopy_tail``.
+    Both open the return path, so the destination says when it is done (SHUT).
+    """
+
+    opening: bytes  # header, configuration, OPEN_RETURN_PATH, PING 1
+    head: bytes  # [POSTCOPY_ADVISE], RAM START (MEM_SIZE, the block list, EOS, footer)
+    part_head: bytes
+    part_end: bytes  # EOS + footer
+    precopy_tail: bytes  # [SWITCHOVER_START], RAM END (EOS, footer), device sections, EOF, vmdesc
+    # [SWITCHOVER_START], a whole-block RAM_DISCARD per block, PING 2,
+    # PACKAGED(POSTCOPY_LISTEN, device sections, PING 3, POSTCOPY_RUN), PING 4
+    package: bytes
+    postcopy_tail: bytes  # RAM END (EOS, footer), EOF
+
+
+#: The pings a source sends: after opening the return path, before the package, inside it.
+PING_OPENED, PING_PACKAGE, PING_RUN, PING_STARTED = 1, 2, 3, 4
+
+
+# reference: migration_thread (qemu_savevm_state_header, qemu_savevm_send_open_return_path,
+# qemu_savevm_send_ping, qemu_savevm_send_postcopy_advise, qemu_savevm_state_setup),
+# postcopy_start (the package), qemu_savevm_state_complete_postcopy
+def plan_stream(blocks: Sequence[tuple[str, int]], spec: StreamSpec, *, postcopy: bool) -> StreamPlan:
+    if CAP_MAPPED_RAM in spec.capabilities or CAP_X_IGNORE_SHARED in spec.capabilities:
+        raise ValueError("a live stream is sent without mapped-ram and x-ignore-shared")
+    if not spec.device_state or spec.device_state[-1] != QEMU_VM_EOF:
+        raise ValueError("the device state must end with QEMU_VM_EOF")
+    sid = spec.ram_section_id
+    opening = encode_file_header() + encode_configuration(spec.machine_type, spec.capabilities)
+    opening += encode_open_return_path() + encode_ping(PING_OPENED)
+    head = bytearray(encode_postcopy_advise() if postcopy else b"")
+    head += encode_section_start(sid, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION_ID)
+    head += encode_mem_size(sum(size for _, size in blocks))
+    for idstr, size in blocks:
+        head += encode_ram_block_entry(idstr, size)
+    head += encode_eos() + encode_footer(sid)
+    end = encode_section_end(sid) + encode_eos() + encode_footer(sid)
+    switchover = encode_command(MIG_CMD_SWITCHOVER_START) if spec.switchover_start else b""
+    devices = spec.device_state[:-1]  # FULL sections and their footers, without the EOF
+    # nothing was sent before the switch, so every page is dirty: QEMU's source then
+    # discards whole blocks (ram_postcopy_send_discard_bitmap)
+    discards = b"".join(encode_postcopy_ram_discard(idstr, [(0, size)]) for idstr, size in blocks)
+    package = discards + encode_ping(PING_PACKAGE)
+    package += encode_packaged(encode_postcopy_listen() + devices + encode_ping(PING_RUN) + encode_postcopy_run())
+    package += encode_ping(PING_STARTED)
+    return StreamPlan(
+        opening=opening,
+        head=bytes(head),
+        part_head=encode_section_part(sid),
+        part_end=encode_eos() + encode_footer(sid),
+        precopy_tail=switchover + end + spec.device_state + _trailer(spec),
+        package=switchover + package,
+        postcopy_tail=end + bytes([QEMU_VM_EOF]),
     )

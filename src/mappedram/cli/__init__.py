@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--qemu" in argv:
+        # `serve ... --qemu -- QEMU-ARGS`: argparse would take the "--" for its own end of options
+        at = argv.index("--qemu")
+        if argv[at + 1 : at + 2] == ["--"]:
+            del argv[at + 1]
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

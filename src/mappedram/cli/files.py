@@ -136,6 +136,29 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if report.identical else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    qemu_args = list(args.qemu or [])
+    if qemu_args and qemu_args[0] == "--":
+        qemu_args = qemu_args[1:]
+    if (args.qemu is not None) == bool(args.to):
+        raise UsageError("serve needs exactly one of --to ADDRESS (a QEMU listening there) or --qemu QEMU-ARGS...")
+    if args.qemu is not None and args.qmp:
+        raise UsageError("--qmp is for a destination started elsewhere; with --qemu serve has its own")
+    options = ops.ServeOptions(
+        postcopy=args.postcopy, timeout=args.timeout, insecure=args.insecure, qmp=args.qmp,
+        connect_retry=args.timeout,
+    )  # fmt: skip
+    with progress_bar(show_progress(args), "serve") as (update, start):
+        engine = engine_options(args, update, start)
+        if args.qemu is not None:
+            report = ops.serve_qemu(path, qemu_args, offset=offset, options=options, engine=engine)
+        else:
+            report = ops.serve(path, args.to, offset=offset, options=options, engine=engine)
+    emit(args, report, render.render_serve)
+    return 0 if report.ok else 1
+
+
 def add_commands(sub: Any) -> None:
     """Add the file commands to the CLI's subcommands."""
 
@@ -232,6 +255,40 @@ def add_commands(sub: Any) -> None:
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "serve",
+        help="be the migration source of a QEMU destination (-incoming), precopy or postcopy",
+        description="Send FILE to a QEMU started with -incoming defer and `migrate-incoming unix:PATH` (or tcp:), "
+        "as its migration source; with --postcopy the guest runs at once and its pages follow as it asks. "
+        "--qemu starts the destination itself: QEMU's command line follows it, to the end of the line.",
+    )
+    source(p)
+    p.add_argument("--to", metavar="ADDRESS", help="where the destination listens: unix:PATH or tcp:HOST:PORT")
+    p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="start the guest first, send pages as it asks (the destination needs postcopy-ram on)",
+    )
+    p.add_argument("--qmp", metavar="PATH", help="the destination's QMP socket: wait for it to complete; its errors")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="the longest wait at any step (default 60 s)"
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a TCP destination on another host: guest RAM then crosses the network in the clear",
+    )
+    p.add_argument(
+        "--qemu",
+        nargs=argparse.REMAINDER,
+        metavar="QEMU-ARGS",
+        help="start the destination: the rest of the line is its command line (last option; `--` may precede it)",
+    )
+    add_channels(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("diff", help="pages that differ between two files' RAM blocks; exit 1 if any")
     p.add_argument("a", metavar="A", help="migration file, or QEMU's file:PATH[,offset=N]")

@@ -162,6 +162,29 @@ def render_save(r: ops.SaveReport) -> str:
     return "\n".join(lines)
 
 
+def render_serve(r: ops.ServeReport) -> str:
+    lines = [
+        f"{r.path} -> {r.destination}: {r.mode}, {_human(r.ram_bytes)} of RAM ({r.machine_type}), "
+        f"{r.pages_sent:,} pages sent ({_human(r.bytes_sent)} on the wire), {r.pages_zero:,} zero pages not sent"
+        + (" unless asked for" if r.mode == "postcopy" else ""),
+        f"{r.total_seconds:.2f} s: " + ", ".join(f"{k} {v:.3f} s" for k, v in r.seconds.items()),
+    ]
+    if r.seconds_to_run is not None:
+        lines.append(f"the destination had the device state (guest runnable) {r.seconds_to_run * 1e3:.1f} ms in")
+    if r.requests:
+        lat = r.request_latency_us or {}
+        lines.append(
+            f"{r.requests:,} page requests answered ({r.pages_requested:,} pages); from request to sent: "
+            f"median {lat.get('median', 0):.0f} us, p99 {lat.get('p99', 0):.0f} us, max {lat.get('max', 0):.0f} us"
+        )
+    if r.qemu is not None:
+        lines.append("destination QEMU: " + ", ".join(f"{k} {v}" for k, v in r.qemu.items()))
+    lines += [f"note: {n}" for n in r.notes]
+    lines.append("serve OK: the destination loaded the stream" if r.ok else
+                 f"serve NOT OK: the destination reported status {r.destination_status}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def render_restore(r: ops.RestoreReport) -> str:
     lines = [
         f"{r.path}: restored {', '.join(r.blocks)} ({_human(r.ram_bytes)}), {r.pages_read} pages read, "

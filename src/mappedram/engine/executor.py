@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar, cast
 
-__all__ = ["Channel", "Lanes", "Throttle", "run_tasks"]
+__all__ = ["Channel", "Lanes", "ReadAhead", "Throttle", "run_tasks"]
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -107,6 +107,90 @@ def run_tasks(
 
 
 _STOP = object()
+
+R = TypeVar("R")
+
+
+class ReadAhead(Generic[T, R]):
+    """``produce(task)`` for each task, on ``channels`` threads, handed out in task order.
+
+    At most ``window`` results are produced ahead of the consumer (what they hold stays
+    bounded). :meth:`next` waits for the next result (or up to ``timeout`` seconds: None
+    when it is not ready yet) and re-raises a worker's error; :meth:`close` stops the
+    workers (tasks not started are dropped). Use as a context manager.
+    """
+
+    def __init__(self, tasks: Sequence[T], produce: Callable[[T], R], *, channels: int, window: int) -> None:
+        self._tasks = tasks
+        self._produce = produce
+        self._window = max(window, 1)
+        self._results: dict[int, tuple[bool, object]] = {}
+        self._next_task = 0  # first task no worker has taken
+        self._next_out = 0  # first result not handed out
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"mappedram-read{i}", daemon=True) for i in range(max(channels, 1))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def done(self) -> bool:
+        """Every result has been handed out."""
+        return self._next_out >= len(self._tasks)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (
+                    self._next_task < len(self._tasks) and self._next_task - self._next_out >= self._window
+                ):
+                    self._cond.wait()
+                if self._closed or self._next_task >= len(self._tasks):
+                    return
+                index = self._next_task
+                self._next_task += 1
+            try:
+                result: tuple[bool, object] = (True, self._produce(self._tasks[index]))
+            except BaseException as exc:  # re-raised in the consumer
+                result = (False, exc)
+            with self._cond:
+                self._results[index] = result
+                self._cond.notify_all()
+
+    def next(self, timeout: float | None = None) -> R | None:
+        """The next result in task order; None if not ready within ``timeout`` (None: wait)."""
+        with self._cond:
+            if self.done:
+                raise IndexError("every result was handed out")
+            ready = self._cond.wait_for(lambda: self._next_out in self._results, timeout)
+            if not ready:
+                return None
+            ok, value = self._results.pop(self._next_out)
+            self._next_out += 1
+            self._cond.notify_all()
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return cast(R, value)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._results.clear()
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def __enter__(self) -> ReadAhead[T, R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Lanes(Generic[T]):

@@ -7,6 +7,7 @@ This package is the CLI's one door to the library:
 * :mod:`.blockimage` and :mod:`.guestphys`: raw block images, ELF cores and guest-physical images;
 * :mod:`.writer`, :mod:`.loader`, :mod:`.relay`: static saves, restores, re-lays and conversions;
 * :mod:`.live` with :mod:`.trackers`: live saves of RAM that keeps changing;
+* :mod:`.serve` with :mod:`.qemu`: a file served to a live QEMU destination, precopy or postcopy;
 * :mod:`.protocol`: the save protocol every writer runs under;
 * :mod:`.options`: :class:`EngineOptions`, the one options object of every page-moving operation.
 """
@@ -34,6 +35,7 @@ from .loader import RestoreReport, restore, restore_files
 from .options import DEFAULT_CHANNELS, DEFAULTS, EngineOptions, OnStart, Progress
 from .protocol import TEMP_MARKER
 from .relay import CONVERT_FORMATS, convert, rewrite
+from .serve import ServeOptions, ServeReport, serve, serve_qemu
 from .trackers import CallbackTracker, CompareTracker, DirtyTracker, OwnerTracker
 from .writer import DEFAULT_MACHINE, SaveReport, save, save_files
 
@@ -70,6 +72,8 @@ __all__ = [
     "Progress",
     "RestoreReport",
     "SaveReport",
+    "ServeOptions",
+    "ServeReport",
     "TEMP_MARKER",
     "VerifyReport",
     "convert",
@@ -84,5 +88,7 @@ __all__ = [
     "safe_filename",
     "save",
     "save_files",
+    "serve",
+    "serve_qemu",
     "verify",
 ]

@@ -22,6 +22,10 @@ from collections.abc import Callable
 __all__ = ["Connection", "ConnectionLost", "FrameReceiver", "parse_address", "is_loopback"]
 
 
+#: The most one socket send is offered (its time limit applies to each).
+_SEND_CHUNK = 4 << 20
+
+
 class ConnectionLost(Exception):
     """The peer closed or reset the connection, or made no progress within the time limit."""
 
@@ -38,7 +42,7 @@ def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
     if kind == "tcp":
         host, sep, port = rest.rpartition(":")
         host = host.strip("[]")
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+        if sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
             return "tcp", (host, int(port))
     raise ValueError(f"address {address!r}: expected unix:PATH or tcp:HOST:PORT")
 
@@ -47,7 +51,7 @@ def is_loopback(host: str) -> bool:
     """Whether every address ``host`` resolves to is a loopback address."""
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
+    except (OSError, UnicodeError, ValueError):
         return False
     import ipaddress
 
@@ -95,6 +99,8 @@ class Connection:
                 raise ConnectionLost(f"connecting to {address} timed out after {timeout} s", timed_out=True) from None
             except OSError as exc:
                 raise ConnectionLost(f"cannot connect to {address}: {exc.strerror or exc}") from None
+            except (UnicodeError, ValueError) as exc:
+                raise ConnectionLost(f"cannot connect to {address}: {exc}") from None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         if tls is not None:
             try:
@@ -105,17 +111,22 @@ class Connection:
         return cls(sock, address, timeout)
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of ``data`` (several threads may call this; each call is sent whole)."""
+        """Send all of ``data`` (several threads may call this; each call is sent whole).
+
+        The time limit is on a stall: each ``send`` that moves nothing for ``timeout``
+        seconds is one (a peer that keeps reading, however slowly, is waited for)."""
         view = memoryview(data).cast("B")
         with self._send_lock:
-            try:
-                self.sock.sendall(view)
-            except TimeoutError:
-                raise ConnectionLost(
-                    f"{self.address} took nothing for {self.timeout} s", timed_out=True
-                ) from None
-            except OSError as exc:
-                raise ConnectionLost(_lost(self.address, exc)) from None
+            done = 0
+            while done < len(view):
+                try:
+                    done += self.sock.send(view[done : done + _SEND_CHUNK])
+                except TimeoutError:
+                    raise ConnectionLost(
+                        f"{self.address} took nothing for {self.timeout} s", timed_out=True
+                    ) from None
+                except OSError as exc:
+                    raise ConnectionLost(_lost(self.address, exc)) from None
             self.bytes_sent += len(view)
 
     def recv_exact(self, n: int, *, idle_ok: bool = False) -> bytes:

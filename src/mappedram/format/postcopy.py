@@ -226,6 +226,8 @@ def encode_postcopy_ram_discard(idstr: str, ranges: list[tuple[int, int]]) -> by
         raise ValueError("a discard names a block and at least one range")
     body = bytes([POSTCOPY_RAM_DISCARD_VERSION, len(name)]) + name + b"\x00"
     body += b"".join(be64(start) + be64(length) for start, length in ranges)
+    if len(body) > 0xFFFF:
+        raise ValueError(f"a discard command holds at most {(0xFFFF - 3 - len(name)) // 16} ranges, not {len(ranges)}")
     return encode_command(MIG_CMD_POSTCOPY_RAM_DISCARD, body)
 
 

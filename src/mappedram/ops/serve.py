@@ -561,6 +561,8 @@ class _Session:
             self.sent[block][pages] = True
             self.pages_sent += len(pages)
             self.pages_requested += len(pages)
+            if self.engine.progress is not None:
+                self.engine.progress(int(np.count_nonzero(b.present[pages])) * self.ps)
         self.latencies.append(time.perf_counter() - arrived)
 
     def _answer_all(self) -> None:
@@ -583,7 +585,8 @@ class _Session:
                 self._answer_all()
                 self._poll_events("postcopy")
                 if self.pages_requested < self.options.background_after:
-                    self._wait_request(deadline, "the guest to ask for pages")
+                    if self._wait_request(deadline, "the guest to ask for pages"):
+                        deadline = time.monotonic() + self.options.timeout
                     continue
                 if chunk is None or at >= len(chunk[1]):
                     if reads.done:
@@ -610,12 +613,12 @@ class _Session:
                 deadline = time.monotonic() + self.options.timeout
         self._answer_all()
 
-    def _wait_request(self, deadline: float, what: str | None) -> None:
-        """Wait for a page request until ``deadline``; it is put back for :meth:`_answer_all`."""
+    def _wait_request(self, deadline: float, what: str | None) -> bool:
+        """Wait for a page request until ``deadline`` and answer it; whether one came."""
         left = deadline - time.monotonic()
         if left <= 0:
             if what is None:
-                return
+                return False
             raise MigrationError(
                 f"the destination did not ask for pages within {self.options.timeout} s (waiting for {what})",
                 destination=self.to,
@@ -624,8 +627,9 @@ class _Session:
         try:
             request = self.requests.get(timeout=min(left, 0.05))
         except queue.Empty:
-            return
+            return False
         self._answer(request)
+        return True
 
 
 def _pick(view: memoryview, sel: npt.NDArray[np.intp], ps: int) -> bytearray:

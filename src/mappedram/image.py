@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram._runs import assign_last
-from mappedram.engine.copy import gather_pages
+from mappedram.engine.copy import gather_pages, gather_pages_at
 from mappedram.engine.fileio import close_fd, data_extents, file_identity, file_size, open_read, pread_upto, prefetch
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
@@ -120,6 +120,18 @@ class RamBlock:
     @property
     def pages_zero(self) -> int:
         return self.num_pages - self.pages_present
+
+    def sources_of(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """:meth:`sources` of the given page numbers only."""
+        if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= self.num_pages):
+            raise UsageError(f"pages outside block {self.idstr!r} of {self.num_pages} pages")
+        if self.layout is not None and self.bitmap is not None:
+            out = self.layout.pages_offset + pages.astype(np.int64) * self.page_size
+            out[~self.bitmap[pages]] = -1
+            return out
+        if self.legacy_sources is not None:
+            return self.legacy_sources[pages]
+        return np.full(len(pages), -1, dtype=np.int64)
 
     def sources(self, first: int = 0, count: int | None = None) -> npt.NDArray[np.int64]:
         count = self.num_pages - first if count is None else count
@@ -219,7 +231,17 @@ class MigrationFile:
         view = memoryview(out).cast("B")
         if len(view) != len(pages) * b.page_size:
             raise UsageError(f"buffer of {len(view)} bytes for {len(pages)} pages of {b.page_size} bytes")
-        gather_pages(self._fd, self.path, b.sources()[pages], b.page_size, view)
+        gather_pages(self._fd, self.path, b.sources_of(pages), b.page_size, view)
+
+    def read_pages_at(
+        self, block: RamBlock | str, pages: npt.NDArray[np.int64], out: memoryview, at: npt.NDArray[np.int64]
+    ) -> None:
+        """Read the block's ``pages`` (each stored in the file) into ``out`` at offsets ``at``."""
+        b = self.block(block) if isinstance(block, str) else block
+        offsets = b.sources_of(pages)
+        if len(offsets) and int(offsets.min()) < 0:
+            raise UsageError(f"{self.path}: read_pages_at reads stored pages only (block {b.idstr!r})")
+        gather_pages_at(self._fd, self.path, offsets, b.page_size, out, at)
 
     def read_pages(self, block: RamBlock | str, first_page: int, count: int = 1) -> bytes:
         b = self.block(block) if isinstance(block, str) else block

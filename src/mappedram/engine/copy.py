@@ -32,6 +32,7 @@ __all__ = [
     "PageCompare",
     "CompareChannel",
     "gather_pages",
+    "gather_pages_at",
     "nonzero_pages",
     "nonzero_pages_at",
     "sparse_copy",
@@ -116,6 +117,40 @@ def gather_pages(
         windows = as_strided(buf, shape=(len(buf) - page_size + 1, page_size), strides=(1, 1), writeable=False)
         pages[order[a:b]] = windows[offs[a:b] - lo]
     return present
+
+
+def gather_pages_at(
+    fd: int,
+    path: str,
+    src_offsets: npt.NDArray[np.int64],
+    page_size: int,
+    out: memoryview,
+    dst_offsets: npt.NDArray[np.int64],
+) -> None:
+    """Read page i (from ``src_offsets[i]``, every one >= 0) into ``out`` at ``dst_offsets[i]``.
+
+    Pages consecutive in the file (a mapped-ram page run) go straight to their places, one
+    ``preadv`` of many iovecs per run; pages scattered through the file (a legacy stream)
+    are read with :func:`gather_pages` and copied into place.
+    """
+    n = len(src_offsets)
+    if n == 0:
+        return
+    if int(src_offsets.min()) < 0:
+        raise ValueError("gather_pages_at reads pages that are in the file only")
+    breaks = np.flatnonzero(np.diff(src_offsets) != page_size) + 1
+    if len(breaks) > n // 8:
+        tmp = bytearray(n * page_size)
+        gather_pages(fd, path, src_offsets, page_size, memoryview(tmp))
+        arr = np.frombuffer(out, dtype=np.uint8)
+        windows = as_strided(arr, shape=(len(arr) - page_size + 1, page_size), strides=(1, 1))
+        windows[dst_offsets] = np.frombuffer(tmp, dtype=np.uint8).reshape(n, page_size)
+        return
+    lo = np.concatenate(([0], breaks)).tolist()
+    hi = np.concatenate((breaks, [n])).tolist()
+    dst = dst_offsets.tolist()
+    for a, b in zip(lo, hi):
+        preadv_exact(fd, [out[d : d + page_size] for d in dst[a:b]], int(src_offsets[a]), path)
 
 
 def nonzero_pages(buf: memoryview, npages: int, page_size: int) -> npt.NDArray[np.bool_]:

@@ -52,6 +52,8 @@ __all__ = [
     "encode_page_record",
     "encode_page_records",
     "encode_page_records_into",
+    "encode_page_headers_into",
+    "page_headers_size",
     "page_records_size",
     "encode_vmdesc",
 ]
@@ -217,3 +219,38 @@ def encode_page_records(
     out = np.empty(page_records_size(idstr, nonzero, pages.shape[1]), dtype=np.uint8)
     n = encode_page_records_into(idstr, first_addr, pages, nonzero, out)
     return [out[:n].tobytes()]
+
+
+def page_headers_size(idstr: str, n: int, page_size: int, name_every: int) -> int:
+    """Bytes of the records :func:`encode_page_headers_into` lays out for ``n`` pages."""
+    named = -(-n // max(name_every, 1)) if n else 0
+    return n * (8 + page_size) + named * len(pack_idstr(idstr))
+
+
+# reference: save_page_header, save_normal_page (the records' bytes around the pages)
+def encode_page_headers_into(
+    idstr: str, addrs: npt.NDArray[np.uint64], page_size: int, out: npt.NDArray[np.uint8], *, name_every: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Lay out PAGE records for pages at block offsets ``addrs`` in ``out`` and write all
+    but the pages' bytes: each be64 address|flags, and the block's name in records 0,
+    ``name_every``, 2 * ``name_every``, ... (the others have CONTINUE), so each run of
+    ``name_every`` records can be sent on its own. The caller puts the pages' bytes in
+    place (read straight from a file into ``out``). Returns each record's start (n + 1
+    entries: the last is the total size) and each page's data offset. Vectorised.
+    """
+    n = len(addrs)
+    name = pack_idstr(idstr)
+    every = max(name_every, 1)
+    named = np.arange(n) % every == 0
+    sizes = np.where(named, 8 + len(name) + page_size, 8 + page_size).astype(np.int64)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    if len(out) < starts[-1]:
+        raise ValueError(f"output holds {len(out)} bytes; the records need {int(starts[-1])}")
+    flags = np.where(named, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE).astype(np.uint64)
+    words = (np.asarray(addrs, dtype=np.uint64) | flags).astype(">u8").view(np.uint8).reshape(n, 8)
+    out[starts[:-1, None] + np.arange(8)] = words
+    at = starts[:-1][named] + 8
+    out[at[:, None] + np.arange(len(name))] = np.frombuffer(name, dtype=np.uint8)
+    data = starts[:-1] + 8 + np.where(named, len(name), 0)
+    return starts, data

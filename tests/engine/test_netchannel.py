@@ -1,4 +1,6 @@
-"""``engine.netchannel`` over real sockets (unix and loopback TCP), and ``engine.executor.ReadAhead``.
+"""``engine.netchannel`` over real sockets (unix and loopback TCP), with and without TLS (against
+Python's ``ssl`` as the server, certificates made by the ``openssl`` command for each run), and
+``engine.executor.ReadAhead``.
 
 Every wait is bounded by LIMIT; no assertion depends on how fast anything runs.
 """
@@ -6,20 +8,32 @@ Every wait is bounded by LIMIT; no assertion depends on how fast anything runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import socket
+import ssl
 import struct
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mappedram.engine.executor import ReadAhead
-from mappedram.engine.netchannel import Connection, ConnectionLost, FrameReceiver, is_loopback, parse_address
+from mappedram.engine.netchannel import (
+    Connection,
+    ConnectionLost,
+    FrameReceiver,
+    TlsError,
+    is_loopback,
+    parse_address,
+    tls_client_context,
+)
+from mappedram.errors import UsageError
 
 #: The longest any wait in these tests may take.
 LIMIT = 30.0
@@ -762,3 +776,542 @@ def test_read_ahead_close_from_exit_on_error() -> None:
     with pytest.raises(RuntimeError, match="consumer"), ReadAhead(list(range(100)), lambda i: i, channels=4, window=2) as reads:
         reads.next(timeout=LIMIT)
         raise RuntimeError("consumer failed")
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+from tests.helpers.tls import Pki, make_pki  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def server_context(pki: Pki, *, verify_client: bool = True) -> ssl.SSLContext:
+    """A TLS server as QEMU's destination is one (verify-peer=on: a client certificate signed by the CA)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.server / "server-cert.pem", pki.server / "server-key.pem")
+    if verify_client:
+        ctx.load_verify_locations(pki.server / "ca-cert.pem")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@dataclass
+class Peer:
+    address: str
+    errors: list[BaseException]
+
+
+@contextlib.contextmanager
+def tls_peer(
+    pki: Pki, handler: Callable[[ssl.SSLSocket], object], *, kind: str = "tcp", path: Path | None = None,
+    verify_client: bool = True,
+) -> Iterator[Peer]:
+    """A TLS server on a thread: it accepts one connection, does the handshake and runs
+    ``handler`` on it (on that one thread: its SSLSocket is never shared). What it raised is
+    in ``errors``; the thread is joined on exit (close the client first)."""
+    ctx = server_context(pki, verify_client=verify_client)
+    listener = unix_listener(path) if kind == "unix" else tcp_listener()
+    assert kind == "tcp" or path is not None
+    address = f"unix:{path}" if kind == "unix" else f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    peer = Peer(address, [])
+
+    def run() -> None:
+        try:
+            raw, _ = listener.accept()
+            raw.settimeout(LIMIT)
+            with ctx.wrap_socket(raw, server_side=True) as tls:
+                handler(tls)
+        except BaseException as exc:
+            peer.errors.append(exc)
+
+    t = in_thread(run)
+    try:
+        yield peer
+    finally:
+        t.join(LIMIT)
+        listener.close()
+    assert not t.is_alive(), "the TLS peer did not end"
+
+
+def tls_connect(peer: Peer, creds: Path, *, timeout: float = LIMIT, hostname: str | None = None) -> Connection:
+    if hostname is None and peer.address.startswith("unix:"):
+        hostname = "localhost"
+    return Connection.connect(peer.address, timeout=timeout, tls=tls_client_context(creds), server_hostname=hostname)
+
+
+def wait_closed(sock: ssl.SSLSocket) -> None:
+    """The server's handler waits here until the client closes (or LIMIT)."""
+    with contextlib.suppress(OSError):
+        while sock.recv(4096):
+            pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tls_round_trip(pki: Pki, kind: str, sock_path: Path) -> None:
+    """Over TLS (unix and TCP): send is whole and counts plaintext, recv_exact gets exactly n
+    bytes however the peer's records split them; the peer closing is b"" (no close_notify)."""
+    data = os.urandom(3 << 20)
+
+    def handler(tls: ssl.SSLSocket) -> None:
+        got = recv_all(tls, len(data) + 3)
+        tls.sendall(hashlib.sha256(got).digest())
+        for b in b"0123456789":  # one record a byte
+            tls.sendall(bytes([b]))
+
+    with tls_peer(pki, handler, kind=kind, path=sock_path) as peer:
+        conn = tls_connect(peer, pki.client)
+        try:
+            assert conn.tls_version == "TLSv1.3"
+            conn.send(data[:1000])
+            conn.send(memoryview(data)[1000:])
+            conn.send(bytearray(b"abc"))
+            assert conn.bytes_sent == len(data) + 3
+            assert conn.recv_exact(32) == hashlib.sha256(data + b"abc").digest()
+            assert conn.recv_exact(4) == b"0123"
+            assert conn.recv_exact(6) == b"456789"
+            assert conn.recv_exact(4) == b""
+            assert conn.recv_exact(4, idle_ok=True) == b""
+        finally:
+            conn.close()
+    assert not peer.errors, peer.errors
+
+
+def test_tls_by_host_name(pki: Pki) -> None:
+    """tcp:localhost:PORT is checked against the certificate's DNS:localhost; a given
+    server_hostname is what is checked."""
+
+    def handler(tls: ssl.SSLSocket) -> None:
+        tls.sendall(recv_all(tls, 2))
+
+    with tls_peer(pki, handler) as peer:
+        conn = tls_connect(peer, pki.client, hostname="localhost")
+        try:
+            conn.send(b"ok")
+            assert conn.recv_exact(2) == b"ok"
+        finally:
+            conn.close()
+    assert not peer.errors, peer.errors
+
+
+def test_tls_concurrent_send_and_receive(pki: Pki) -> None:
+    """64 MiB sent on this thread while a FrameReceiver reads the peer's messages, which it
+    sends between its reads: every byte arrives (the peer's hash of what it got is ours),
+    every message arrives whole and in order."""
+    size, piece = 64 << 20, 1 << 20
+    data = os.urandom(size)
+
+    def body(i: int) -> bytes:
+        return struct.pack(">I", i) + hashlib.sha256(struct.pack(">I", i)).digest() * 2
+
+    def handler(tls: ssl.SSLSocket) -> None:
+        h = hashlib.sha256()
+        got = i = 0
+        while got < size:
+            tls.sendall(frame(1, body(i)))
+            i += 1
+            chunk = tls.recv(min(256 << 10, size - got))
+            if not chunk:
+                raise AssertionError(f"the client closed after {got} bytes")
+            h.update(chunk)
+            got += len(chunk)
+        tls.sendall(frame(2, h.digest() + struct.pack(">I", i)))
+        wait_closed(tls)
+
+    with tls_peer(pki, handler) as peer:
+        conn = tls_connect(peer, pki.client)
+        got = Frames()
+        rx = FrameReceiver(conn, 4, be16_length, got.on_frame, got.on_end)
+        rx.start()
+        try:
+            for k in range(0, size, piece):
+                conn.send(memoryview(data)[k : k + piece])
+            assert conn.bytes_sent == size
+            deadline = time.monotonic() + LIMIT
+            while not (got.frames and got.frames[-1][0][:2] == b"\x00\x02"):
+                assert time.monotonic() < deadline and not got.ended.is_set(), got.end
+                time.sleep(0.01)
+        finally:
+            conn.close()
+        assert got.ended.wait(LIMIT) and rx.join(LIMIT)
+    assert not peer.errors, peer.errors
+    assert got.end == [None]
+    *messages, (_, last) = got.frames
+    digest, count = last[:32], struct.unpack(">I", last[32:])[0]
+    assert digest == hashlib.sha256(data).digest()
+    assert count == len(messages) > 1
+    assert [(h[:2], b) for h, b in messages] == [(b"\x00\x01", body(i)) for i in range(count)]
+
+
+def test_tls_hostname_mismatch_is_refused(pki: Pki) -> None:
+    """A certificate that is not for the name checked: TlsError at connect, with OpenSSL's reason."""
+    with tls_peer(pki, wait_closed) as peer:
+        with pytest.raises(TlsError, match="certificate verify failed") as info:
+            tls_connect(peer, pki.client, hostname="not-this-host.example")
+    assert "not-this-host.example" in str(info.value) and peer.address in str(info.value)
+    assert not info.value.timed_out
+
+
+def test_tls_unknown_ca_is_refused(pki: Pki) -> None:
+    """A server certificate not signed by the CA of the creds directory: TlsError at connect."""
+    with tls_peer(pki, wait_closed) as peer:
+        with pytest.raises(TlsError, match="certificate verify failed"):
+            tls_connect(peer, pki.unknown_ca)
+
+
+@pytest.mark.parametrize(("creds", "said"), [("client_rogue", "unknown ca"), ("client_no_cert", "certificate required")])
+def test_tls_client_certificate_refused_by_the_peer(pki: Pki, creds: str, said: str) -> None:
+    """A server that verifies its peer refuses a client certificate of another CA, or none;
+    under TLS 1.3 the client learns it at its first read after the handshake: TlsError."""
+    with tls_peer(pki, wait_closed) as peer:
+        with pytest.raises(TlsError, match=said):
+            conn = tls_connect(peer, getattr(pki, creds))
+            try:
+                conn.recv_exact(1)
+            finally:
+                conn.close()
+    assert peer.errors and isinstance(peer.errors[0], ssl.SSLError)
+
+
+def test_tls_peer_gone_before_sending_anything(pki: Pki) -> None:
+    """A TLS peer that completes the handshake and goes without a byte of data nor a
+    close_notify (QEMU refusing a client certificate after a TLS 1.3 handshake): TlsError
+    saying so, not a clean end; one that sent data first ends cleanly (b"")."""
+    with tls_peer(pki, lambda tls: None) as peer:
+        conn = tls_connect(peer, pki.client)
+        try:
+            with pytest.raises(TlsError, match=r"before sending anything.*verify-peer"):
+                conn.recv_exact(4, idle_ok=True)
+        finally:
+            conn.close()
+    with tls_peer(pki, lambda tls: tls.sendall(b"ab")) as peer:
+        conn = tls_connect(peer, pki.client)
+        try:
+            assert conn.recv_exact(2) == b"ab"
+            assert conn.recv_exact(4, idle_ok=True) == b""
+        finally:
+            conn.close()
+
+
+def plain_peer(action: Callable[[socket.socket], object]) -> tuple[socket.socket, threading.Thread]:
+    listener = tcp_listener()
+
+    def run() -> None:
+        peer, _ = listener.accept()
+        peer.settimeout(LIMIT)
+        with peer:
+            action(peer)
+
+    return listener, in_thread(run)
+
+
+@pytest.mark.parametrize("how", ["answers", "closes", "says nothing"])
+def test_tls_to_a_plaintext_peer(how: str) -> None:
+    """A peer that does not speak TLS: one that answers the ClientHello with a migration
+    stream's header, one that closes, one that waits for more: TlsError, not a hang."""
+    hold = threading.Event()
+
+    def action(peer: socket.socket) -> None:
+        peer.recv(4096)
+        if how == "answers":
+            peer.sendall(b"QEVM\x00\x00\x00\x03" + bytes(64))
+            hold.wait(LIMIT)
+        elif how == "says nothing":
+            hold.wait(LIMIT)
+
+    listener, t = plain_peer(action)
+    ctx = ssl.create_default_context()
+    try:
+        with pytest.raises(TlsError, match="TLS handshake") as info:
+            Connection.connect(f"tcp:127.0.0.1:{listener.getsockname()[1]}", timeout=0.5, tls=ctx)
+        assert info.value.timed_out is (how == "says nothing")
+    finally:
+        hold.set()
+        t.join(LIMIT)
+        listener.close()
+
+
+def test_tls_unix_needs_a_host_name(sock_path: Path, pki: Pki) -> None:
+    """TLS over a unix socket checks the certificate against a name given (QEMU's tls-hostname): none, no TLS."""
+    listener = unix_listener(sock_path)
+    try:
+        with pytest.raises(TlsError, match="no host name"):
+            Connection.connect(f"unix:{sock_path}", timeout=LIMIT, tls=tls_client_context(pki.client))
+    finally:
+        listener.close()
+
+
+def _server_session(raw: socket.socket, ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """The server's side of a handshake driven by hand (to send part of a record later)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=True)
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            data = raw.recv(65536)
+            if not data:
+                raise ConnectionError("the client closed in the handshake") from None
+            incoming.write(data)
+    raw.sendall(outgoing.read())
+    return obj, incoming, outgoing
+
+
+def test_tls_idle_wait_has_no_limit_but_a_record_begun_has(pki: Pki) -> None:
+    """FrameReceiver over TLS: the wait for a message outlasts the time limit (the session
+    tickets TLS 1.3 sends after the handshake are no message); a record the peer began but
+    stopped in is a stall: ConnectionLost(timed_out=True)."""
+    listener = tcp_listener()
+    ctx = server_context(pki)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            raw, _ = listener.accept()
+            raw.settimeout(LIMIT)
+            with raw:
+                obj, _, outgoing = _server_session(raw, ctx)
+                time.sleep(0.6)  # three time limits of the client
+                obj.write(frame(1, b"abcd"))
+                raw.sendall(outgoing.read())
+                obj.write(frame(2, b"efgh"))
+                cipher = outgoing.read()
+                raw.sendall(cipher[:-4])  # the record, but its last bytes
+                done.wait(LIMIT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = in_thread(run)
+    try:
+        conn = Connection.connect(f"tcp:127.0.0.1:{listener.getsockname()[1]}", timeout=0.2,
+                                  tls=tls_client_context(pki.client))  # fmt: skip
+        got = Frames()
+        rx = FrameReceiver(conn, 4, be16_length, got.on_frame, got.on_end)
+        rx.start()
+        try:
+            assert got.ended.wait(LIMIT)
+            assert got.frames == [(b"\x00\x01\x00\x04", b"abcd")]
+            assert len(got.end) == 1 and isinstance(got.end[0], ConnectionLost) and got.end[0].timed_out
+        finally:
+            conn.close()
+            rx.join(LIMIT)
+    finally:
+        done.set()
+        t.join(LIMIT)
+        listener.close()
+    assert not errors, errors
+
+
+def _key_update(obj: ssl.SSLObject) -> Callable[[], None] | None:
+    """A function asking OpenSSL for a TLS 1.3 KeyUpdate with update_requested on ``obj``
+    (SSL_key_update, by ctypes: Python has no call for it), or None where that cannot be
+    done safely (the SSL pointer is read from CPython's object and checked first)."""
+    import _ssl
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        is_server, key_update = lib.SSL_is_server, lib.SSL_key_update
+    except (OSError, AttributeError):
+        return None
+    is_server.argtypes, is_server.restype = [ctypes.c_void_p], ctypes.c_int
+    key_update.argtypes, key_update.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+
+    def pointer(o: ssl.SSLObject) -> int | None:
+        # CPython's PySSLSocket: PyObject_HEAD, the socket's weakref, then SSL *ssl
+        return ctypes.c_void_p.from_address(id(o._sslobj) + 24).value  # type: ignore[attr-defined]
+
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
+    p, q = pointer(obj), pointer(probe)
+    if not (p and q and is_server(p) == 1 and is_server(q) == 0):
+        return None
+
+    def update() -> None:
+        assert key_update(p, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+
+    return update
+
+
+def test_tls_key_update_while_sending(pki: Pki) -> None:
+    """The peer asks for TLS 1.3 key updates (update_requested) while 64 MiB are being sent:
+    the answer OpenSSL makes on the receiver's thread goes to the socket in order with the
+    sender's records (out of order, the peer could not decrypt what follows), and every
+    byte and message arrives."""
+    size, piece, updates_wanted = 64 << 20, 1 << 20, 16
+    data = os.urandom(size)
+    listener = tcp_listener()
+    ctx = server_context(pki)
+    result: dict[str, object] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            raw, _ = listener.accept()
+            raw.settimeout(LIMIT)
+            with raw:
+                obj, incoming, outgoing = _server_session(raw, ctx)
+                update = _key_update(obj)
+                if update is None:
+                    result["skip"] = True
+                    return
+                h = hashlib.sha256()
+                got = updates = 0
+                while got < size:
+                    if updates < updates_wanted and got >= updates * (size // updates_wanted):
+                        update()
+                        obj.do_handshake()  # the KeyUpdate now, alone: the client answers it as it reads it
+                        raw.sendall(outgoing.read())
+                        updates += 1
+                    obj.write(frame(1, struct.pack(">I", updates)))
+                    raw.sendall(outgoing.read())
+                    chunk = raw.recv(256 << 10)
+                    if not chunk:
+                        raise AssertionError(f"the client closed after {got} bytes")
+                    incoming.write(chunk)
+                    while True:
+                        try:
+                            plain = obj.read(1 << 20)
+                        except ssl.SSLWantReadError:
+                            break
+                        h.update(plain)
+                        got += len(plain)
+                    raw.sendall(outgoing.read())
+                obj.write(frame(2, h.digest() + struct.pack(">I", updates)))
+                raw.sendall(outgoing.read())
+                done.wait(LIMIT)
+        except BaseException as exc:
+            result["error"] = exc
+
+    t = in_thread(run)
+    try:
+        conn = Connection.connect(f"tcp:127.0.0.1:{listener.getsockname()[1]}", timeout=LIMIT,
+                                  tls=tls_client_context(pki.client))  # fmt: skip
+        got = Frames()
+        rx = FrameReceiver(conn, 4, be16_length, got.on_frame, got.on_end)
+        rx.start()
+        try:
+            with contextlib.suppress(ConnectionLost):  # the peer gave up: result says why
+                for k in range(0, size, piece):
+                    conn.send(memoryview(data)[k : k + piece])
+            deadline = time.monotonic() + LIMIT
+            while not (got.frames and got.frames[-1][0][:2] == b"\x00\x02"):
+                if "skip" in result or "error" in result or got.ended.is_set() or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        finally:
+            conn.close()
+            rx.join(LIMIT)
+    finally:
+        done.set()
+        t.join(LIMIT)
+        listener.close()
+    if "skip" in result:
+        pytest.skip("SSL_key_update cannot be called on this Python's ssl objects")
+    assert "error" not in result, result["error"]
+    assert got.frames and got.frames[-1][0][:2] == b"\x00\x02", (got.end, len(got.frames))
+    last = got.frames[-1][1]
+    assert last[:32] == hashlib.sha256(data).digest()
+    assert struct.unpack(">I", last[32:])[0] == updates_wanted
+
+
+def test_tls_close_unblocks_the_receiver(pki: Pki) -> None:
+    """The owner closing a TLS connection ends its FrameReceiver cleanly (on_end(None))."""
+    with tls_peer(pki, wait_closed) as peer:
+        conn = tls_connect(peer, pki.client, timeout=0.2)
+        got = Frames()
+        rx = FrameReceiver(conn, 4, be16_length, got.on_frame, got.on_end)
+        rx.start()
+        assert not got.ended.wait(0.5)
+        conn.close()
+        assert got.ended.wait(LIMIT)
+        assert rx.join(LIMIT)
+        assert got.end == [None]
+
+
+def test_tls_send_to_a_peer_that_never_reads(pki: Pki) -> None:
+    """64 MiB over TLS to a peer that reads nothing: ConnectionLost(timed_out=True)."""
+    hold = threading.Event()
+    with tls_peer(pki, lambda tls: hold.wait(LIMIT)) as peer:
+        conn = tls_connect(peer, pki.client, timeout=0.5)
+        try:
+            with pytest.raises(ConnectionLost) as info:
+                conn.send(bytes(64 << 20))
+            assert info.value.timed_out
+        finally:
+            conn.close()
+            hold.set()
+
+
+def test_tls_peer_resets(pki: Pki) -> None:
+    """A TLS peer that resets the connection: recv_exact and send raise ConnectionLost."""
+
+    def handler(tls: ssl.SSLSocket) -> None:
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    with tls_peer(pki, handler) as peer:
+        conn = tls_connect(peer, pki.client)
+        try:
+            with pytest.raises(ConnectionLost):
+                if conn.recv_exact(4) == b"":  # the reset may come after the tickets and a clean end
+                    deadline = time.monotonic() + LIMIT
+                    while time.monotonic() < deadline:
+                        conn.send(b"z" * 4096)
+                        time.sleep(0.01)
+        finally:
+            conn.close()
+
+
+# -- tls_client_context: QEMU's creds directory ------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tls_creds_directory_checks(pki: Pki, tmp_path: Path) -> None:
+    """The directory and its CA certificate must exist; the client's pair goes together; a
+    file OpenSSL cannot load is named. Each is a UsageError naming the file."""
+    with pytest.raises(UsageError, match="does not exist"):
+        tls_client_context(tmp_path / "none")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(UsageError, match=r"ca-cert\.pem") as info:
+        tls_client_context(bare)
+    assert info.value.fields["path"] == os.fspath(bare / "ca-cert.pem")
+    half = _copy(pki.client, tmp_path / "half")
+    (half / "client-key.pem").unlink()
+    with pytest.raises(UsageError, match=r"client-key\.pem: missing"):
+        tls_client_context(half)
+    garbage = _copy(pki.client_no_cert, tmp_path / "garbage")
+    (garbage / "ca-cert.pem").write_text("not a certificate\n")
+    with pytest.raises(UsageError, match=r"ca-cert\.pem: OpenSSL cannot load") as info:
+        tls_client_context(garbage)
+    assert "not a certificate" not in str(info.value)
+    mismatched = _copy(pki.client, tmp_path / "mismatched")
+    shutil.copyfile(pki.server / "server-key.pem", mismatched / "client-key.pem")
+    with pytest.raises(UsageError, match=r"client-key\.pem") as info:
+        tls_client_context(mismatched)
+    assert "PRIVATE KEY" not in str(info.value)
+    assert tls_client_context(pki.client_no_cert).verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_tls_key_open_to_others_is_refused(pki: Pki, tmp_path: Path, mode: int) -> None:
+    """A client key its group or others may read (or write): refused, naming the file and
+    its mode, never its contents."""
+    creds = _copy(pki.client, tmp_path / "creds")
+    key = creds / "client-key.pem"
+    key.chmod(mode)
+    with pytest.raises(UsageError, match=rf"client-key\.pem: .*mode {mode:04o}") as info:
+        tls_client_context(creds)
+    secret = key.read_text()
+    assert secret.strip() not in str(info.value) and "PRIVATE KEY" not in str(info.value)
+    assert info.value.fields["path"] == os.fspath(key)
+    key.chmod(0o400)
+    tls_client_context(creds)

@@ -10,6 +10,8 @@ a fresh destination (anonymous RAM, the same firmware, not paused) restores it:
 * ``qemu file`` (1 channel) and ``qemu file multifd 4``: ``migrate-incoming file:``;
 * ``serve precopy``: ``mappedram serve`` to ``migrate-incoming unix:``;
 * ``serve postcopy``: the same with postcopy-ram: the guest runs at once and faults;
+* ``serve postcopy preempt``: the same, page requests answered on a second connection
+  (QEMU's postcopy-preempt channel);
 * ``qemu postcopy``: QEMU's own postcopy of the same RAM, from a QEMU that loaded the file
   to a fresh one (the load not timed): what QEMU's page placement costs a postcopy fill.
 
@@ -148,10 +150,11 @@ def _qemu_postcopy(work: Path, path: Path, mem: int, bios: Path) -> dict[str, An
         return out
 
 
-def _serve(work: Path, path: Path, mem: int, bios: Path, postcopy: bool) -> dict[str, Any]:
+def _serve(work: Path, path: Path, mem: int, bios: Path, postcopy: bool, preempt: bool = False) -> dict[str, Any]:
     with _Destination(work / "unused.ram", ram_mib=mem, incoming=True, extra_args=_args(bios), workdir=work,
                       accel="tcg") as vm:  # fmt: skip
-        vm.configure_migration({"postcopy-ram": True, "postcopy-blocktime": True} if postcopy else {}, None)
+        caps = {"postcopy-ram": True, "postcopy-blocktime": True, "postcopy-preempt": preempt}
+        vm.configure_migration(caps if postcopy else {}, None)
         sock = work / "serve-bench.sock"
         vm.cmd("migrate-incoming", {"uri": f"unix:{sock}", "exit-on-error": False})
         result: dict[str, Any] = {}
@@ -159,7 +162,8 @@ def _serve(work: Path, path: Path, mem: int, bios: Path, postcopy: bool) -> dict
 
         def run() -> None:
             try:
-                result["report"] = serve(path, f"unix:{sock}", options=ServeOptions(postcopy=postcopy, timeout=120))
+                opts = ServeOptions(postcopy=postcopy, postcopy_preempt=preempt, timeout=120)
+                result["report"] = serve(path, f"unix:{sock}", options=opts)
             except BaseException as exc:
                 result["error"] = exc
 
@@ -208,6 +212,7 @@ def main() -> int:
         "qemu file multifd 4": lambda: _qemu_load(work, path, args.mem_mib, bios, True),
         "serve precopy": lambda: _serve(work, path, args.mem_mib, bios, False),
         "serve postcopy": lambda: _serve(work, path, args.mem_mib, bios, True),
+        "serve postcopy preempt": lambda: _serve(work, path, args.mem_mib, bios, True, preempt=True),
         "qemu postcopy (QEMU to QEMU)": lambda: _qemu_postcopy(work, path, args.mem_mib, bios),
     }
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*modes, "fio"]}
@@ -229,10 +234,13 @@ def main() -> int:
         print(f"| {name} | {m['running_s'] * 1e3:.1f} ms | {m['complete_s']:.2f} s | "
               f"{m['complete_s'] / best_eager:.2f}x | {fio_s / m['complete_s']:.2f}x |")  # fmt: skip
     print(f"| fio O_DIRECT read | - | {fio_s:.2f} s | - | 1.00x |")
-    p = med["serve postcopy"]
-    print(f"postcopy: {p['requests']:.0f} requests ({p['pages_requested']:.0f} pages); latency at serve median "
-          f"{p['latency_median_us']:.0f} us, p99 {p['latency_p99_us']:.0f} us; QEMU's postcopy-blocktime "
-          f"{p['blocktime_ms']} ms")  # fmt: skip
+    for name in ("serve postcopy", "serve postcopy preempt"):
+        p = med[name]
+        print(f"{name}: {p['requests']:.0f} requests ({p['pages_requested']:.0f} pages); latency at serve median "
+              f"{p['latency_median_us']:.0f} us, p99 {p['latency_p99_us']:.0f} us; QEMU's postcopy-blocktime "
+              f"{p['blocktime_ms']} ms ({p['blocktime_ms'] * 1e3 / max(p['requests'], 1):.0f} us a request)")
+    q = med["qemu postcopy (QEMU to QEMU)"]
+    print(f"qemu postcopy: QEMU's postcopy-blocktime {q['blocktime_ms']} ms")
     results = {"date": time.strftime("%Y-%m-%d"), "host": os.uname().nodename, "mem_mib": args.mem_mib,
                "data_bytes": data_bytes, "runs": runs, "medians": med, "best_qemu_eager_s": best_eager}  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,14 @@
 """Mutation fuzzer for the reader: mutated migration files may only raise FormatError.
 
 Seeds are small, valid files: mapped-ram and legacy streams, and one carrying the
-device state and vmdesc of a real QEMU 10 file. Each input is a seed with random
-mutations (bit flips, byte sets, interesting integers in big-endian fields, cuts,
-insertions, deletions, duplicated chunks). It is written to a file in /dev/shm, opened,
-every page of every block read, and verified. Anything but FormatError is a crash; an
+device state and vmdesc of a real QEMU 10 file, each also sealed (ops/seal.py). Each
+input is a seed with random mutations (bit flips, byte sets, interesting integers in
+big-endian fields, cuts, insertions, deletions, duplicated chunks); a sealed seed's
+trailer is also rewritten with a mutated seal (keys dropped or added, versions,
+algorithms, chunk sizes and lengths that lie, digests cut, padded, swapped or not hex,
+blocks missing, extra or reordered), framed right so the reader gets to the seal. It is
+written to a file in /dev/shm, opened, every page of every block read, and verified (also
+with --data: every digest). Anything but FormatError is a crash; an
 input that takes more than --timeout seconds is a hang; workers run under a memory
 limit (--max-mem-mib), so a blow-up shows as a crash. Crashing inputs are saved.
 
@@ -15,6 +19,7 @@ usage: python tools/fuzz.py [--inputs 1000000] [--workers N] [--seed S] [--out f
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import random
@@ -35,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import mappedram  # noqa: E402
 from mappedram import ops  # noqa: E402
 from mappedram.format.encoder import encode_vmdesc  # noqa: E402
+from mappedram.format.vmstate import find_vmdesc  # noqa: E402
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0x1000, 0xFFF, 0x100000, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 40, (1 << 64) - 1]
 
@@ -70,7 +76,66 @@ def seeds() -> list[bytes]:
                                              ram_id=f.ram_section_id, device=device))  # fmt: skip
     except (ImportError, OSError):
         pass
-    return out
+    return out + [_sealed(seed) for seed in out]
+
+
+def _sealed(data: bytes) -> bytes:
+    """``data`` sealed in place (through a file in /dev/shm)."""
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        ops.seal_file(tmp.name, options=ops.EngineOptions(channels=1, durable=False))
+        return Path(tmp.name).read_bytes()
+
+
+SEAL_VALUES: list[Any] = [None, True, 0, 1, 2, -1, 4095, 4096, 1 << 20, (1 << 20) + 1, 1 << 31, 1 << 64, "blake3",
+                          "sha256", "md5", "", "00" * 32, "AB" * 32, [], {}, ["x"], 1.5]
+
+
+def mutate_seal(data: bytes, rng: random.Random) -> bytes | None:
+    """``data`` with its trailer's seal mutated (the trailer framed right); None without a seal."""
+    tail_at = max(0, len(data) - (8 << 20))
+    vmdesc = find_vmdesc(data[tail_at:], tail_at)
+    seal = vmdesc.data.get("mappedram", {}).get("seal") if vmdesc is not None else None
+    if vmdesc is None or not isinstance(seal, dict):
+        return None
+    desc = json.loads(json.dumps(vmdesc.data))
+    seal = desc["mappedram"]["seal"]
+    blocks = seal.get("blocks") if isinstance(seal.get("blocks"), list) else []
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        op = rng.randrange(9)
+        if op == 0 and seal:
+            seal.pop(rng.choice(sorted(seal)))
+        elif op == 1:
+            seal[rng.choice(["version", "algorithm", "keyed", "chunk_bytes", "state", "blocks", "extra"])] = rng.choice(
+                SEAL_VALUES)
+        elif op == 2 and blocks:
+            b = rng.choice(blocks)
+            if isinstance(b, dict) and isinstance(b.get("digests"), str):
+                d = b["digests"]
+                k = rng.randrange(1, 130)
+                b["digests"] = rng.choice([d[:-k], d + "0" * k, d[:k] + rng.choice("Gg A-") + d[k + 1 :], d.upper()])
+        elif op == 3 and blocks:
+            rng.choice([lambda: blocks.pop(rng.randrange(len(blocks))),
+                        lambda: blocks.insert(rng.randrange(len(blocks) + 1), dict(rng.choice(blocks))),
+                        lambda: blocks.reverse()])()  # fmt: skip
+        elif op == 4 and blocks:
+            b = rng.choice(blocks)
+            if isinstance(b, dict):
+                b[rng.choice(["idstr", "used_length", "digests", "x"])] = rng.choice(SEAL_VALUES)
+        elif op == 5:
+            desc["mappedram"]["seal"] = rng.choice(SEAL_VALUES)
+            break
+        elif op == 6 and blocks:  # a digest that lies: well formed, wrong (verify --data finds it)
+            b = rng.choice(blocks)
+            if isinstance(b, dict) and isinstance(b.get("digests"), str) and b["digests"]:
+                d, k = b["digests"], rng.randrange(len(b["digests"]))
+                b["digests"] = d[:k] + ("1" if d[k] == "0" else "0") + d[k + 1 :]
+        elif op == 7 and isinstance(seal.get("state"), str):
+            seal["state"] = "".join(rng.choice("0123456789abcdef") for _ in range(64))
+        elif op == 8:
+            seal["chunk_bytes"] = rng.choice([4096, 8192, 1 << 21, 1 << 30, 3 << 20])
+    return data[: vmdesc.offset] + encode_vmdesc(json.dumps(desc).encode("utf-8"))
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -113,6 +178,7 @@ def check(path: str) -> None:
     except mappedram.FormatError:
         pass
     ops.verify(path)
+    ops.verify(path, data=True)
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
@@ -130,7 +196,10 @@ def worker(args: tuple[int, int, int, float, int, str]) -> dict[str, Any]:
     slowest = 0.0
     try:
         for i in range(count):
-            data = mutate(rng.choice(corpus), rng)
+            seed_data = rng.choice(corpus)
+            data = (mutate_seal(seed_data, rng) if rng.random() < 0.4 else None) or seed_data
+            if data is seed_data or rng.random() < 0.3:
+                data = mutate(data, rng)
             with open(path, "wb") as f:
                 f.write(data)
             t = time.perf_counter()

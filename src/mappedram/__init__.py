@@ -17,6 +17,9 @@ from mappedram.errors import (
     IncompleteRestoreError as IncompleteRestoreError,
 )
 from mappedram.errors import (
+    IntegrityError as IntegrityError,
+)
+from mappedram.errors import (
     IOEngineError as IOEngineError,
 )
 from mappedram.errors import (
@@ -48,6 +51,7 @@ __all__ = [
     "FormatError",
     "IncompleteRestoreError",
     "IOEngineError",
+    "IntegrityError",
     "KvmError",
     "LayoutError",
     "MappedRamError",

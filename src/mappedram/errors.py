@@ -7,7 +7,8 @@
     │   ├── TruncatedError              the stream ends before a record is complete
     │   ├── BadMagicError               not "QEVM", not a known section type, ...
     │   ├── UnsupportedError            valid QEMU input this project does not handle
-    │   └── LayoutError                 offsets, sizes or alignment that cannot be right
+    │   ├── LayoutError                 offsets, sizes or alignment that cannot be right
+    │   └── IntegrityError              the data does not match the file's seal (block, pages, offsets)
     ├── UsageError                      the caller asked for something impossible; exit_code 2
     ├── IOEngineError                   an OS call failed on a file (errno, path, offset)
     │   └── IncompleteRestoreError      ... during a restore: lists the page ranges not restored
@@ -33,6 +34,7 @@ __all__ = [
     "BadMagicError",
     "UnsupportedError",
     "LayoutError",
+    "IntegrityError",
     "UsageError",
     "IOEngineError",
     "IncompleteRestoreError",
@@ -127,6 +129,18 @@ class UnsupportedError(FormatError):
 
 class LayoutError(FormatError):
     """Offsets, sizes or alignment that no valid file can have."""
+
+
+class IntegrityError(FormatError):
+    """The file's content does not match its seal (format/seal.py), or a seal the caller
+    asked for is missing. ``offset``, ``block`` and the message name the first mismatch;
+    ``mismatches`` lists them all (each a dict with ``block``, ``first_page``, ``pages``,
+    ``file_offset``, ``file_end``: the page range and the file bytes it reads)."""
+
+    def __init__(self, message: str, *, mismatches: list[dict[str, Any]] | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.mismatches = list(mismatches or [])
+        self.fields["mismatches"] = self.mismatches
 
 
 class UsageError(MappedRamError):

@@ -49,7 +49,8 @@ from mappedram.format.events import (
     SectionHeader,
 )
 from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode_save_data, is_libvirt_save
-from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, extension
+from mappedram.format.seal import Seal, decode_seal
+from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, SEAL, extension
 from mappedram.format.vmstate import DeviceSection, VmDesc, find_vmdesc, split_device_sections
 from mappedram.layout import BlockLayout, check_layout
 
@@ -178,6 +179,7 @@ class MigrationFile:
     vmdesc: VmDesc | None
     device_sections: list[DeviceSection] | None
     libvirt: LibvirtSaveImage | None = None  # the libvirt save image header, when the file is one
+    seal: Seal | None = None  # the trailer's integrity manifest (checked against the blocks; data not read)
     _fd: int = field(default=-1, repr=False)
 
     # -- properties ------------------------------------------------------------------
@@ -494,6 +496,7 @@ def _decode(
                 actual=f"end of file at {size:#x}",
             )
         device_len = tail_len
+    seal = _decode_seal(vmdesc, blocks, page_size)
     return MigrationFile(
         path=path,
         start_offset=start,
@@ -508,7 +511,20 @@ def _decode(
         vmdesc=vmdesc,
         device_sections=device_sections,
         libvirt=libvirt,
+        seal=seal,
     )
+
+
+def _decode_seal(vmdesc: VmDesc | None, blocks: Sequence[RamBlock], page_size: int) -> Seal | None:
+    """The trailer's seal, checked to cover exactly these blocks (FormatError if it does not)."""
+    if vmdesc is None:
+        return None
+    value = extension(vmdesc.data, SEAL)
+    if value is None:
+        return None
+    at = vmdesc.raw.rfind(b'"' + SEAL.encode("ascii") + b'"')
+    offset = vmdesc.json_offset + max(at, 0)
+    return decode_seal(value, [(b.idstr, b.used_length) for b in blocks], page_size, offset=offset)
 
 
 def _truncated(exc: TruncatedError, size: int, blocks: Sequence[RamBlock]) -> TruncatedError:

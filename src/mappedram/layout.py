@@ -53,7 +53,7 @@ from mappedram.format.postcopy import (
     encode_postcopy_run,
 )
 from mappedram.format.structs import MappedRamHeader
-from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, configuration_entry, describe_configuration, set_extension
+from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, SEAL, configuration_entry, describe_configuration, set_extension
 
 __all__ = [
     "BlockLayout",
@@ -276,11 +276,13 @@ def _trailer(spec: StreamSpec, *, clean_zero_slots: bool = False) -> bytes:
     ``clean_zero_slots`` records that every slot whose bit is 0 reads as zeros: true of
     every mapped-ram file this project writes (a fresh or truncated file is all holes; pass
     1 writes zeros or nothing; a live save punches the slots of pages that became zero).
+    A planned trailer is never sealed (a seal copied from a source would not describe the
+    new file): ops/seal.py seals a file once its pages are written.
     """
     if spec.vmdesc is None:
         return b""
     entry = configuration_entry(spec.machine_type, [c for c in VALIDATED_CAPABILITIES if c in spec.capabilities])
-    text = describe_configuration(spec.vmdesc, entry)
+    text = set_extension(describe_configuration(spec.vmdesc, entry), SEAL, None)
     return encode_vmdesc(set_extension(text, CLEAN_ZERO_SLOTS, True if clean_zero_slots else None))
 
 

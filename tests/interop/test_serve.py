@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import mappedram
@@ -69,6 +70,7 @@ def destination(
     *,
     machine: str = "q35",
     postcopy: bool = False,
+    preempt: bool = False,
     ram_mib: int = RAM_MIB,
     accel: str | None = None,
     extra_args: tuple[str, ...] = (),
@@ -81,7 +83,8 @@ def destination(
     extra = (*extra_args, "-qmp", f"unix:{qmp},server=on,wait=off")
     with QemuVM(ram, machine=machine, ram_mib=ram_mib, binary=binary, incoming=True, workdir=tmp_path,
                 accel=accel, extra_args=extra) as vm:  # fmt: skip
-        vm.configure_migration({"postcopy-ram": True} if postcopy else {}, None)
+        caps = {"postcopy-ram": True, **({"postcopy-preempt": True} if preempt else {})}
+        vm.configure_migration(caps if postcopy else {}, None)
         sock = Path(vm.socket_path).parent / f"{vm.name}.mig"
         vm.cmd("migrate-incoming", {"uri": f"unix:{sock}", "exit-on-error": False})
         yield vm, f"unix:{sock}"
@@ -218,19 +221,25 @@ def test_serve_legacy_of_many_passes(tmp_path: Path) -> None:
         assert later.errors == 0, later
 
 
-def test_postcopy_guest_runs_before_its_ram_is_read(tmp_path: Path, shm: Path) -> None:
+@pytest.mark.parametrize("preempt", [False, True], ids=["one-channel", "preempt"])
+def test_postcopy_guest_runs_before_its_ram_is_read(tmp_path: Path, shm: Path, preempt: bool) -> None:
     """The guest runs (and touches its RAM) while serve answers its page requests before the
-    background stream starts; the migration completes, RAM is bit-exact, the guest runs on."""
+    background stream starts; the migration completes, RAM is bit-exact, the guest runs on.
+    With preempt the requests are answered on QEMU's postcopy-preempt channel."""
     out, bios, _ = _touch_guest_saved(tmp_path, {"mapped-ram": True})
     ram = shm / "dst.ram"
     asked = 64
-    with destination(ram, tmp_path, accel="tcg", postcopy=True, extra_args=_touch_args(bios)) as (vm, to):
+    with destination(ram, tmp_path, accel="tcg", postcopy=True, preempt=preempt, extra_args=_touch_args(bios)) as (
+        vm,
+        to,
+    ):
         result: dict[str, Any] = {}
 
         def run() -> None:
             try:
                 result["report"] = serve(out, to, options=ServeOptions(postcopy=True, timeout=LIMIT,
-                                                                       background_after=asked))  # fmt: skip
+                                                                       background_after=asked,
+                                                                       postcopy_preempt=preempt))  # fmt: skip
             except BaseException as exc:
                 result["error"] = exc
 
@@ -440,3 +449,31 @@ def test_cli_serve(tmp_path: Path, shm: Path) -> None:
             os.kill(report["qemu"]["pid"], 9)
         with contextlib.suppress(KeyError, TypeError):
             shutil.rmtree(Path(report["qemu"]["qmp"]).parent, ignore_errors=True)
+
+
+def test_serve_checks_the_seal_first(tmp_path: Path) -> None:
+    """A sealed file is checked whole before the first byte is sent: intact, it is served
+    (and says so); with one flipped byte in a page, serve refuses and QEMU saw nothing."""
+    from mappedram.errors import IntegrityError
+    from mappedram.ops import seal_file
+
+    path = _qemu_file(tmp_path)
+    seal_file(path)
+    with destination(tmp_path / "dst.ram", tmp_path) as (vm, to):
+        report = serve_and_complete(vm, path, to)
+        assert report.seal == "ok"
+        assert_ram(tmp_path / "dst.ram", qemu_pattern())
+    with mappedram.open_file(path) as mf:
+        b = mf.main_block
+        page = int(np.flatnonzero(b.present)[100])
+        at = int(b.sources_of(np.array([page]))[0]) + 7
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with destination(tmp_path / "dst2.ram", tmp_path) as (vm, to):
+        with pytest.raises(IntegrityError) as info:
+            serve(path, to, options=ServeOptions(timeout=LIMIT))
+        assert info.value.block == b.idstr
+        assert vm.cmd("query-migrate").get("status") in (None, "setup"), "serve sent something"

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from mappedram.errors import UsageError
-from mappedram.ops import DEFAULT_CHANNELS, EngineOptions, OnStart, Progress
+from mappedram.ops import DEFAULT_CHANNELS, NO_CHECK, EngineOptions, OnStart, Progress, SealOptions, load_key
 
 __all__ = [
     "parse_size",
@@ -22,6 +22,10 @@ __all__ = [
     "add_channels",
     "add_engine",
     "engine_options",
+    "add_seal_writer",
+    "add_seal_reader",
+    "seal_writer_options",
+    "seal_reader_options",
     "show_progress",
     "progress_bar",
     "quiet",
@@ -93,6 +97,45 @@ def add_engine(p: argparse.ArgumentParser, *, direct_io: bool = True) -> None:
             action="store_true",
             help="with --direct-io: use the page cache where the filesystem refuses O_DIRECT",
         )
+
+
+_KEY_HELP = "a regular file of your own, mode 0600, of 16 bytes or more (e.g. head -c 32 /dev/urandom)"
+
+
+def add_seal_writer(p: argparse.ArgumentParser) -> None:
+    """``--seal`` and ``--key`` for a command that writes a file."""
+    p.add_argument("--seal", action="store_true",
+                   help="seal the file (a digest of every MiB of its RAM and one of the rest, in its trailer) "
+                        "before it gets its name")  # fmt: skip
+    p.add_argument("--key", metavar="KEYFILE", help=f"seal with a key (implies --seal): KEYFILE is {_KEY_HELP}")
+
+
+def add_seal_reader(p: argparse.ArgumentParser) -> None:
+    """``--key`` and ``--no-verify-seal`` for a command that reads a file's RAM."""
+    p.add_argument("--key", metavar="KEYFILE",
+                   help="check the seal with this key (a keyed seal needs it; an unsealed file, or one sealed "
+                        f"without a key, is then refused): {_KEY_HELP}")  # fmt: skip
+    p.add_argument("--no-verify-seal", action="store_true",
+                   help="do not check a sealed file's digests before writing (by default they are all checked "
+                        "first, and a mismatch writes nothing)")  # fmt: skip
+
+
+def seal_writer_options(args: argparse.Namespace) -> SealOptions | None:
+    """The seal a writer makes (None: none), as ``--seal`` and ``--key`` say."""
+    key = getattr(args, "key", None)
+    if not getattr(args, "seal", False) and key is None:
+        return None
+    return SealOptions(key=None if key is None else load_key(key))
+
+
+def seal_reader_options(args: argparse.Namespace) -> SealOptions:
+    """How a reader checks a sealed file, as ``--key`` and ``--no-verify-seal`` say."""
+    key = getattr(args, "key", None)
+    if getattr(args, "no_verify_seal", False):
+        if key is not None:
+            raise UsageError("--key checks the seal, --no-verify-seal skips it: give one of them")
+        return NO_CHECK
+    return SealOptions(key=None if key is None else load_key(key))
 
 
 def engine_options(

@@ -1,4 +1,4 @@
-"""The file commands: info, verify, extract, export, save, restore, rewrite, convert, diff."""
+"""The file commands: info, verify, seal, extract, export, save, restore, rewrite, convert, diff."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from .args import (
     add_engine,
     add_output,
     add_quiet,
+    add_seal_reader,
+    add_seal_writer,
     emit,
     engine_options,
     note,
@@ -24,6 +26,8 @@ from .args import (
     parse_target,
     progress_bar,
     quiet,
+    seal_reader_options,
+    seal_writer_options,
     show_progress,
 )
 
@@ -40,8 +44,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.file, args.offset)
+    if args.key is not None and not args.data:
+        raise UsageError("--key checks the seal's digests: give --data too")
+    seal = ops.SealOptions(key=None if args.key is None else ops.load_key(args.key))
     with progress_bar(show_progress(args), "verify") as (update, start):
-        report = ops.verify(path, offset, options=engine_options(args, update, start))
+        report = ops.verify(path, offset, data=args.data, seal=seal, options=engine_options(args, update, start))
     if args.output == "json":
         print(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
@@ -52,12 +59,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_seal(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.file, args.offset)
+    key = None if args.key is None else ops.load_key(args.key)
+    with progress_bar(show_progress(args), "seal") as (update, start):
+        report = ops.seal_file(path, offset, seal=ops.SealOptions(key=key, algorithm=args.algorithm),
+                               options=engine_options(args, update, start))  # fmt: skip
+    emit(args, report, render.render_seal)
+    return 0
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.file, args.offset)
     with progress_bar(show_progress(args), "extract") as (update, start):
         report = ops.extract(
             path, args.o, block=args.block, all_blocks=args.all, offset=offset,
-            options=engine_options(args, update, start),
+            options=engine_options(args, update, start), seal=seal_reader_options(args),
         )  # fmt: skip
     emit(args, report, render.render_extract)
     return 0
@@ -69,7 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with progress_bar(show_progress(args), "export") as (update, start):
         report = ops.export(
             path, args.o, format=args.format, offset=offset, max_ram_below_4g=below, qemu_layout=args.qemu_layout,
-            options=engine_options(args, update, start),
+            options=engine_options(args, update, start), seal=seal_reader_options(args),
         )  # fmt: skip
     for w in report.warnings:
         note(args, f"warning: {w}")
@@ -92,7 +109,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     with progress_bar(show_progress(args), "save") as (update, start):
         report = ops.save_files(
             args.o, _block_args(args.block), machine_type=args.machine, offset=offset,
-            options=engine_options(args, update, start),
+            options=engine_options(args, update, start), seal=seal_writer_options(args),
         )  # fmt: skip
     emit(args, report, render.render_save)
     return 0
@@ -103,7 +120,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with progress_bar(show_progress(args), "restore") as (update, start):
         report = ops.restore_files(
             path, _block_args(args.block), offset=offset, zero_absent=args.zero,
-            options=engine_options(args, update, start),
+            options=engine_options(args, update, start), seal=seal_reader_options(args),
         )  # fmt: skip
     emit(args, report, render.render_restore)
     return 0
@@ -113,8 +130,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.input, args.offset)
     with progress_bar(show_progress(args), "convert") as (update, start):
         report = ops.convert(
-            path, args.out, to=args.to, source_offset=offset, options=engine_options(args, update, start)
-        )
+            path, args.out, to=args.to, source_offset=offset, options=engine_options(args, update, start),
+            seal=seal_writer_options(args),
+        )  # fmt: skip
     emit(args, report, render.render_save)
     return 0
 
@@ -122,7 +140,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.input, args.offset)
     with progress_bar(show_progress(args), "rewrite") as (update, start):
-        report = ops.rewrite(path, args.out, source_offset=offset, options=engine_options(args, update, start))
+        report = ops.rewrite(path, args.out, source_offset=offset, options=engine_options(args, update, start),
+                             seal=seal_writer_options(args))  # fmt: skip
     emit(args, report, render.render_save)
     return 0
 
@@ -145,9 +164,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("serve needs exactly one of --to ADDRESS (a QEMU listening there) or --qemu QEMU-ARGS...")
     if args.qemu is not None and args.qmp:
         raise UsageError("--qmp is for a destination started elsewhere; with --qemu serve has its own")
+    if args.qemu is not None and (args.tls_creds or args.tls_hostname):
+        raise UsageError("--tls-creds and --tls-hostname are for a destination started elsewhere (--to); "
+                         "with --qemu the stream goes over serve's own private unix socket")  # fmt: skip
     options = ops.ServeOptions(
-        postcopy=args.postcopy, timeout=args.timeout, insecure=args.insecure, qmp=args.qmp,
-        connect_retry=args.timeout,
+        postcopy=args.postcopy, postcopy_preempt=args.postcopy_preempt, timeout=args.timeout,
+        insecure=args.insecure, qmp=args.qmp, connect_retry=args.timeout, tls_creds=args.tls_creds,
+        tls_hostname=args.tls_hostname, seal=seal_reader_options(args),
     )  # fmt: skip
     with progress_bar(show_progress(args), "serve") as (update, start):
         engine = engine_options(args, update, start)
@@ -172,11 +195,29 @@ def add_commands(sub: Any) -> None:
     add_quiet(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", help="check a migration file's structure; exit 1 at the first problem")
+    p = sub.add_parser("verify", help="check a migration file's structure (--data: its seal's digests too); "
+                                      "exit 1 at the first problem")  # fmt: skip
     source(p)
+    p.add_argument("--data", action="store_true",
+                   help="check every digest of the file's seal against its data (exit 1 on a mismatch, and for a "
+                        "file that is not sealed or whose keyed seal cannot be checked without --key)")  # fmt: skip
+    p.add_argument("--key", metavar="KEYFILE", help="with --data: the key of a keyed seal (a regular file of "
+                                                    "your own, mode 0600)")  # fmt: skip
+    add_channels(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("seal", help="seal a file in place: digests of its RAM and state, in its trailer")
+    source(p)
+    p.add_argument("--key", metavar="KEYFILE", help="a keyed seal (authenticity): KEYFILE is a regular file of "
+                                                    "your own, mode 0600, of 16 bytes or more")  # fmt: skip
+    p.add_argument("--algorithm", choices=ops.SEAL_ALGORITHMS, default=ops.SEAL_ALGORITHMS[0],
+                   help="the digest (default blake3)")  # fmt: skip
+    add_channels(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_seal)
 
     p = sub.add_parser("extract", help="write RAM blocks as raw images (sparse where pages are zero)")
     source(p)
@@ -185,6 +226,7 @@ def add_commands(sub: Any) -> None:
     which.add_argument("--all", action="store_true", help="every block, into the directory -o")
     p.add_argument("-o", metavar="OUT", required=True, help="output file (--block) or directory (--all)")
     add_engine(p, direct_io=False)
+    add_seal_reader(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_extract)
@@ -204,6 +246,7 @@ def add_commands(sub: Any) -> None:
         help="ELF: page data right after the notes, as dump-guest-memory (default: page-aligned)",
     )
     add_engine(p, direct_io=False)
+    add_seal_reader(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_export)
@@ -220,6 +263,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--machine", default=ops.DEFAULT_MACHINE, help="machine type QEMU will load it into")
     p.add_argument("--offset", metavar="N", help="write in place into OUT at offset N (as file:OUT,offset=N)")
     add_engine(p)
+    add_seal_writer(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_save)
@@ -235,6 +279,7 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--zero", action="store_true", help="zero the pages the file marks absent (destination not fresh)")
     add_engine(p)
+    add_seal_reader(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_restore)
@@ -243,6 +288,7 @@ def add_commands(sub: Any) -> None:
     source(p, "input", "IN")
     p.add_argument("out", metavar="OUT", help="the mapped-ram file to write")
     add_engine(p)
+    add_seal_writer(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_rewrite)
@@ -252,6 +298,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("out", metavar="OUT", help="the file to write")
     p.add_argument("--to", choices=ops.CONVERT_FORMATS, required=True, help="format of OUT")
     add_engine(p)
+    add_seal_writer(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_convert)
@@ -270,6 +317,11 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="start the guest first, send pages as it asks (the destination needs postcopy-ram on)",
     )
+    p.add_argument(
+        "--postcopy-preempt",
+        action="store_true",
+        help="with --postcopy: answer page requests on a second connection (the destination needs postcopy-preempt on)",
+    )
     p.add_argument("--qmp", metavar="PATH", help="the destination's QMP socket: wait for it to complete; its errors")
     p.add_argument(
         "--timeout", type=float, default=60.0, metavar="S", help="the longest wait at any step (default 60 s)"
@@ -277,7 +329,19 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="allow a TCP destination on another host: guest RAM then crosses the network in the clear",
+        help="allow a TCP destination on another host without TLS: guest RAM then crosses the network in the clear",
+    )
+    p.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="TLS, as QEMU's TLS migration (the destination has tls-creds-x509 and the tls-creds parameter): "
+        "DIR as QEMU's client-endpoint creds dir, ca-cert.pem [client-cert.pem client-key.pem (0600)]",
+    )
+    p.add_argument(
+        "--tls-hostname",
+        metavar="NAME",
+        help="the name the destination's certificate is for (QEMU's tls-hostname; default the tcp: host; "
+        "needed over unix:)",
     )
     p.add_argument(
         "--qemu",
@@ -285,6 +349,7 @@ def add_commands(sub: Any) -> None:
         metavar="QEMU-ARGS",
         help="start the destination: the rest of the line is its command line (last option; `--` may precede it)",
     )
+    add_seal_reader(p)
     add_channels(p)
     add_output(p)
     add_quiet(p)

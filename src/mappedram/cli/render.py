@@ -11,6 +11,8 @@ from mappedram.vm import ops as vmops
 __all__ = [
     "render_info",
     "render_verify",
+    "render_seal",
+    "render_seal_check",
     "render_extract",
     "render_export",
     "render_save",
@@ -105,7 +107,56 @@ def render_info(r: ops.InfoReport) -> str:
         lines.append(f"vmdesc: offset {r.vmdesc_offset:#x}, {r.vmdesc_length} bytes of JSON")
     else:
         lines.append("vmdesc: none")
+    if r.seal is not None:
+        s = r.seal
+        lines.append(f"seal: {s.algorithm}{', keyed' if s.keyed else ''}, {s.chunks:,} chunks of "
+                     f"{_human(s.chunk_bytes)} over {s.blocks} block(s), version {s.version} "
+                     "(verify --data checks the data)")  # fmt: skip
+    else:
+        lines.append("seal: none (page data cannot be checked)")
     return "\n".join(lines)
+
+
+def _mismatch_lines(mismatches: list[ops.SealMismatch], limit: int = 20) -> list[str]:
+    lines = []
+    for m in mismatches[:limit]:
+        bitmap = "" if m.bitmap_offset is None else f" (bits: bitmap bytes {m.bitmap_offset:#x}..{m.bitmap_end:#x})"
+        lines.append(f"  mismatch: {m.message}{bitmap}")
+    if len(mismatches) > limit:
+        lines.append(f"  ... {len(mismatches) - limit} more mismatches (--output json lists all)")
+    return lines
+
+
+def render_seal_check(c: ops.SealCheck) -> str:
+    """One line (and a line per mismatch) of a seal check."""
+    rate = f" ({_human(c.bytes_read)} read in {c.seconds:.2f} s)" if c.bytes_read else ""
+    return "\n".join([f"seal: {c.status}: {c.message}{rate}", *_mismatch_lines(c.mismatches)])
+
+
+def render_seal(r: ops.SealReport) -> str:
+    what = f"{r.algorithm}{', keyed' if r.keyed else ''}"
+    lines = [
+        f"{r.path}: sealed ({what}{'; the old seal replaced' if r.replaced else ''}): {r.chunks:,} chunks of "
+        f"{_human(r.chunk_bytes)}, {r.chunks_read:,} read (the others hold no stored page)",
+        f"trailer at {r.trailer_offset:#x}: {r.trailer_bytes_before:,} -> {r.trailer_bytes_after:,} bytes; file size "
+        f"{_human(r.file_size)}; {_human(r.bytes_read)} read in {r.seconds:.2f} s ({r.gbps:.2f} GB/s of RAM)",
+    ]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _sealed_line(seal: ops.SealReport | None) -> list[str]:
+    if seal is None:
+        return []
+    return [f"sealed ({seal.algorithm}{', keyed' if seal.keyed else ''}): {seal.chunks:,} chunks, {seal.seconds:.2f} s"]
+
+
+def _checked_line(check: ops.SealCheck | None) -> list[str]:
+    if check is None:
+        return ["seal: not checked (--no-verify-seal)"]
+    if check.status == "unsealed":
+        return []
+    return [f"seal: {check.message} ({check.seconds:.2f} s, before the first byte was written)"]
 
 
 def render_verify(r: ops.VerifyReport) -> str:
@@ -113,9 +164,15 @@ def render_verify(r: ops.VerifyReport) -> str:
         lines = [f"{r.path}: OK ({r.format})"]
         lines += [f"  checked: {c}" for c in r.checks]
         lines += [f"  note: {n}" for n in r.notes]
-        lines.append("  not checkable: page contents (the format has no checksums)")
+        if r.seal is None or not r.seal.sealed:
+            lines.append("  not checkable: page contents (the file is not sealed: QEMU's format has no checksums)")
+        elif not r.data:
+            lines.append("  not checked: page contents (verify --data checks them against the seal)")
         return "\n".join(lines)
-    return f"{r.error_text}"
+    lines = [f"{r.error_text}"]
+    if r.seal is not None and r.data:
+        lines += _mismatch_lines(r.seal.mismatches)
+    return "\n".join(lines)
 
 
 def render_extract(r: ops.ExtractReport) -> str:
@@ -124,6 +181,7 @@ def render_extract(r: ops.ExtractReport) -> str:
         for b in r.blocks
     ]
     lines.append(f"{_human(r.bytes_read_logical)} in {r.seconds:.2f} s ({r.gbps:.2f} GB/s, {r.channels} channels)")
+    lines += _checked_line(r.seal)
     return "\n".join(lines)
 
 
@@ -147,6 +205,7 @@ def render_export(r: ops.ExportReport) -> str:
         f"file size {_human(r.file_size)}, {_human(r.bytes_written)} written (the rest are holes); "
         f"{r.seconds:.2f} s ({r.gbps:.2f} GB/s, {r.channels} channels)"
     )
+    lines += _checked_line(r.seal)
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
 
@@ -158,6 +217,7 @@ def render_save(r: ops.SaveReport) -> str:
         f"file size {_human(r.file_size)}; {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}",
         f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
     ]
+    lines += _sealed_line(r.seal)
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
 
@@ -167,7 +227,10 @@ def render_serve(r: ops.ServeReport) -> str:
         f"{r.path} -> {r.destination}: {r.mode}, {_human(r.ram_bytes)} of RAM ({r.machine_type}), "
         f"{r.pages_sent:,} pages sent ({_human(r.bytes_sent)} on the wire), {r.pages_zero:,} zero pages not sent"
         + (" unless asked for" if r.mode == "postcopy" else ""),
-        f"{r.total_seconds:.2f} s: " + ", ".join(f"{k} {v:.3f} s" for k, v in r.seconds.items()),
+        f"{r.total_seconds:.2f} s: " + ", ".join(f"{k} {v:.3f} s" for k, v in r.seconds.items())
+        + f"; {r.channels} reader(s), " + (f"TLS {r.tls}" if r.tls else "no TLS")
+        + (", requests on the preempt channel" if r.preempt else "")
+        + ("; seal checked" if r.seal == "ok" else ""),
     ]
     if r.seconds_to_run is not None:
         lines.append(f"the destination had the device state (guest runnable) {r.seconds_to_run * 1e3:.1f} ms in")
@@ -194,6 +257,7 @@ def render_restore(r: ops.RestoreReport) -> str:
     ]
     if r.skipped_blocks:
         lines.append(f"not restored (no destination given): {', '.join(r.skipped_blocks)}")
+    lines += _checked_line(r.seal)
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
 
@@ -261,6 +325,7 @@ def render_live(r: LiveSaveReport, title: str = "live save", *, judged: bool = T
         f" {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'};"
         f" {r.total_seconds:.2f} s in all",
     ]
+    lines += [f"  {line}" for line in _sealed_line(r.seal)]
     lines += [f"  note: {n}" for n in r.notes]
     return "\n".join(lines)
 
@@ -299,6 +364,7 @@ def render_vm_restore(r: vmops.VmRestoreReport) -> str:
         f"restored {r.path} into a fresh {r.guest} guest ({r.mem_mib} MiB), {how}; ready in"
         f" {g.seconds_to_ready * 1e3:.1f} ms{first}",
     ]
+    lines += [f"  {line}" for line in _checked_line(g.seal)]
     lines += [f"  note: {n}" for n in g.notes]
     if r.at_restore is not None:
         lines.append(f"  at the restore point: {_check_line(r.at_restore)}")

@@ -15,11 +15,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mappedram import ops
 from mappedram.ops import FORMATS, AutoConverge, LiveOptions, PassStats, Progress
 from mappedram.vm import ops as vmops
 
 from . import render
-from .args import add_engine, add_output, add_quiet, emit, engine_options, note, progress_bar, show_progress
+from .args import (
+    add_engine,
+    add_output,
+    add_quiet,
+    add_seal_reader,
+    add_seal_writer,
+    emit,
+    engine_options,
+    note,
+    progress_bar,
+    seal_reader_options,
+    seal_writer_options,
+    show_progress,
+)
 
 __all__ = ["add_commands"]
 
@@ -87,6 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 live=_live(args, on_pass),
                 options=engine_options(args, update, direct_io=not args.no_direct_io, direct_io_fallback=True),
                 on_phase=(lambda text: print(f"== {text}", file=sys.stderr)) if show else None,
+                seal=ops.SealOptions() if args.seal else None,
             )
     finally:
         if not args.keep and not args.dir:
@@ -114,6 +129,7 @@ def cmd_vm_save(args: argparse.Namespace) -> int:
             step_batches=args.step_batches,
             live=_live(args, on_pass),
             options=engine_options(args, update),
+            seal=seal_writer_options(args),
         )
     emit(args, report, render.render_vm_save)
     return 0 if report.ok else 1
@@ -124,6 +140,7 @@ def cmd_vm_restore(args: argparse.Namespace) -> int:
         report = vmops.vm_restore(
             args.file, mode=args.mode, run=args.run, run_iterations=args.run_iterations, rate=args.rate,
             lazy_fallback=args.fallback_eager, options=engine_options(args, update, start),
+            seal=seal_reader_options(args),
         )  # fmt: skip
     emit(args, report, render.render_vm_restore)
     return 0 if report.ok else 1
@@ -196,6 +213,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-direct-io", action="store_true", help="page I/O through the page cache")
     p.add_argument("--dir", help="write the files here and keep them (default: a temporary directory, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--seal", action="store_true", help="seal both saves; every restore checks the seal first")
     common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -216,6 +234,7 @@ def add_commands(sub: Any) -> None:
     live_opts(p)
     p.add_argument("--format", choices=FORMATS, default="mapped-ram", help="file format")
     add_engine(p)
+    add_seal_writer(p)
     common(p)
     p.set_defaults(func=cmd_vm_save)
 
@@ -231,5 +250,6 @@ def add_commands(sub: Any) -> None:
     run_opts(p)
     rate_opt(p)
     add_engine(p)
+    add_seal_reader(p)
     common(p)
     p.set_defaults(func=cmd_vm_restore)

@@ -50,6 +50,7 @@ __all__ = [
     "data_extents",
     "list_dir",
     "prefetch",
+    "read_no_follow",
 ]
 
 #: Linux UIO_MAXIOV: the most iovecs one preadv/pwritev call takes.
@@ -462,3 +463,25 @@ def prefetch(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass  # a hint: a filesystem that refuses it reads on demand
+
+
+def read_no_follow(path: str, limit: int) -> tuple[os.stat_result, bytes]:
+    """The status of ``path`` (never followed: a symlink raises IOEngineError with errno
+    ELOOP) and, when it is a regular file, its first ``limit`` + 1 bytes (so a caller sees
+    that it holds more than ``limit``). Opened O_NONBLOCK: a FIFO does not block the open."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno_mod.ELOOP:
+            raise IOEngineError("is a symbolic link, which is never followed here", path=path,
+                                errno=exc.errno) from None  # fmt: skip
+        raise _fail(exc, "open", path) from None
+    try:
+        st = os.fstat(fd)
+        data = pread_upto(fd, limit + 1, 0, path) if stat_mod.S_ISREG(st.st_mode) else b""
+    except OSError as exc:
+        raise _fail(exc, "stat", path) from None
+    finally:
+        os.close(fd)
+    return st, data

@@ -32,6 +32,7 @@ from .vmstate import DeviceSection, VmDesc
 __all__ = [
     "EXTENSION_KEY",
     "CLEAN_ZERO_SLOTS",
+    "SEAL",
     "set_extension",
     "extension",
     "CONFIGURATION_SUBSECTIONS",
@@ -51,6 +52,8 @@ EXTENSION_KEY = "mappedram"
 #: Every page slot whose bitmap bit is 0 reads as zeros (a hole, or zeros written): the page
 #: regions are a correct memory image as they stand (QEMU never clears a slot it leaves).
 CLEAN_ZERO_SLOTS = "clean-zero-slots"
+#: The integrity manifest (format/seal.py): digests of the RAM as a restore reads it, and of the rest.
+SEAL = "seal"
 
 #: Nesting allowed in a description (QEMU's deepest are a few levels).
 _MAX_DEPTH = 32

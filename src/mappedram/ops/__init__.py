@@ -8,6 +8,7 @@ This package is the CLI's one door to the library:
 * :mod:`.writer`, :mod:`.loader`, :mod:`.relay`: static saves, restores, re-lays and conversions;
 * :mod:`.live` with :mod:`.trackers`: live saves of RAM that keeps changing;
 * :mod:`.serve` with :mod:`.qemu`: a file served to a live QEMU destination, precopy or postcopy;
+* :mod:`.seal`: integrity manifests: :func:`seal_file`, :func:`check_seal` (every reader's check);
 * :mod:`.protocol`: the save protocol every writer runs under;
 * :mod:`.options`: :class:`EngineOptions`, the one options object of every page-moving operation.
 """
@@ -35,6 +36,21 @@ from .loader import RestoreReport, restore, restore_files
 from .options import DEFAULT_CHANNELS, DEFAULTS, EngineOptions, OnStart, Progress
 from .protocol import TEMP_MARKER
 from .relay import CONVERT_FORMATS, convert, rewrite
+from .seal import (
+    NO_CHECK,
+    SEAL_ALGORITHMS,
+    SEAL_CHECK,
+    SealCheck,
+    SealInfo,
+    SealKey,
+    SealMismatch,
+    SealOptions,
+    SealReport,
+    check_seal,
+    load_key,
+    seal_file,
+    verify_seal,
+)
 from .serve import ServeOptions, ServeReport, serve, serve_qemu
 from .trackers import CallbackTracker, CompareTracker, DirtyTracker, OwnerTracker
 from .writer import DEFAULT_MACHINE, SaveReport, save, save_files
@@ -65,30 +81,43 @@ __all__ = [
     "InfoReport",
     "LibvirtInfo",
     "LiveSaveReport",
+    "NO_CHECK",
     "OnStart",
     "OwnerTracker",
     "PassStats",
     "Problem",
     "Progress",
     "RestoreReport",
+    "SEAL_ALGORITHMS",
+    "SEAL_CHECK",
     "SaveReport",
+    "SealCheck",
+    "SealInfo",
+    "SealKey",
+    "SealMismatch",
+    "SealOptions",
+    "SealReport",
     "ServeOptions",
     "ServeReport",
     "TEMP_MARKER",
     "VerifyReport",
+    "check_seal",
     "convert",
     "diff",
     "export",
     "extract",
     "info",
     "live_save",
+    "load_key",
     "restore",
     "restore_files",
     "rewrite",
     "safe_filename",
     "save",
     "save_files",
+    "seal_file",
     "serve",
     "serve_qemu",
     "verify",
+    "verify_seal",
 ]

@@ -19,6 +19,7 @@ from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
 from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink
+from .seal import SEAL_CHECK, SealCheck, SealOptions, checked
 
 __all__ = ["ExtractedBlock", "ExtractReport", "extract", "safe_filename"]
 
@@ -39,6 +40,7 @@ class ExtractReport:
     bytes_read_logical: int
     seconds: float
     channels: int
+    seal: SealCheck | None = None  # checked before the first output byte (None: not checked)
 
     @property
     def gbps(self) -> float:
@@ -76,14 +78,19 @@ def extract(
     all_blocks: bool = False,
     offset: int = 0,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions = SEAL_CHECK,
 ) -> ExtractReport:
     """Write raw images of RAM blocks: ``block`` to the file ``output``, or every block into the
-    directory ``output``. Zero pages (and pages whose bit is 0) stay holes.
+    directory ``output``. Zero pages (and pages whose bit is 0) stay holes. A sealed file's
+    digests are checked before an output is created (``seal``: the key, or no check).
     """
     if (block is None) == (not all_blocks):
         raise UsageError("give exactly one of a block name or all blocks")
     out = os.fspath(output)
     with open_file(path, offset) as mf:
+        if block is not None:
+            mf.block(block)
+        check = checked(mf, seal, options)
         if all_blocks:
             refuse_symlink(out)
             make_private_dir(out)
@@ -100,7 +107,7 @@ def extract(
         start = time.perf_counter()
         done = [_extract_block(mf, b, dest, options) for b, dest in targets]
         seconds = time.perf_counter() - start
-    return ExtractReport(mf.path, done, total, seconds, options.channels)
+    return ExtractReport(mf.path, done, total, seconds, options.channels, check)
 
 
 def _extract_block(mf: MigrationFile, b: RamBlock, dest: str, options: EngineOptions) -> ExtractedBlock:

@@ -51,6 +51,7 @@ from mappedram.image import MigrationFile, open_file
 from .options import DEFAULTS, EngineOptions
 from .pcimap import legacy_vga, pci_devices, place_bars, section_bodies
 from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink
+from .seal import SEAL_CHECK, SealCheck, SealOptions, checked
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -211,6 +212,7 @@ class ExportReport:
     unplaced_blocks: list[str]
     notes: list[str]
     warnings: list[str]
+    seal: SealCheck | None = None  # checked before the first output byte (None: not checked)
 
     @property
     def gbps(self) -> float:
@@ -231,6 +233,7 @@ def export(
     max_ram_below_4g: int | None = None,
     qemu_layout: bool = False,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions = SEAL_CHECK,
 ) -> ExportReport:
     """Write the guest-physical memory of a migration file as an ELF core or a flat raw image.
 
@@ -239,7 +242,8 @@ def export(
     block. The data starts on a page boundary, so zero pages are exact holes;
     ``qemu_layout`` puts it where QEMU does, right after the notes (the file then equals
     QEMU's dump but for e_ehsize). ``format="raw"``: byte A of the file is guest-physical
-    address A; the gaps between blocks are holes. Zero pages are holes in both.
+    address A; the gaps between blocks are holes. Zero pages are holes in both. A sealed
+    file's digests are checked before the output is created (``seal``: the key, or no check).
     """
     if format not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
@@ -282,6 +286,7 @@ def export(
             for k in range(0, count, CHUNK_PAGES):
                 n = min(CHUNK_PAGES, count - k)
                 tasks.append(PageCopy(at + k * ps, rb.sources(first + k, n)))
+        check = checked(mf, seal, options)
         logical = sum(b.size for b in gmap.blocks)
         options.started(logical)
         start = time.perf_counter()
@@ -312,4 +317,5 @@ def export(
             unplaced_blocks=gmap.unplaced,
             notes=notes,
             warnings=warnings,
+            seal=check,
         )

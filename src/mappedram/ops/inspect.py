@@ -25,6 +25,7 @@ from mappedram.layout import plan_mapped_ram
 
 from .options import DEFAULTS, EngineOptions
 from .protocol import CHUNK_PAGES
+from .seal import SEAL_CHECK, SealCheck, SealInfo, SealOptions, seal_info, verify_seal
 
 __all__ = [
     "BlockInfo",
@@ -144,6 +145,7 @@ class InfoReport:
     vmdesc_offset: int | None
     vmdesc_length: int | None
     libvirt: LibvirtInfo | None = None
+    seal: SealInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,6 +195,7 @@ def _info_from(mf: MigrationFile) -> InfoReport:
         vmdesc_offset=mf.vmdesc.offset if mf.vmdesc else None,
         vmdesc_length=len(mf.vmdesc.raw) if mf.vmdesc else None,
         libvirt=_libvirt_info(mf),
+        seal=seal_info(mf),
     )
 
 
@@ -245,6 +248,8 @@ class VerifyReport:
     problems: list[Problem]
     notes: list[str] = field(default_factory=list)
     error_text: str | None = None
+    data: bool = False  # page data checked against the seal was asked for
+    seal: SealCheck | None = None  # what was found of the seal (with ``data``: its digests checked)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -274,16 +279,24 @@ _LIBVIRT_CHECKS = [
 ]
 
 
-def verify(path: str | os.PathLike[str], offset: int = 0, *, options: EngineOptions = DEFAULTS) -> VerifyReport:
+def verify(
+    path: str | os.PathLike[str], offset: int = 0, *, data: bool = False, seal: SealOptions = SEAL_CHECK,
+    options: EngineOptions = DEFAULTS,
+) -> VerifyReport:  # fmt: skip
     """Check the whole structure of a file; the report names the first problem found.
 
-    QEMU's format has no checksums of page data: what a page holds cannot be checked.
+    QEMU's format has no checksums of page data; a sealed file's seal is checked to cover
+    every block and chunk. With ``data``, every digest of the seal is checked against the
+    data (``seal.key``: the key of a keyed seal): the file is OK only if they all match, so
+    an unsealed file, or a keyed one without the key, is not OK (the report says why).
     """
     spath = os.fspath(path)
     try:
-        mf = _open(spath, offset, options)
+        # with data, the progress shown is the digests' (one bar: the decode is not shown)
+        mf = _open(spath, offset, options.replace(progress=None, on_start=None) if data else options)
     except FormatError as exc:
-        return VerifyReport(spath, offset, False, None, [], [Problem.from_error(exc)], error_text=str(exc))
+        return VerifyReport(spath, offset, False, None, [], [Problem.from_error(exc)], error_text=str(exc),
+                            data=data)  # fmt: skip
     with mf:
         problems: list[Problem] = []
         notes: list[str] = []
@@ -302,9 +315,42 @@ def verify(path: str | os.PathLike[str], offset: int = 0, *, options: EngineOpti
         if not mf.vmdesc:
             notes.append("no vmdesc trailer: device sections not delimited")
         checks.append("device section ids unique and distinct from the RAM section's")
-        ok = not problems
-        text = None if ok else _problem_text(spath, problems[0])
-        return VerifyReport(spath, offset, ok, mf.format_name, checks, problems, notes, text)
+        check = _check_seal(mf, data, seal, options, checks, problems)
+        ok = not problems and (not data or check.ok)
+        text = None
+        if data and check.status == "mismatch":
+            text = f"{spath}: {check.message}"  # each mismatch is in problems (and rendered below it)
+        elif problems:
+            text = _problem_text(spath, problems[0])
+        elif not ok:
+            text = f"{spath}: {check.message}"
+        return VerifyReport(spath, offset, ok, mf.format_name, checks, problems, notes, text, data, check)
+
+
+def _check_seal(mf: MigrationFile, data: bool, seal: SealOptions, options: EngineOptions, checks: list[str],
+                problems: list[Problem]) -> SealCheck:  # fmt: skip
+    """The seal's structure (checked by open_file) and, with ``data``, its digests."""
+    s = mf.seal
+    if s is not None:
+        checks.append(f"seal ({s.algorithm}{', keyed' if s.keyed else ''}): version {s.version}, one digest "
+                      f"per {s.chunk_bytes >> 10} KiB chunk of every block ({s.chunks} chunks), lengths right")
+    if not data:
+        if s is None:
+            return SealCheck(mf.path, "unsealed", "the file is not sealed: its page data cannot be checked", False)
+        return SealCheck(mf.path, "structure", "the seal's structure was checked, not the data (--data)", True,
+                         s.algorithm, s.keyed, s.chunk_bytes, s.chunks)  # fmt: skip
+    if problems:
+        return SealCheck(mf.path, "structure", "the data was not checked: the file's structure is wrong", s is not None)
+    check = verify_seal(mf, options, key=seal.key)
+    if check.ok:
+        checks.append(f"page data: every digest of the seal matches ({check.chunks} chunks, {check.chunks_read} "
+                      "read, the others hold no stored page)")  # fmt: skip
+    for m in check.mismatches:
+        field = "seal " + ("state" if m.kind == "state" else "chunk")
+        problems.append(Problem(f"differs from the seal: {m.message}", m.file_offset, field,
+                                expected="the digest the seal holds", actual="another digest", block=m.block,
+                                error="IntegrityError"))  # fmt: skip
+    return check
 
 
 def _problem_text(path: str, p: Problem) -> str:

@@ -58,6 +58,7 @@ from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file
 from .converge import AutoConverge, CpuThrottle, ThrottleController
 from .options import DEFAULTS, EngineOptions, Progress
 from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
+from .seal import SealOptions, SealReport, sealed_body
 from .trackers import DirtyTracker
 from .writer import DEFAULT_MACHINE, LEGACY_STAGING, TimedReport, append_records, block_view, check_machine_type
 
@@ -141,6 +142,7 @@ class LiveSaveReport(TimedReport):
     final_throttle: int  # percent, when the guest was stopped
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    seal: SealReport | None = None  # sealed before it got its name
 
     @property
     def growth(self) -> float:
@@ -280,6 +282,7 @@ def live_save(
     cpu: CpuThrottle | None = None,
     live: LiveOptions = LIVE_DEFAULTS,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions | None = None,
 ) -> LiveSaveReport:
     """Save RAM that keeps changing, in passes, as a mapped-ram (or legacy) file QEMU loads.
 
@@ -292,6 +295,8 @@ def live_save(
     ran (else per wall-clock second). ``live`` says how to iterate and ``options`` how
     pages are written (``progress`` is called with the RAM bytes each piece of work covered).
     The report says whether the save converged and met its downtime limit (:attr:`LiveSaveReport.ok`).
+    ``seal`` seals the file once the guest is stopped and the stream complete, before it
+    gets its name (not part of the downtime).
     """
     if live.auto_converge is not None and cpu is None:
         raise UsageError("auto-converge needs the writer's throttle (cpu=)")
@@ -342,7 +347,7 @@ def live_save(
         if options.direct_io:
             notes.append("legacy stream: written through the page cache (its records are not aligned)")
         body = _legacy_body(views, layout, spec, loop, stop)
-    written = commit(target, None, options.durable, notes, body)
+    written = commit(target, None, options.durable, notes, sealed_body(body, seal, 0, options))
     return LiveSaveReport(
         path=target,
         format=format,
@@ -363,6 +368,7 @@ def live_save(
         final_throttle=loop.passes[-1].throttle,
         seconds=written.seconds,
         notes=notes,
+        seal=None if written.seal is None else dataclasses.replace(written.seal, path=target),
     )
 
 

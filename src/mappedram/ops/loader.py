@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
 from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink, resolve_direct
+from .seal import NO_CHECK, SEAL_CHECK, SealCheck, SealOptions, checked
 from .writer import TimedReport, block_view
 
 __all__ = ["RestoreReport", "restore", "restore_files", "opened"]
@@ -52,7 +54,7 @@ class RestoreReport(TimedReport):
     zero_absent: bool
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
-
+    seal: SealCheck | None = None  # the seal checked before the first destination byte (None: not checked)
 
 
 @contextmanager
@@ -72,6 +74,7 @@ def restore(
     offset: int = 0,
     zero_absent: bool = False,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions = SEAL_CHECK,
 ) -> RestoreReport:
     """Read the file's RAM blocks into writable buffers, by name.
 
@@ -79,7 +82,9 @@ def restore(
     is decoded and checked, and every destination matched and sized,
     before anything is written. Pages whose bit is 0 (zero pages) are left untouched
     unless ``zero_absent`` (for destinations that are not fresh). Blocks of the file
-    without a destination are skipped and listed in the report.
+    without a destination are skipped and listed in the report. A sealed file's digests
+    are all checked first (:func:`~mappedram.ops.seal.check_seal`; ``seal`` gives the key,
+    or ``verify=False`` skips it): a mismatch raises IntegrityError before anything is written.
     """
     notes: list[str] = []
     t0 = time.perf_counter()
@@ -95,6 +100,7 @@ def restore(
                 )
             dests.append(view)
             chosen.append(b)
+        check = checked(mf, seal, options)
         direct = resolve_direct(mf.path, options.direct_io, options.direct_io_fallback, notes)
         if direct and not mf.mapped_ram:
             notes.append("legacy file: read through the page cache (its pages are not aligned)")
@@ -141,6 +147,7 @@ def restore(
             zero_absent=zero_absent,
             seconds={"validate": t1 - t0, "pages": t2 - t1},
             notes=notes,
+            seal=check,
         )
 
 
@@ -151,9 +158,14 @@ def restore_files(
     offset: int = 0,
     zero_absent: bool = False,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions = SEAL_CHECK,
 ) -> RestoreReport:
-    """:func:`restore` into raw image files (created sparse, or grown, to the block's size)."""
+    """:func:`restore` into raw image files (created sparse, or grown, to the block's size);
+    the seal is checked before a destination file is created or opened."""
     with opened(source, offset) as mf:
+        for name, _ in blocks:
+            mf.block(name)
+        check = checked(mf, seal, options)
         existing = []
         for _, dest in blocks:
             refuse_symlink(dest)
@@ -164,7 +176,8 @@ def restore_files(
         sizes = {name: mf.block(name).used_length for name, _ in blocks}
         maps = {name: map_file(dest, writable=True, size=sizes[name]) for name, dest in blocks}
         try:
-            report = restore(mf, maps, zero_absent=zero_absent, options=options)
+            report = restore(mf, maps, zero_absent=zero_absent, options=options, seal=NO_CHECK)
+            report = dataclasses.replace(report, seal=check)
             report.notes.extend(existing)
             for m in maps.values():
                 m.flush()

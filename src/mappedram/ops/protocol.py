@@ -28,6 +28,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mappedram.engine.directio import probe_direct_io
 from mappedram.engine.fileio import (
@@ -44,6 +45,9 @@ from mappedram.engine.fileio import (
     unlock_remove,
 )
 from mappedram.errors import IOEngineError, UsageError
+
+if TYPE_CHECKING:
+    from .seal import SealReport
 
 __all__ = [
     "TEMP_MARKER",
@@ -76,6 +80,7 @@ class Written:
     file_size: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     machine_type: str | None = None  # when the writer learns it as it goes
+    seal: SealReport | None = None  # the file was sealed before it got its name (ops/seal.py, sealed_body)
 
 
 #: ``body(fd, work_path) -> Written``: writes the whole file on ``fd`` (opened on ``work_path``).

@@ -129,10 +129,12 @@ class QemuDestination:
                                      qemu_error=self.last_error())  # fmt: skip
             time.sleep(0.01)
 
-    def listen(self, *, postcopy: bool) -> str:
+    def listen(self, *, postcopy: bool, preempt: bool = False) -> str:
         """Set the capabilities and have QEMU listen; return the address to serve to."""
         assert self.qmp is not None
         caps = [{"capability": "postcopy-ram", "state": postcopy}]
+        if preempt:
+            caps.append({"capability": "postcopy-preempt", "state": True})
         self.qmp.cmd("migrate-set-capabilities", {"capabilities": caps})
         self.qmp.cmd("migrate-incoming", {"uri": f"unix:{self.migrate_path}", "exit-on-error": False})
         return f"unix:{self.migrate_path}"

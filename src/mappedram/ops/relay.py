@@ -32,6 +32,7 @@ from mappedram.layout import FilePlan, StreamSpec, plan_file
 
 from .options import DEFAULTS, EngineOptions, Progress
 from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_symlink, resolve_direct
+from .seal import SealOptions, sealed_body
 from .writer import SaveReport, Source, check_sources, save_legacy_sources, save_report, save_sources
 
 __all__ = ["CONVERT_FORMATS", "rewrite", "convert", "spec_from", "SlotWriter"]
@@ -46,25 +47,27 @@ def rewrite(
     source_offset: int = 0,
     offset: int | None = None,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions | None = None,
 ) -> SaveReport:
     """Re-lay any QEMU file (mapped-ram or legacy) as mapped-ram through this writer.
 
     The machine type, capabilities (plus mapped-ram), RAM section id, section count,
     device state and vmdesc are kept, so QEMU loads the result (with mapped-ram on)
     into the same machine. This is also legacy -> mapped-ram conversion: a legacy stream
-    is read once, each page written to its slot as the scan passes it.
+    is read once, each page written to its slot as the scan passes it. A seal the source
+    has is not copied (it would not describe the new file); ``seal`` seals the output.
     """
     refuse_symlink(os.fspath(path))
     refuse_same_file(source, path, "rewrite")
     config = read_configuration(source, source_offset)
     if config is not None and not config.mapped_ram:
-        return _rewrite_legacy(os.fspath(source), os.fspath(path), source_offset, offset, options)
+        return _rewrite_legacy(os.fspath(source), os.fspath(path), source_offset, offset, options, seal)
     with open_file(source, source_offset) as mf:
         spec = spec_from(mf)
         sources: list[Source] = [
             (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
         ]
-        report = save_sources(os.fspath(path), sources, spec, offset, options)
+        report = save_sources(os.fspath(path), sources, spec, offset, options, seal)
         _note_libvirt(mf, report)
         return report
 
@@ -76,12 +79,13 @@ def convert(
     to: str,
     source_offset: int = 0,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions | None = None,
 ) -> SaveReport:
     """Write any QEMU file (mapped-ram or legacy, any number of passes) as ``to`` ("mapped-ram"
     or "legacy"), keeping machine type, section ids, device state and vmdesc. QEMU loads the
     result with the mapped-ram capability on or off to match."""
     if to == "mapped-ram":
-        return rewrite(source, path, source_offset=source_offset, options=options)
+        return rewrite(source, path, source_offset=source_offset, options=options, seal=seal)
     if to not in CONVERT_FORMATS:
         raise UsageError(f"unknown format {to!r}: expected mapped-ram or legacy")
     refuse_symlink(os.fspath(path))
@@ -100,7 +104,7 @@ def convert(
         sources: list[Source] = [
             (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
         ]
-        report = save_legacy_sources(os.fspath(path), sources, spec, None, options)
+        report = save_legacy_sources(os.fspath(path), sources, spec, None, options, seal)
         _note_libvirt(mf, report)
         return report
 
@@ -156,6 +160,7 @@ def _rewrite_legacy(
     source_offset: int,
     offset: int | None,
     options: EngineOptions,
+    seal: SealOptions | None = None,
 ) -> SaveReport:
     """Legacy -> mapped-ram in one read of the source: the scan (:func:`open_file` with a
     listener) hands each run of page records to the lanes that write them to their slots,
@@ -181,7 +186,7 @@ def _rewrite_legacy(
             notes.append(_libvirt_note(mf.path, target))
         return written
 
-    written = commit(target, offset, options.durable, notes, body)
+    written = commit(target, offset, options.durable, notes, sealed_body(body, seal, offset or 0, options))
     return save_report(target, offset, written, "", direct, notes, "mapped-ram")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,11 +33,25 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mappedram.engine.directio import aligned_buffer
 from mappedram.engine.executor import ReadAhead
-from mappedram.engine.netchannel import Connection, ConnectionLost, FrameReceiver, is_loopback, parse_address
+from mappedram.engine.netchannel import (
+    Connection,
+    ConnectionLost,
+    FrameReceiver,
+    TlsError,
+    is_loopback,
+    parse_address,
+    tls_client_context,
+)
 from mappedram.errors import MigrationError, UnsupportedError, UsageError
 from mappedram.format.constants import CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED
-from mappedram.format.encoder import encode_page_records_into, page_records_size
+from mappedram.format.encoder import (
+    encode_page_headers_into,
+    encode_page_records_into,
+    page_headers_size,
+    page_records_size,
+)
 from mappedram.format.postcopy import (
     MIG_RP_MSG_PONG,
     MIG_RP_MSG_REQ_PAGES,
@@ -53,6 +68,7 @@ from mappedram.layout import PING_OPENED, PING_RUN, StreamPlan, StreamSpec, plan
 from .options import DEFAULTS, EngineOptions
 from .qemu import QemuDestination, Qmp
 from .relay import spec_from
+from .seal import SEAL_CHECK, SealOptions, checked
 
 __all__ = ["ServeOptions", "ServeReport", "serve", "serve_qemu", "live_spec"]
 
@@ -71,20 +87,38 @@ class ServeOptions:
         send_pages: postcopy: pages per background send, between which requests are answered.
         background_after: postcopy: stream in the background only once the destination
             has asked for this many pages (0: at once); for tests and demonstrations.
-        insecure: allow a TCP destination that is not on this host (the RAM crosses the
-            network in the clear).
+        insecure: allow a TCP destination that is not on this host without TLS (the RAM
+            crosses the network in the clear).
+        postcopy_preempt: with ``postcopy``, answer page requests on a second connection
+            (QEMU's postcopy-preempt channel; the destination must have the
+            postcopy-preempt capability on, or it cannot tell the channels apart).
+        seal: how a sealed file is checked before the first byte is sent (every digest, by
+            default; ``NO_CHECK`` skips it); a mismatch raises IntegrityError.
         qmp: the destination's QMP socket, when known: serve then waits for QEMU to report
             the migration completed, and a failure carries QEMU's own error.
+        tls_creds: TLS, as QEMU's TLS migration (the destination has a ``tls-creds-x509``
+            object with ``endpoint=server`` and its ``tls-creds`` migration parameter set):
+            a directory laid out as QEMU's for ``endpoint=client``, ``ca-cert.pem`` (the CA
+            that signed the destination's certificate) and, for a destination with
+            ``verify-peer=on``, ``client-cert.pem`` and ``client-key.pem`` (mode 0600).
+            With TLS a ``tcp:`` destination on any host is allowed.
+        tls_hostname: the name the destination's certificate must be for (QEMU's
+            ``tls-hostname``); default the host of a ``tcp:`` address. Required for TLS
+            over a ``unix:`` socket, as QEMU requires it.
     """
 
     postcopy: bool = False
     timeout: float = 60.0
     connect_retry: float = 10.0
-    read_pages: int = 2048
+    read_pages: int = 1024
     send_pages: int = 64
     background_after: int = 0
     insecure: bool = False
     qmp: str | None = None
+    tls_creds: str | None = None
+    tls_hostname: str | None = None
+    postcopy_preempt: bool = False
+    seal: SealOptions = SEAL_CHECK
 
 
 @dataclass(slots=True)
@@ -113,6 +147,9 @@ class ServeReport:
     request_latency_us: dict[str, float] | None = None
     destination_status: int | None = None
     qemu: dict[str, Any] | None = None  # the destination's pid, QMP socket, log and run state, when known
+    tls: str | None = None  # the TLS version of the connection, None for none
+    preempt: bool = False  # page requests were answered on the postcopy-preempt channel
+    seal: str | None = None  # the seal check before serving ("ok", "unsealed"), None when skipped
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -178,8 +215,10 @@ def serve(
                 raise UsageError(f"{mf.path}: the stream has no configuration section (no machine type to serve)")
             blocks = [(b.idstr, b.used_length) for b in mf.blocks]
             plan = plan_stream(blocks, live_spec(mf), postcopy=options.postcopy)
+            check = checked(mf, options.seal, engine)  # a sealed file is checked whole before a byte is sent
             try:
                 report = _Session(mf, to, plan, options, engine, t0).run()
+                report.seal = None if check is None else check.status
             except MigrationError as exc:
                 if qmp is not None and exc.qemu_error is None:
                     exc.qemu_error = _qmp_error(qmp)
@@ -210,7 +249,7 @@ def serve_qemu(
     dest = QemuDestination(qemu_args, timeout=options.timeout)
     try:
         dest.start()
-        to = dest.listen(postcopy=options.postcopy)
+        to = dest.listen(postcopy=options.postcopy, preempt=options.postcopy_preempt)
         try:
             report = serve(path, to, offset=offset, options=options, engine=engine)
             dest.wait_completed(options.timeout)
@@ -252,24 +291,38 @@ def _wait_completed(qmp: Qmp, timeout: float, to: str) -> dict[str, Any]:
 
 
 def _check_destination(to: str, options: ServeOptions) -> None:
+    if options.postcopy_preempt and not options.postcopy:
+        raise UsageError("postcopy_preempt (--postcopy-preempt) is a channel of postcopy: give postcopy too")
     try:
         kind, where = parse_address(to)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if kind == "tcp" and not options.insecure:
-        assert isinstance(where, tuple)
-        if not is_loopback(where[0]):
-            raise UsageError(
-                f"{to}: guest RAM would cross the network in the clear; serve to a unix socket or a "
-                f"loopback address, or pass --insecure"
-            )
+    if options.tls_creds is None:
+        if options.tls_hostname is not None:
+            raise UsageError("tls_hostname (--tls-hostname) is for TLS: give the TLS credentials (--tls-creds) too")
+        if kind == "tcp" and not options.insecure:
+            assert isinstance(where, tuple)
+            if not is_loopback(where[0]):
+                raise UsageError(
+                    f"{to}: guest RAM would cross the network in the clear; serve with TLS (--tls-creds), "
+                    f"to a unix socket or a loopback address, or pass --insecure"
+                )
+        return
+    tls_client_context(options.tls_creds)  # the directory, its files and the key's mode, before anything else
+    if kind == "unix" and not options.tls_hostname:
+        raise UsageError(
+            f"{to}: TLS over a unix socket needs the name the destination's certificate is for "
+            f"(tls_hostname, --tls-hostname; QEMU's tls-hostname), as QEMU needs it"
+        )
 
 
 #: A page request as the return-path thread queues it: block index, first page, pages, arrival time.
 _Request = tuple[int, int, int, float]
 #: A background read: block index and its page numbers; the result adds their bytes.
 _Task = tuple[int, npt.NDArray[np.int64]]
-_Chunk = tuple[int, npt.NDArray[np.int64], bytearray]
+#: A background chunk: block index, page numbers, the pooled buffer of their records, each
+#: record's start (and the total), each page's data offset.
+_Chunk = tuple[int, npt.NDArray[np.int64], Any, npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 
 class _Session:
@@ -299,6 +352,14 @@ class _Session:
         self.shut: int | None = None
         self.rp_ended = False
         self.conn: Connection | None = None
+        self.preempt: Connection | None = None  # the postcopy-preempt channel, when asked for
+        self.pool: queue.Queue[Any] = queue.Queue()
+        # Claims of pages to send (the sent bitmaps, the counters) and the state of the answering
+        # (requests answered on the return-path thread while the background goes on).
+        self.cond = threading.Condition()
+        self.answering = False
+        self.finished = False
+        self.in_flight = 0
 
     # -- the return path (its own thread) ------------------------------------------------
 
@@ -328,9 +389,25 @@ class _Session:
                     destination=self.to,
                     stage="postcopy",
                 )
-            self.requests.put((self.last_request_block, start // self.ps, length // self.ps, now))
+            self._on_request((self.last_request_block, start // self.ps, length // self.ps, now))
             return
         self.events.put(msg)
+
+    def _on_request(self, request: _Request) -> None:
+        """Answer a page request on the return-path thread itself, so the background stream
+        goes on while the page is read; before the PART section is open it waits in a queue."""
+        with self.cond:
+            if not self.answering:
+                if not self.finished:
+                    self.requests.put(request)
+                return
+            self.in_flight += 1
+        try:
+            self._answer(request)
+        finally:
+            with self.cond:
+                self.in_flight -= 1
+                self.cond.notify_all()
 
     def _on_end(self, exc: BaseException | None) -> None:
         self.events.put(exc)
@@ -392,10 +469,23 @@ class _Session:
             if self.rp_ended or (self.shut is not None and self.shut != 0):
                 self._wait(lambda: False, "the rest of the stream to be taken", stage)
 
-    def _send(self, data: bytes | bytearray | memoryview, stage: str) -> None:
-        assert self.conn is not None
+    def _connect(self) -> Connection:
+        tls = tls_client_context(self.options.tls_creds) if self.options.tls_creds is not None else None
         try:
-            self.conn.send(data)
+            return Connection.connect(
+                self.to, timeout=self.options.timeout, retry_for=self.options.connect_retry, tls=tls,
+                server_hostname=self.options.tls_hostname,
+            )  # fmt: skip
+        except TlsError as exc:
+            raise MigrationError(str(exc), destination=self.to, stage="tls") from None
+        except ConnectionLost as exc:
+            raise MigrationError(str(exc), destination=self.to, stage="connect") from None
+
+    def _send(self, data: bytes | bytearray | memoryview, stage: str, conn: Connection | None = None) -> None:
+        conn = conn or self.conn
+        assert conn is not None
+        try:
+            conn.send(data)
         except ConnectionLost as exc:
             # the destination may have said why before it went away
             self._drain_quietly(stage)
@@ -417,12 +507,7 @@ class _Session:
     def run(self) -> ServeReport:
         seconds: dict[str, float] = {}
         t = time.perf_counter()
-        try:
-            self.conn = Connection.connect(
-                self.to, timeout=self.options.timeout, retry_for=self.options.connect_retry
-            )
-        except ConnectionLost as exc:
-            raise MigrationError(str(exc), destination=self.to, stage="connect") from None
+        self.conn = self._connect()
         receiver = FrameReceiver(self.conn, RP_HEADER_SIZE, rp_body_length, self._on_frame, self._on_end)
         receiver.start()
         seconds_to_run: float | None = None
@@ -436,6 +521,12 @@ class _Session:
             t = time.perf_counter()
             tasks = self._tasks()
             if self.options.postcopy:
+                if self.options.postcopy_preempt:
+                    # QEMU's postcopy_preempt_establish_channel: the second connection; requests
+                    # are answered on it from now on, never queued behind the background stream
+                    self.preempt = self._connect()
+                    with self.cond:
+                        self.answering = True
                 self._send(self.plan.package, "package")
                 self._wait(lambda: PING_RUN in self.pongs, "it to load the device state", "package")
                 seconds_to_run = time.perf_counter() - self.t0
@@ -455,6 +546,8 @@ class _Session:
             seconds["finish"] = time.perf_counter() - t
         finally:
             self.conn.close()
+            if self.preempt is not None:
+                self.preempt.close()
             receiver.join(5.0)
         if self.shut is None:
             raise MigrationError(
@@ -497,6 +590,8 @@ class _Session:
                 else None
             ),
             destination_status=self.shut,
+            tls=self.conn.tls_version,
+            preempt=self.preempt is not None,
             notes=notes,
         )
 
@@ -511,18 +606,42 @@ class _Session:
         self.engine.started(total)
         return tasks
 
-    def _read(self, task: _Task) -> _Chunk:
+    def _records(self, task: _Task) -> _Chunk:
+        """The PAGE records of a background read, built in a pooled buffer: the headers by
+        the encoder, the pages read from the file straight into their places."""
         block, pages = task
-        buf = bytearray(len(pages) * self.ps)
-        self.mf.read_page_list(self.blocks[block], pages, buf)
-        return block, pages, buf
+        b = self.blocks[block]
+        buf = self.pool.get()
+        try:
+            out = np.frombuffer(buf, dtype=np.uint8)
+            starts, data = encode_page_headers_into(
+                b.idstr, pages.astype(np.uint64) * np.uint64(self.ps), self.ps, out,
+                name_every=self.options.send_pages,
+            )  # fmt: skip
+            self.mf.read_pages_at(b, pages, memoryview(buf), data)
+        except BaseException:
+            self.pool.put(buf)
+            raise
+        return block, pages, buf, starts, data
 
-    def _encode(self, block: int, pages: npt.NDArray[np.int64], data: memoryview | bytearray,
+    def _make_pool(self) -> None:
+        """Buffers for the records being built or waiting to be sent: never more than the
+        read-ahead window plus what each reader holds, so the pool never runs dry."""
+        channels = max(self.engine.channels, 1)
+        size = page_headers_size("x" * 255, max(self.options.read_pages, 1), self.ps, self.options.send_pages)
+        self.pool = queue.Queue()
+        for _ in range(2 * channels + 2):
+            self.pool.put(aligned_buffer(size))
+
+    def _encode(self, block: int, pages: npt.NDArray[np.int64], data: memoryview | bytearray | npt.NDArray[np.uint8],
                 nonzero: npt.NDArray[np.bool_]) -> bytearray:  # fmt: skip
         """Records of ``pages`` (each starting with the block's name, so any order of
         blocks on the wire stays right): PAGE records, ZERO where ``nonzero`` is False."""
         b = self.blocks[block]
-        arr = np.frombuffer(data, dtype=np.uint8, count=len(pages) * self.ps).reshape(len(pages), self.ps)
+        if isinstance(data, np.ndarray):
+            arr = data
+        else:
+            arr = np.frombuffer(data, dtype=np.uint8, count=len(pages) * self.ps).reshape(len(pages), self.ps)
         out = bytearray(page_records_size(b.idstr, nonzero, self.ps))
         n = encode_page_records_into(
             b.idstr, pages.astype(np.uint64) * np.uint64(self.ps), arr, nonzero, np.frombuffer(out, dtype=np.uint8)
@@ -531,108 +650,139 @@ class _Session:
         return out
 
     def _precopy_pages(self, tasks: list[_Task]) -> None:
-        def produce(task: _Task) -> tuple[bytearray, int]:
-            block, pages, buf = self._read(task)
-            return self._encode(block, pages, buf, np.ones(len(pages), dtype=np.bool_)), len(pages)
-
         channels = max(self.engine.channels, 1)
-        with ReadAhead(tasks, produce, channels=channels, window=channels + 1) as reads:
+        self._make_pool()
+        with ReadAhead(tasks, self._records, channels=channels, window=channels + 1) as reads:
             while not reads.done:
-                result = reads.next()
-                assert result is not None
-                records, n = result
-                self._send(records, "pages")
-                self.pages_sent += n
+                chunk = reads.next()
+                assert chunk is not None
+                _, pages, buf, starts, _ = chunk
+                try:
+                    self._send(memoryview(buf)[: int(starts[-1])], "pages")
+                finally:
+                    self.pool.put(buf)
+                self.pages_sent += len(pages)
                 if self.engine.progress is not None:
-                    self.engine.progress(n * self.ps)
+                    self.engine.progress(len(pages) * self.ps)
                 self._poll_events("pages")
 
     def _answer(self, request: _Request) -> None:
+        """Send the pages of a request not sent yet (zero pages as ZERO records)."""
         block, first, count, arrived = request
-        self.request_count += 1
         b = self.blocks[block]
-        pages = np.arange(first, first + count, dtype=np.int64)
-        pages = pages[~self.sent[block][first : first + count]]
+        with self.cond:
+            self.request_count += 1
+            pages = np.arange(first, first + count, dtype=np.int64)
+            pages = pages[~self.sent[block][first : first + count]]
+            self.sent[block][pages] = True
         if pages.size:
             buf = bytearray(len(pages) * self.ps)
             self.mf.read_page_list(b, pages, buf)
-            nonzero = b.present[pages] if b.bitmap is not None else b.sources()[pages] >= 0
-            self._send(self._encode(block, pages, buf, np.asarray(nonzero, dtype=np.bool_)), "postcopy")
-            self.sent[block][pages] = True
-            self.pages_sent += len(pages)
-            self.pages_requested += len(pages)
+            nonzero = np.asarray(b.present[pages], dtype=np.bool_)
+            self._send(self._encode(block, pages, buf, nonzero), "postcopy", self.preempt)
+            with self.cond:
+                self.pages_sent += len(pages)
+                self.pages_requested += len(pages)
+                self.cond.notify_all()
             if self.engine.progress is not None:
-                self.engine.progress(int(np.count_nonzero(b.present[pages])) * self.ps)
+                self.engine.progress(int(np.count_nonzero(nonzero)) * self.ps)
         self.latencies.append(time.perf_counter() - arrived)
 
-    def _answer_all(self) -> None:
-        while True:
-            try:
-                request = self.requests.get_nowait()
-            except queue.Empty:
-                return
-            self._answer(request)
-
     def _postcopy_pages(self, tasks: list[_Task]) -> None:
-        """Answer every request first; between them, stream the pages not sent yet."""
+        """Open the answering of requests (on the return-path thread), stream the pages not
+        sent yet, a run of ``send_pages`` records at a time (each run starts with the block's
+        name), then close the answering so nothing follows the end of the stream."""
         channels = max(self.engine.channels, 1)
         step = max(self.options.send_pages, 1)
-        with ReadAhead(tasks, self._read, channels=channels, window=channels + 1) as reads:
-            chunk: _Chunk | None = None
-            at = 0
-            deadline = time.monotonic() + self.options.timeout
-            while True:
-                self._answer_all()
-                self._poll_events("postcopy")
-                if self.pages_requested < self.options.background_after:
-                    if self._wait_request(deadline, "the guest to ask for pages"):
-                        deadline = time.monotonic() + self.options.timeout
-                    continue
-                if chunk is None or at >= len(chunk[1]):
-                    if reads.done:
-                        break
-                    chunk = reads.next(timeout=0.0)
-                    at = 0
-                    if chunk is None:
-                        self._wait_request(time.monotonic() + 0.002, None)
-                        continue
-                block, pages, buf = chunk
-                sl = slice(at, min(at + step, len(pages)))
-                at = sl.stop
-                todo = ~self.sent[block][pages[sl]]
-                if todo.any():
-                    view = memoryview(buf)[sl.start * self.ps : sl.stop * self.ps]
-                    sel = np.flatnonzero(todo)
-                    picked = pages[sl][sel]
-                    data = view if sel.size == len(todo) else _pick(view, sel, self.ps)
-                    self._send(self._encode(block, picked, data, np.ones(len(picked), dtype=np.bool_)), "postcopy")
-                    self.sent[block][picked] = True
-                    self.pages_sent += len(picked)
-                    if self.engine.progress is not None:
-                        self.engine.progress(len(picked) * self.ps)
-                deadline = time.monotonic() + self.options.timeout
-        self._answer_all()
-
-    def _wait_request(self, deadline: float, what: str | None) -> bool:
-        """Wait for a page request until ``deadline`` and answer it; whether one came."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            if what is None:
-                return False
-            raise MigrationError(
-                f"the destination did not ask for pages within {self.options.timeout} s (waiting for {what})",
-                destination=self.to,
-                stage="postcopy",
-            )
+        self._make_pool()
+        with self.cond:
+            self.answering = True
+        while True:  # requests that came before the PART section was open
+            try:
+                self._answer(self.requests.get_nowait())
+            except queue.Empty:
+                break
         try:
-            request = self.requests.get(timeout=min(left, 0.05))
-        except queue.Empty:
-            return False
-        self._answer(request)
-        return True
+            self._wait_for_requests()
+            with ReadAhead(tasks, self._records, channels=channels, window=channels + 1) as reads:
+                while not reads.done:
+                    chunk = reads.next(timeout=0.05)
+                    self._poll_events("postcopy")
+                    if chunk is None:
+                        continue
+                    try:
+                        for a in range(0, len(chunk[1]), step):
+                            self._send_run(chunk, a, min(a + step, len(chunk[1])))
+                    finally:
+                        self.pool.put(chunk[2])
+            if self.preempt is not None:
+                self._send_zero_pages()
+        finally:
+            with self.cond:
+                self.answering = False
+                self.finished = True
+                self.cond.wait_for(lambda: self.in_flight == 0, timeout=self.options.timeout)
+        self._poll_events("postcopy")
 
+    def _send_zero_pages(self) -> None:
+        """ZERO records of every page not sent yet. With the preempt channel QEMU waits, at
+        the end, for each page it asked for (postcopy_ram_incoming_cleanup), even one asked
+        for after its preempt thread quit: so no page may be left to ask for."""
+        step = 1 << 14
+        for block in range(len(self.blocks)):
+            with self.cond:
+                pages = np.flatnonzero(~self.sent[block]).astype(np.int64)
+                self.sent[block][pages] = True
+            zero = np.broadcast_to(np.zeros(self.ps, dtype=np.uint8), (step, self.ps))
+            for k in range(0, len(pages), step):
+                run = pages[k : k + step]
+                self._send(self._encode(block, run, zero[: len(run)], np.zeros(len(run), dtype=np.bool_)), "postcopy")
+                self._poll_events("postcopy")
 
-def _pick(view: memoryview, sel: npt.NDArray[np.intp], ps: int) -> bytearray:
-    arr = np.frombuffer(view, dtype=np.uint8).reshape(-1, ps)
-    return bytearray(arr[sel].tobytes())
+    def _wait_for_requests(self) -> None:
+        """With ``background_after``: wait until the destination has asked for that many pages
+        (the time limit runs from its last request)."""
+        want = self.options.background_after
+        deadline = time.monotonic() + self.options.timeout
+        seen = -1
+        while True:
+            with self.cond:
+                now_seen = self.pages_requested
+                if now_seen >= want:
+                    return
+                if now_seen == seen:
+                    self.cond.wait(timeout=0.05)
+            self._poll_events("postcopy")
+            if now_seen != seen:
+                seen = now_seen
+                deadline = time.monotonic() + self.options.timeout
+            elif time.monotonic() > deadline:
+                raise MigrationError(
+                    f"the destination did not ask for pages within {self.options.timeout} s "
+                    f"(waiting for the guest to ask for pages)",
+                    destination=self.to,
+                    stage="postcopy",
+                )
+
+    def _send_run(self, chunk: _Chunk, a: int, b: int) -> None:
+        """Send records ``a`` .. ``b`` of a background chunk, but pages already sent (asked for)."""
+        block, pages, buf, starts, data = chunk
+        with self.cond:
+            todo = ~self.sent[block][pages[a:b]]
+            self.sent[block][pages[a:b]] = True
+        if not todo.any():
+            return
+        if todo.all():
+            self._send(memoryview(buf)[int(starts[a]) : int(starts[b])], "postcopy")
+            picked = pages[a:b]
+        else:
+            sel = np.flatnonzero(todo) + a
+            picked = pages[sel]
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            rows = arr[data[sel][:, None] + np.arange(self.ps)]
+            self._send(self._encode(block, picked, rows.tobytes(), np.ones(len(picked), dtype=np.bool_)), "postcopy")
+        with self.cond:
+            self.pages_sent += len(picked)
+        if self.engine.progress is not None:
+            self.engine.progress(len(picked) * self.ps)
 

@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file
 
 from .options import DEFAULTS, EngineOptions
 from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_symlink, resolve_direct
+from .seal import SealOptions, SealReport, sealed_body
 
 __all__ = [
     "DEFAULT_MACHINE",
@@ -105,6 +107,7 @@ class SaveReport(TimedReport):
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     format: str = "mapped-ram"
+    seal: SealReport | None = None  # sealed before it got its name
 
 
 def block_view(buffer: Any, *, writable: bool, name: str) -> memoryview:
@@ -139,6 +142,7 @@ def save(
     vmdesc: bytes | None = None,
     ram_section_id: int = 1,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions | None = None,
 ) -> SaveReport:
     """Save named RAM blocks (any buffers: mmap, numpy array, bytearray) as a mapped-ram file.
 
@@ -146,7 +150,8 @@ def save(
     writes in place into ``path`` at that offset, as ``file:PATH,offset=N`` (the file is
     truncated there first); otherwise the file appears at ``path`` only once complete.
     ``device_state`` is QEMU's device sections and QEMU_VM_EOF (default: just EOF), with
-    ``vmdesc`` its JSON text (default: one listing no devices).
+    ``vmdesc`` its JSON text (default: one listing no devices). ``seal`` seals the file
+    (ops/seal.py) before it appears at ``path``.
     """
     check_machine_type(machine_type)
     items = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
@@ -163,7 +168,7 @@ def save(
         device_state=b"\x00" if device_state is None else device_state,
         vmdesc=default_vmdesc() if vmdesc is None else vmdesc,
     )
-    return save_sources(os.fspath(path), sources, spec, offset, options)
+    return save_sources(os.fspath(path), sources, spec, offset, options, seal)
 
 def save_files(
     path: str | os.PathLike[str],
@@ -172,6 +177,7 @@ def save_files(
     machine_type: str = DEFAULT_MACHINE,
     offset: int | None = None,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions | None = None,
 ) -> SaveReport:
     """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied)."""
     refuse_symlink(os.fspath(path))
@@ -179,7 +185,7 @@ def save_files(
         refuse_same_file(src, path, "save")
     maps = [(name, map_file(src, writable=False)) for name, src in blocks]
     try:
-        return save(path, maps, machine_type=machine_type, offset=offset, options=options)
+        return save(path, maps, machine_type=machine_type, offset=offset, options=options, seal=seal)
     finally:
         for _, m in maps:
             try:
@@ -201,7 +207,8 @@ def check_sources(target: str, sources: Sequence[Source]) -> None:
 
 
 def save_sources(
-    target: str, sources: Sequence[Source], spec: StreamSpec, offset: int | None, options: EngineOptions
+    target: str, sources: Sequence[Source], spec: StreamSpec, offset: int | None, options: EngineOptions,
+    seal: SealOptions | None = None,
 ) -> SaveReport:
     """A mapped-ram save: pages by N channels at their slots, then bitmaps, then the tail."""
     check_sources(target, sources)
@@ -248,12 +255,13 @@ def save_sources(
             seconds={"setup": t1 - t0, "pages": t2 - t1, "finalize": t3 - t2},
         )
 
-    written = commit(target, offset, options.durable, notes, body)
+    written = commit(target, offset, options.durable, notes, sealed_body(body, seal, start, options))
     return save_report(target, offset, written, spec.machine_type, direct, notes, "mapped-ram")
 
 
 def save_legacy_sources(
-    target: str, sources: Sequence[Source], spec: StreamSpec, offset: int | None, options: EngineOptions
+    target: str, sources: Sequence[Source], spec: StreamSpec, offset: int | None, options: EngineOptions,
+    seal: SealOptions | None = None,
 ) -> SaveReport:
     """A legacy (streamed) save: one pass of page records, PAGE or ZERO, in block order.
 
@@ -318,7 +326,7 @@ def save_legacy_sources(
             seconds={"setup": 0.0, "pages": t1 - t0, "finalize": t2 - t1},
         )
 
-    written = commit(target, offset, options.durable, notes, body)
+    written = commit(target, offset, options.durable, notes, sealed_body(body, seal, start, options))
     return save_report(target, offset, written, spec.machine_type, direct, notes, "legacy")
 
 
@@ -340,6 +348,7 @@ def save_report(
         seconds=result.seconds,
         notes=notes,
         format=fmt,
+        seal=None if result.seal is None else dataclasses.replace(result.seal, path=target),
     )
 
 

@@ -34,6 +34,7 @@ from mappedram.image import open_file
 from mappedram.ops.converge import AutoConverge
 from mappedram.ops.live import LiveOptions, LiveSaveReport, PassStats, live_save
 from mappedram.ops.options import DEFAULTS, EngineOptions
+from mappedram.ops.seal import SEAL_CHECK, SealOptions
 from mappedram.ops.trackers import DirtyTracker
 
 from .guest import Guest, GuestCpu
@@ -167,6 +168,7 @@ def live_save_guest(
     step_batches: int | None = None,
     live: LiveOptions = VM_LIVE_DEFAULTS,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions | None = None,
 ) -> LiveSaveReport:
     """Save the guest ``vm`` live (its dirty tracking as the tracker, its throttle for
     auto-converge); ``stopped`` gets the vCPU state it was paused at.
@@ -190,7 +192,7 @@ def live_save_guest(
 
     try:
         return live_save(path, [(vm.ram_idstr, vm.memory)], [tracker], stop=stop, format=fmt, cpu=vm, live=live,
-                         options=options)  # fmt: skip
+                         options=options, seal=seal)  # fmt: skip
     finally:
         vm.set_throttle(0)
 
@@ -275,9 +277,11 @@ def vm_save(
     verify_source: bool = True,
     live: LiveOptions = VM_LIVE_DEFAULTS,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions | None = None,
 ) -> VmSaveReport:
     """Start the guest, let it run ``warmup`` seconds (or exactly ``warmup_iterations``), and
-    save it live. ``step_batches`` drives it step by step (see :func:`live_save_guest`)."""
+    save it live. ``step_batches`` drives it step by step (see :func:`live_save_guest`);
+    ``seal`` seals the file before it gets its name."""
     choice = choose_guest(config.kind)
     if step_batches is not None and warmup_iterations is None:
         warmup_iterations = 0
@@ -286,7 +290,8 @@ def vm_save(
         if warmup_iterations is not None and step_batches is None:
             vm.resume()  # exact start, then free running
         stopped: list[GuestCpu] = []
-        report = live_save_guest(vm, path, format, stopped, step_batches=step_batches, live=live, options=options)
+        report = live_save_guest(vm, path, format, stopped, step_batches=step_batches, live=live, options=options,
+                                 seal=seal)  # fmt: skip
         check = vm.check(stopped[0]).to_dict() if verify_source else None
     warm = warmup if warmup_iterations is None else 0.0
     return VmSaveReport(choice.kind, choice.reason, config.mem_mib, fill, warm, stopped[0].counter, report, check)
@@ -319,11 +324,13 @@ class VmRestoreReport:
 
 
 def _restore_into(
-    path: str | os.PathLike[str], *, mode: str, rate: float | None, options: EngineOptions
-) -> tuple[Guest, GuestCpu, GuestRestoreReport]:
-    """A fresh guest rebuilt from ``path`` in ``mode`` (decoded once, checked before its RAM is written)."""
+    path: str | os.PathLike[str], *, mode: str, rate: float | None, options: EngineOptions,
+    seal: SealOptions = SEAL_CHECK,
+) -> tuple[Guest, GuestCpu, GuestRestoreReport]:  # fmt: skip
+    """A fresh guest rebuilt from ``path`` in ``mode`` (decoded once, checked, the seal's
+    digests too, before its RAM is written)."""
     with open_file(path) as mf:
-        return restore_guest(mf, mode=mode, rate=rate, options=options)
+        return restore_guest(mf, mode=mode, rate=rate, options=options, seal=seal)
 
 
 def _resident(vm: Guest, timeout: float = FILL_TIMEOUT) -> None:
@@ -363,6 +370,7 @@ def vm_restore(
     rate: float | None = None,
     lazy_fallback: bool = False,
     options: EngineOptions = DEFAULTS,
+    seal: SealOptions = SEAL_CHECK,
 ) -> VmRestoreReport:
     """Build a fresh guest from ``path`` in ``mode`` (eager, map or lazy: vm/restore.py),
     resume it for ``run`` seconds (or exactly ``run_iterations``) and check it.
@@ -373,13 +381,14 @@ def vm_restore(
     instruction is the restore's time to ready plus the time from resume() to the guest's
     first entry (the check before it is left out). Where userfaultfd cannot be used, a lazy
     restore fails with the reason, or with ``lazy_fallback`` restores eagerly and says so.
+    A sealed file's digests are checked first, in every mode (``seal``: the key, or no check).
     """
     try:
-        vm, cpu, report = _restore_into(path, mode=mode, rate=rate, options=options)
+        vm, cpu, report = _restore_into(path, mode=mode, rate=rate, options=options, seal=seal)
     except UserfaultfdUnavailable as exc:
         if not lazy_fallback:
             raise
-        vm, cpu, report = _restore_into(path, mode="eager", rate=rate, options=options)
+        vm, cpu, report = _restore_into(path, mode="eager", rate=rate, options=options, seal=seal)
         report = dataclasses.replace(report, notes=[*report.notes, f"restored eagerly: {exc.message}"])
     with vm:
         running = bool(run > 0 or run_iterations)
@@ -488,12 +497,14 @@ def demo(
     live: LiveOptions = VM_LIVE_DEFAULTS,
     options: EngineOptions = DEMO_OPTIONS,
     on_phase: Callable[[str], None] | None = None,
+    seal: SealOptions | None = None,
 ) -> DemoReport:
     """Start the guest, save it live as mapped-ram, restore it into a fresh VM and compare it
     with the paused source, resume it and check it again; then let the source run on and save
     it live as a legacy stream for as many passes, with the same throttle pass by pass, to
     show what that format writes. The report is OK only if the mapped-ram save converged
-    within its downtime limit and the restored guest verified (:attr:`DemoReport.failures`)."""
+    within its downtime limit and the restored guest verified (:attr:`DemoReport.failures`).
+    ``seal`` seals both files; every restore then checks the seal first."""
     phase = on_phase or (lambda _: None)
     choice = choose_guest(config.kind)
     work = os.fspath(workdir)
@@ -508,7 +519,7 @@ def demo(
         phase("guest running; live save" + (f" after {warmup:g} s" if warmup_iterations is None else ""))
         stopped: list[GuestCpu] = []
         mapped = live_save_guest(source, mapped_path, "mapped-ram", stopped, step_batches=step_batches, live=live,
-                                 options=options)  # fmt: skip
+                                 options=options, seal=seal)  # fmt: skip
         cpu = stopped[0]
         restores, match = [], {}
         modes, skipped = _demo_modes(choice.kind)
@@ -523,7 +534,7 @@ def demo(
         schedule = [p.throttle for p in mapped.passes]
         same = _replay_throttle(source, schedule, live)
         legacy = live_save_guest(source, legacy_path, "legacy", [], step_batches=step_batches, live=same,
-                                 options=options)  # fmt: skip
+                                 options=options, seal=seal)  # fmt: skip
     notes = list(mapped.notes) + skipped
     warm = warmup if warmup_iterations is None else 0.0
     return DemoReport(choice.kind, choice.reason, config.mem_mib, fill, warm, mapped, legacy, restores, match,

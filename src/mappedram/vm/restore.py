@@ -44,6 +44,7 @@ from mappedram.image import MigrationFile, RamBlock, open_file
 from mappedram.ops.loader import RestoreReport, restore
 from mappedram.ops.mapping import stale_slots
 from mappedram.ops.options import DEFAULTS, EngineOptions
+from mappedram.ops.seal import NO_CHECK, SEAL_CHECK, SealCheck, SealOptions, checked
 
 from .cpustate import CpuState
 from .guest import PAGE_SIZE, PARAMS_ADDR, STATUS_PAGE, Guest, GuestCpu
@@ -75,6 +76,7 @@ class GuestRestoreReport:
     eager: RestoreReport | None = None
     notes: list[str] = field(default_factory=list)
     lazy: LazyStats | None = None  # lazy: the fill, once the guest's RAM is resident (see complete())
+    seal: SealCheck | None = None  # the seal checked before the guest's RAM was written or mapped
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -114,15 +116,24 @@ def restore_guest(
     dirty_log: bool = False,
     options: EngineOptions = DEFAULTS,
     lazy: LazyOptions | None = None,
+    seal: SealOptions = SEAL_CHECK,
 ) -> tuple[Guest, GuestCpu, GuestRestoreReport]:
     """A fresh guest rebuilt from ``mf`` in ``mode`` (see the module docstring), not yet running.
 
     ``dirty_log`` keeps the guest's writes logged from the restore on (a :class:`RestoreLoop`
-    needs it). The file is checked (decoded, its layout and vCPU state) before the guest's RAM
-    is written or mapped.
+    needs it). The file is checked (decoded, its layout and vCPU state, and, in every mode, a
+    seal's digests: ``seal``) before the guest's RAM is written or mapped; the seal check is
+    not part of ``seconds_to_ready``.
     """
     if mode not in RESTORE_MODES:
         raise UsageError(f"unknown restore mode {mode!r}: expected one of {', '.join(RESTORE_MODES)}")
+    check = checked(mf, seal, options)
+    vm, cpu, report = _restore_guest(mf, mode, rate, dirty_log, options, lazy)
+    return vm, cpu, dataclasses.replace(report, seal=check)
+
+
+def _restore_guest(mf: MigrationFile, mode: str, rate: float | None, dirty_log: bool, options: EngineOptions,
+                   lazy: LazyOptions | None) -> tuple[Guest, GuestCpu, GuestRestoreReport]:  # fmt: skip
     t0 = time.perf_counter()
     cpu = read_guest_state(mf)
     idstr = SoftVM.ram_idstr if isinstance(cpu, SoftCpu) else MicroVM.ram_idstr
@@ -131,7 +142,7 @@ def restore_guest(
     if mode == "eager":
         vm = _make_guest(cpu, mf, mem_mib, None, rate=rate, dirty_log=dirty_log)
         try:
-            eager = restore(mf, {idstr: vm.memory}, options=options)
+            eager = restore(mf, {idstr: vm.memory}, options=options, seal=NO_CHECK)  # checked by the caller
         except BaseException:
             vm.close()
             raise
@@ -217,11 +228,12 @@ class RestoreLoop:
         mode: str = "map",
         rate: float | None = None,
         options: EngineOptions = DEFAULTS,
+        seal: SealOptions = SEAL_CHECK,
     ) -> None:
         self.mf = open_file(path)
         try:
             self.vm, self.cpu, self.report = restore_guest(self.mf, mode=mode, rate=rate, dirty_log=True,
-                                                           options=options)  # fmt: skip
+                                                           options=options, seal=seal)  # fmt: skip
         except BaseException:
             self.mf.close()
             raise

@@ -801,3 +801,32 @@ def test_tcp_loopback_by_name(served: Served, sock_dir: Path) -> None:
         to = dest.address.replace("127.0.0.1", "localhost")
         report = run_serve(to, served, ServeOptions(timeout=LIMIT))
     assert report.ok and report.destination == to
+
+
+def test_postcopy_pages_asked_for_while_devices_load(served: Served, sock_dir: Path) -> None:
+    """QEMU loads the package's devices before it answers ping 3, and loading may touch guest
+    RAM (virtio_load reads the rings): a page asked for then must come without waiting for
+    PONG 3, or neither side ever moves. The destination here holds PONG 3 until it has it."""
+    plan = served.plan(postcopy=True)
+    got: list[list[Record]] = []
+    ring = max(p for i, p in served.nonzero() if i == "pc.ram")  # a device's ring, say: a page with data
+
+    def script(w: Wire) -> None:
+        open_stream(w, plan)
+        w.expect(plan.package, "package")
+        w.pong(PING_PACKAGE)
+        w.req(ring, 1, "pc.ram")
+        w.expect(plan.part_head, "PART header")
+        first = w.records(1)
+        assert first[0].key == ("pc.ram", ring) and first[0].data == served.pages["pc.ram"][ring]
+        w.pong(PING_RUN)  # only now is the device state loaded
+        w.pong(PING_STARTED)
+        got.append(first + postcopy_rest(w, plan))
+        w.shut(0)
+
+    with Destination(sock_dir, script) as dest:
+        report = run_serve(dest.address, served, ServeOptions(postcopy=True, timeout=LIMIT))
+    keys = [r.key for r in got[0]]
+    assert len(keys) == len(set(keys))
+    assert {r.key for r in got[0] if r.data is not None} == served.nonzero()
+    assert report.ok and report.requests == 1

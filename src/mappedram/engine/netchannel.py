@@ -207,28 +207,27 @@ class Connection:
         deadline = time.monotonic() + retry_for
         while True:
             family = socket.AF_UNIX if kind == "unix" else socket.AF_INET
+            unix: socket.socket | None = None
             try:
                 if kind == "unix":
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.settimeout(timeout)
-                    sock.connect(where)
+                    unix = socket.socket(family, socket.SOCK_STREAM)
+                    unix.settimeout(timeout)
+                    unix.connect(where)
+                    sock = unix
                 else:
                     assert isinstance(where, tuple)
                     sock = socket.create_connection(where, timeout=timeout)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 break
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                with contextlib.suppress(NameError):
-                    sock.close()
+            except BaseException as exc:
+                if unix is not None:
+                    unix.close()
+                if not isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+                    _raise_connect(address, timeout, exc)
+                    raise
                 if time.monotonic() >= deadline:
                     raise ConnectionLost(f"nothing listens at {address} ({exc.strerror})") from None
                 time.sleep(0.01)
-            except TimeoutError:
-                raise ConnectionLost(f"connecting to {address} timed out after {timeout} s", timed_out=True) from None
-            except OSError as exc:
-                raise ConnectionLost(f"cannot connect to {address}: {exc.strerror or exc}") from None
-            except (UnicodeError, ValueError) as exc:
-                raise ConnectionLost(f"cannot connect to {address}: {exc}") from None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         conn = cls(sock, address, timeout)
         if tls is not None:
@@ -482,6 +481,17 @@ class _TlsSession:
             if len(self._header) == 5:
                 self._body_left = int.from_bytes(self._header[3:5], "big")
                 self._header.clear()
+
+
+def _raise_connect(address: str, timeout: float, exc: BaseException) -> None:
+    """Raise the ConnectionLost of a connect that failed otherwise than "nothing listens
+    yet"; other exceptions (KeyboardInterrupt) are left to the caller to re-raise."""
+    if isinstance(exc, TimeoutError):
+        raise ConnectionLost(f"connecting to {address} timed out after {timeout} s", timed_out=True) from None
+    if isinstance(exc, OSError):
+        raise ConnectionLost(f"cannot connect to {address}: {exc.strerror or exc}") from None
+    if isinstance(exc, (UnicodeError, ValueError)):
+        raise ConnectionLost(f"cannot connect to {address}: {exc}") from None
 
 
 def _lost(address: str, exc: OSError) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -46,8 +47,12 @@ class Qmp:
         self._client = QMPClient(name)
 
     def connect(self) -> None:
+        from qemu.qmp import QMPError
+
         try:
             self._run(self._client.connect(self.path), self.timeout)
+        except QMPError as exc:  # ConnectError: refused, e.g. bound but not listening yet
+            raise MigrationError(f"cannot connect to QMP at {self.path}: {exc}", stage="qmp") from None
         except MigrationError:
             raise MigrationError(
                 f"QMP at {self.path} did not greet within {self.timeout} s (a QMP socket serves one client "
@@ -206,8 +211,11 @@ class QemuDestination:
             self.qmp = None
 
     def kill(self) -> None:
-        """Stop QEMU (a destination whose migration failed is of no use)."""
+        """Stop QEMU (a destination whose migration failed is of no use) and remove its
+        private directory (its log's last lines are in the error already)."""
         self.detach()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)

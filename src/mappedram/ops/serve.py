@@ -127,8 +127,9 @@ class ServeReport:
 
     ``seconds_to_run`` (postcopy) is from the start of serve until the destination had
     read the whole device state (its answer to the ping just before POSTCOPY_RUN);
-    ``request_latency_us`` is, per page request, the time from its arrival to its pages
-    having been handed to the socket (median, p99, max).
+    ``request_latency_us`` is, per page request that serve answered with pages, the time
+    from its arrival to those pages having been handed to the socket (median, p99, max);
+    ``pages_sent`` counts PAGE and ZERO records, ``bytes_sent`` both connections' bytes.
     """
 
     path: str
@@ -139,7 +140,7 @@ class ServeReport:
     pages_sent: int
     pages_zero: int
     pages_requested: int
-    requests: int
+    requests: int  # page requests received (some for pages already on their way: see the notes)
     bytes_sent: int
     channels: int
     seconds: dict[str, float]
@@ -347,6 +348,8 @@ class _Session:
         self.pages_sent = 0
         self.pages_requested = 0
         self.request_count = 0
+        self.requests_in_flight = 0
+        self.zero_records = 0
         self.latencies: list[float] = []
         self.pongs: set[int] = set()
         self.shut: int | None = None
@@ -496,11 +499,21 @@ class _Session:
             raise MigrationError(f"{text} while serve was sending ({exc})", destination=self.to, stage=stage) from None
 
     def _drain_quietly(self, stage: str) -> None:
-        try:
-            while True:
-                self._handle(self.events.get(timeout=0.2), stage)
-        except (queue.Empty, MigrationError):
-            pass
+        """Take in what the destination said before it went away (a SHUT). A specific error
+        the return path raised (a request for a block the file lacks, a page it could not
+        read) is raised instead of the sender's own; a connection that ended is noted."""
+        while True:
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                return
+            if isinstance(event, MigrationError):
+                self.rp_ended = True
+                raise event
+            if isinstance(event, BaseException) or event is None:
+                self.rp_ended = True
+                continue
+            self._handle(event, stage)
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -525,14 +538,16 @@ class _Session:
                     # QEMU's postcopy_preempt_establish_channel: the second connection; requests
                     # are answered on it from now on, never queued behind the background stream
                     self.preempt = self._connect()
-                    with self.cond:
-                        self.answering = True
-                self._send(self.plan.package, "package")
+                    self._open_answering()
+                # the PART section opens right after the package, as QEMU's source goes on
+                # at once: loading devices may touch guest RAM (virtio_load reads the rings),
+                # and those pages must come while the destination is still loading
+                self._send(self.plan.package + self.plan.part_head, "package")
+                self._open_answering()
                 self._wait(lambda: PING_RUN in self.pongs, "it to load the device state", "package")
                 seconds_to_run = time.perf_counter() - self.t0
                 seconds["device_state"] = time.perf_counter() - t
                 t = time.perf_counter()
-                self._send(self.plan.part_head, "postcopy")
                 self._postcopy_pages(tasks)
                 self._send(self.plan.part_end + self.plan.postcopy_tail, "postcopy")
             else:
@@ -564,8 +579,13 @@ class _Session:
         lat = np.array(self.latencies) * 1e6
         zero = sum(b.pages_zero for b in self.blocks)
         notes = []
-        if self.options.postcopy and zero:
+        if self.zero_records:
+            notes.append(f"{self.zero_records} zero pages no one asked for were sent as ZERO records at the end "
+                         f"(QEMU's preempt destination waits for every page it asks for)")  # fmt: skip
+        elif self.options.postcopy and zero:
             notes.append(f"{zero} zero pages were not sent unless asked for: the destination's fresh RAM is zero")
+        if self.requests_in_flight:
+            notes.append(f"{self.requests_in_flight} requests were for pages already on their way (no latency counted)")
         return ServeReport(
             path=self.mf.path,
             destination=self.to,
@@ -576,7 +596,7 @@ class _Session:
             pages_zero=zero,
             pages_requested=self.pages_requested,
             requests=self.request_count,
-            bytes_sent=self.conn.bytes_sent,
+            bytes_sent=self.conn.bytes_sent + (self.preempt.bytes_sent if self.preempt is not None else 0),
             channels=self.engine.channels,
             seconds=seconds,
             seconds_to_run=seconds_to_run,
@@ -686,7 +706,21 @@ class _Session:
                 self.cond.notify_all()
             if self.engine.progress is not None:
                 self.engine.progress(int(np.count_nonzero(nonzero)) * self.ps)
-        self.latencies.append(time.perf_counter() - arrived)
+            self.latencies.append(time.perf_counter() - arrived)
+        else:
+            with self.cond:
+                self.requests_in_flight += 1  # its pages were on their way already
+
+    def _open_answering(self) -> None:
+        """From now on requests are answered as they come (on the return-path thread); the
+        ones that came before are answered here, first."""
+        with self.cond:
+            self.answering = True
+        while True:
+            try:
+                self._answer(self.requests.get_nowait())
+            except queue.Empty:
+                return
 
     def _postcopy_pages(self, tasks: list[_Task]) -> None:
         """Open the answering of requests (on the return-path thread), stream the pages not
@@ -695,13 +729,6 @@ class _Session:
         channels = max(self.engine.channels, 1)
         step = max(self.options.send_pages, 1)
         self._make_pool()
-        with self.cond:
-            self.answering = True
-        while True:  # requests that came before the PART section was open
-            try:
-                self._answer(self.requests.get_nowait())
-            except queue.Empty:
-                break
         try:
             self._wait_for_requests()
             with ReadAhead(tasks, self._records, channels=channels, window=channels + 1) as reads:
@@ -721,7 +748,14 @@ class _Session:
             with self.cond:
                 self.answering = False
                 self.finished = True
-                self.cond.wait_for(lambda: self.in_flight == 0, timeout=self.options.timeout)
+                settled = self.cond.wait_for(lambda: self.in_flight == 0, timeout=self.options.timeout)
+        if not settled:
+            raise MigrationError(
+                f"an answer to a page request was still being sent after {self.options.timeout} s: "
+                f"the stream is not ended under it",
+                destination=self.to,
+                stage="postcopy",
+            )
         self._poll_events("postcopy")
 
     def _send_zero_pages(self) -> None:
@@ -737,6 +771,9 @@ class _Session:
             for k in range(0, len(pages), step):
                 run = pages[k : k + step]
                 self._send(self._encode(block, run, zero[: len(run)], np.zeros(len(run), dtype=np.bool_)), "postcopy")
+                with self.cond:
+                    self.zero_records += len(run)
+                    self.pages_sent += len(run)
                 self._poll_events("postcopy")
 
     def _wait_for_requests(self) -> None:

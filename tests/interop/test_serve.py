@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,20 +46,6 @@ pytestmark = pytest.mark.qemu
 
 #: Every wait here is bounded by this; nothing asserts on speed.
 LIMIT = 60.0
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A private directory on tmpfs for a postcopy destination's RAM."""
-    base = Path("/dev/shm")
-    if not base.is_dir():
-        pytest.skip("no /dev/shm: a postcopy destination needs its RAM on tmpfs")
-    path = base / f"mappedram-serve-{uuid.uuid4().hex[:12]}"
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,20 +45,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = work / "qemu.mig"
     qemu_save(require_qemu((10, 0, 0)), "q35", write_src_ram(work), out, MAPPED_RAM)
     return out
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A private directory on tmpfs for a postcopy destination's RAM."""
-    base = Path("/dev/shm")
-    if not base.is_dir():
-        pytest.skip("no /dev/shm: a postcopy destination needs its RAM on tmpfs")
-    path = base / f"mappedram-serve-tls-{uuid.uuid4().hex[:12]}"
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

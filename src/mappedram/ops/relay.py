@@ -35,7 +35,7 @@ from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_sym
 from .seal import SealOptions, sealed_body
 from .writer import SaveReport, Source, check_sources, save_legacy_sources, save_report, save_sources
 
-__all__ = ["CONVERT_FORMATS", "rewrite", "convert", "spec_from", "SlotWriter"]
+__all__ = ["CONVERT_FORMATS", "rewrite", "convert", "spec_from", "streamed_spec", "SlotWriter"]
 
 CONVERT_FORMATS = ("mapped-ram", "legacy")
 
@@ -91,16 +91,7 @@ def convert(
     refuse_symlink(os.fspath(path))
     refuse_same_file(source, path, "convert")
     with open_file(source, source_offset) as mf:
-        spec = spec_from(mf)
-        spec = StreamSpec(
-            machine_type=spec.machine_type,
-            capabilities=tuple(c for c in spec.capabilities if c != CAP_MAPPED_RAM),
-            ram_section_id=spec.ram_section_id,
-            parts=1,
-            switchover_start=spec.switchover_start,
-            device_state=spec.device_state,
-            vmdesc=spec.vmdesc,
-        )
+        spec = streamed_spec(mf)
         sources: list[Source] = [
             (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
         ]
@@ -118,6 +109,21 @@ def _libvirt_note(source: str, target: str) -> str:
     return (
         f"{source} is a libvirt save image: {target} holds its QEMU stream alone, without "
         f"libvirt's header and domain XML (load it with QEMU, not with virsh restore)"
+    )
+
+
+def streamed_spec(mf: MigrationFile) -> StreamSpec:
+    """What ``mf`` carries besides pages, as one streamed pass: its machine type, section id,
+    device state and vmdesc, its capabilities but mapped-ram (a stream has no slots)."""
+    spec = spec_from(mf)
+    return StreamSpec(
+        machine_type=spec.machine_type,
+        capabilities=tuple(c for c in spec.capabilities if c != CAP_MAPPED_RAM),
+        ram_section_id=spec.ram_section_id,
+        parts=1,
+        switchover_start=spec.switchover_start,
+        device_state=spec.device_state,
+        vmdesc=spec.vmdesc,
     )
 
 

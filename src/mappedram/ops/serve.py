@@ -45,7 +45,7 @@ from mappedram.engine.netchannel import (
     tls_client_context,
 )
 from mappedram.errors import MigrationError, UnsupportedError, UsageError
-from mappedram.format.constants import CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED
+from mappedram.format.constants import CAP_X_IGNORE_SHARED
 from mappedram.format.encoder import (
     encode_page_headers_into,
     encode_page_records_into,
@@ -67,7 +67,7 @@ from mappedram.layout import PING_OPENED, PING_RUN, StreamPlan, StreamSpec, plan
 
 from .options import DEFAULTS, EngineOptions
 from .qemu import QemuDestination, Qmp
-from .relay import spec_from
+from .relay import streamed_spec
 from .seal import SEAL_CHECK, SealOptions, checked
 
 __all__ = ["ServeOptions", "ServeReport", "serve", "serve_qemu", "live_spec"]
@@ -169,8 +169,8 @@ class ServeReport:
 
 
 def live_spec(mf: MigrationFile) -> StreamSpec:
-    """What a live stream of ``mf`` carries besides pages: the file's machine type, section
-    id, device state and vmdesc, and its capabilities but mapped-ram (a socket has no slots)."""
+    """What a live stream of ``mf`` carries besides pages (:func:`~.relay.streamed_spec`);
+    an x-ignore-shared file, which lacks the pages of its shared blocks, is refused."""
     if CAP_X_IGNORE_SHARED in mf.capabilities:
         raise UnsupportedError(
             "x-ignore-shared files hold no pages of shared blocks: they cannot be served",
@@ -178,16 +178,7 @@ def live_spec(mf: MigrationFile) -> StreamSpec:
             actual=list(mf.capabilities),
             path=mf.path,
         )
-    spec = spec_from(mf)
-    return StreamSpec(
-        machine_type=spec.machine_type,
-        capabilities=tuple(c for c in spec.capabilities if c != CAP_MAPPED_RAM),
-        ram_section_id=spec.ram_section_id,
-        parts=1,
-        switchover_start=spec.switchover_start,
-        device_state=spec.device_state,
-        vmdesc=spec.vmdesc,
-    )
+    return streamed_spec(mf)
 
 
 def serve(

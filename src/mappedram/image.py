@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -27,10 +28,13 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import as_strided
 
 from mappedram._runs import assign_last
 from mappedram.engine.copy import gather_pages, gather_pages_at
 from mappedram.engine.fileio import close_fd, data_extents, file_identity, file_size, open_read, pread_upto, prefetch
+from mappedram.engine.pages import FilePages
+from mappedram.engine.store import SOURCE_SHIFT, Source, Store, StoreSpec, ZstdFrames, open_store
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.constants import QEMU_VM_EOF
@@ -52,6 +56,7 @@ from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode
 from mappedram.format.seal import Seal, decode_seal
 from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, SEAL, extension
 from mappedram.format.vmstate import DeviceSection, VmDesc, find_vmdesc, split_device_sections
+from mappedram.format.zstdseek import decode_seek_table, frame_lengths, seek_table_size
 from mappedram.layout import BlockLayout, check_layout
 
 __all__ = [
@@ -100,6 +105,18 @@ class RamBlock:
     legacy_sources: npt.NDArray[np.int64] | None = None  # legacy: data offset per page or -1
     legacy_records: int = 0  # legacy: page records seen for this block, all passes
     skipped: bool = False  # x-ignore-shared block with no pages in the file
+    zstd: ZstdFrames | None = None  # a compressed file's block: its frames (checked against the seek table)
+    source: int = 0  # the block's pages in the file's StoreSpec (0: the file's own slots)
+
+    @property
+    def compressed(self) -> bool:
+        return self.zstd is not None
+
+    @property
+    def slots(self) -> bool:
+        """Each page has a fixed slot of plain bytes in the file (mapped-ram, not compressed):
+        the page region can be mapped or read by offset arithmetic."""
+        return self.layout is not None and self.zstd is None and self.source == 0
 
     @property
     def num_pages(self) -> int:
@@ -127,7 +144,7 @@ class RamBlock:
         if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= self.num_pages):
             raise UsageError(f"pages outside block {self.idstr!r} of {self.num_pages} pages")
         if self.layout is not None and self.bitmap is not None:
-            out = self.layout.pages_offset + pages.astype(np.int64) * self.page_size
+            out = self._base() + pages.astype(np.int64) * self.page_size
             out[~self.bitmap[pages]] = -1
             return out
         if self.legacy_sources is not None:
@@ -140,12 +157,20 @@ class RamBlock:
             raise UsageError(f"pages {first}..{first + count} outside block {self.idstr!r} of {self.num_pages} pages")
         if self.layout is not None and self.bitmap is not None:
             idx = np.arange(first, first + count, dtype=np.int64)
-            out = self.layout.pages_offset + idx * self.page_size
+            out = self._base() + idx * self.page_size
             out[~self.bitmap[first : first + count]] = -1
             return out
         if self.legacy_sources is not None:
             return self.legacy_sources[first : first + count].copy()
         return np.full(count, -1, dtype=np.int64)
+
+
+    def _base(self) -> int:
+        """The source offset of page 0: its slot in the file, or page 0 of its source."""
+        assert self.layout is not None
+        if self.zstd is None and self.source == 0:
+            return self.layout.pages_offset
+        return self.source << SOURCE_SHIFT
 
 
 class PageListener(Protocol):
@@ -180,7 +205,11 @@ class MigrationFile:
     device_sections: list[DeviceSection] | None
     libvirt: LibvirtSaveImage | None = None  # the libvirt save image header, when the file is one
     seal: Seal | None = None  # the trailer's integrity manifest (checked against the blocks; data not read)
+    extra_sources: tuple[Source, ...] = ()  # the StoreSpec's sources after the file itself (zstd runs, parents)
     _fd: int = field(default=-1, repr=False)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+    _stores: list[Store] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- properties ------------------------------------------------------------------
 
@@ -198,7 +227,21 @@ class MigrationFile:
 
     @property
     def format_name(self) -> str:
+        if self.compressed:
+            return "mapped-ram+zstd"
         return "mapped-ram" if self.mapped_ram else "legacy"
+
+    @property
+    def compressed(self) -> bool:
+        return self.configuration.zstd
+
+    @property
+    def store(self) -> str | StoreSpec:
+        """What a reader opens to read this file's pages (engine/store.py): the path, or a
+        spec whose further sources are the compressed runs (or a chain's other files)."""
+        if not self.extra_sources:
+            return self.path
+        return StoreSpec((self.path, *self.extra_sources), path=self.path)
 
     @property
     def page_size(self) -> int:
@@ -218,6 +261,10 @@ class MigrationFile:
 
     # -- reading ---------------------------------------------------------------------
 
+    def file_pages(self, block: RamBlock) -> FilePages:
+        """The block's pages as a writer's page source (read through the store when needed)."""
+        return FilePages(self.path, block.sources, None if isinstance(self.store, str) else self.store)
+
     def readinto(self, block: RamBlock | str, first_page: int, out: memoryview | bytearray) -> None:
         """Fill ``out`` (a whole number of pages) with the block's pages from ``first_page`` on."""
         b = self.block(block) if isinstance(block, str) else block
@@ -225,7 +272,7 @@ class MigrationFile:
         if len(view) % b.page_size:
             raise UsageError(f"buffer of {len(view)} bytes is not a whole number of {b.page_size}-byte pages")
         count = len(view) // b.page_size
-        gather_pages(self._fd, self.path, b.sources(first_page, count), b.page_size, view)
+        self._gather(b.sources(first_page, count), b.page_size, view)
 
     def read_page_list(self, block: RamBlock | str, pages: npt.NDArray[np.int64], out: memoryview | bytearray) -> None:
         """Fill ``out`` with the block's ``pages`` (any page numbers, in that order), one after another."""
@@ -233,7 +280,7 @@ class MigrationFile:
         view = memoryview(out).cast("B")
         if len(view) != len(pages) * b.page_size:
             raise UsageError(f"buffer of {len(view)} bytes for {len(pages)} pages of {b.page_size} bytes")
-        gather_pages(self._fd, self.path, b.sources_of(pages), b.page_size, view)
+        self._gather(b.sources_of(pages), b.page_size, view)
 
     def read_pages_at(
         self, block: RamBlock | str, pages: npt.NDArray[np.int64], out: memoryview, at: npt.NDArray[np.int64]
@@ -243,7 +290,28 @@ class MigrationFile:
         offsets = b.sources_of(pages)
         if len(offsets) and int(offsets.min()) < 0:
             raise UsageError(f"{self.path}: read_pages_at reads stored pages only (block {b.idstr!r})")
-        gather_pages_at(self._fd, self.path, offsets, b.page_size, out, at)
+        if not self.extra_sources:
+            gather_pages_at(self._fd, self.path, offsets, b.page_size, out, at)
+            return
+        ps = b.page_size
+        tmp = bytearray(len(pages) * ps)
+        self._gather(offsets, ps, memoryview(tmp))
+        arr = np.frombuffer(out, dtype=np.uint8)
+        windows = as_strided(arr, shape=(max(len(arr) - ps + 1, 0), ps), strides=(1, 1))
+        windows[at] = np.frombuffer(tmp, dtype=np.uint8).reshape(len(pages), ps)
+
+    def _gather(self, offsets: npt.NDArray[np.int64], page_size: int, out: memoryview) -> None:
+        """Pages at source offsets into ``out``: straight from the file, or through this
+        thread's store (decompressing frames, reading a chain's other files)."""
+        if not self.extra_sources:
+            gather_pages(self._fd, self.path, offsets, page_size, out)
+            return
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = open_store(self.store)
+            with self._lock:
+                self._stores.append(store)
+        store.gather(offsets, page_size, out)
 
     def read_pages(self, block: RamBlock | str, first_page: int, count: int = 1) -> bytes:
         b = self.block(block) if isinstance(block, str) else block
@@ -297,6 +365,10 @@ class MigrationFile:
     # -- life cycle ------------------------------------------------------------------
 
     def close(self) -> None:
+        with self._lock:
+            stores, self._stores = self._stores, []
+        for store in stores:
+            store.close()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             close_fd(fd, self.path)
@@ -462,9 +534,14 @@ def _decode(
 
     mapped = [b.layout for b in blocks if b.layout is not None]
     check_layout(mapped, stream_start=start, file_size=size)
+    extra: list[Source] = []
     for b in blocks:
         if b.layout is not None:
             _load_bitmap(fd, path, b)
+            if b.layout.zstd is not None:
+                b.zstd = _load_frames(fd, path, b)
+                extra.append(b.zstd)
+                b.source = len(extra)
 
     tail_len = size - device_at
     if tail_len > MAX_DEVICE_STATE:
@@ -512,6 +589,7 @@ def _decode(
         device_sections=device_sections,
         libvirt=libvirt,
         seal=seal,
+        extra_sources=tuple(extra),
     )
 
 
@@ -689,8 +767,25 @@ def _block_from_entry(entry: RamBlockEntry, page_size: int, config: Configuratio
         bitmap_offset=entry.header.bitmap_offset,
         bitmap_size=bitmap_size(entry.used_length // entry.header.page_size, HOST_WORD_SIZE),
         pages_offset=entry.header.pages_offset,
+        zstd=entry.zstd,
     )
     return b
+
+
+def _load_frames(fd: int, path: str, b: RamBlock) -> ZstdFrames:
+    """A compressed block's frames, from the seek table that ends its region (checked
+    against the region header and the block before anything is sized by it)."""
+    lay = b.layout
+    assert lay is not None and lay.zstd is not None
+    z = lay.zstd
+    table = seek_table_size(z.frames)
+    at = lay.end - table
+    raw = pread_upto(fd, table, at, path)
+    lengths = frame_lengths(b.num_pages, z.frame_pages, b.page_size)
+    sizes = decode_seek_table(raw, frames=z.frames, decompressed=lengths, region_length=z.region_length,
+                              offset=at, block=b.idstr)  # fmt: skip
+    offsets = lay.pages_offset + np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    return ZstdFrames(path, b.idstr, b.page_size, z.frame_pages, offsets, sizes, lengths)
 
 
 # reference: read_ramblock_mapped_ram ("Error reading dirty bitmap", "page outside of ramblock")

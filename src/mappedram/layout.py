@@ -21,14 +21,17 @@ from mappedram.errors import LayoutError
 from mappedram.format.bitmap import HOST_WORD_SIZE, bitmap_size
 from mappedram.format.constants import (
     CAP_MAPPED_RAM,
+    CAP_MAPPEDRAM_ZSTD,
     CAP_X_IGNORE_SHARED,
     MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    MAPPED_RAM_HDR_VERSION,
+    MAPPEDRAM_ZSTD_HDR_VERSION,
     MIG_CMD_SWITCHOVER_START,
     QEMU_VM_EOF,
     RAM_SECTION_IDSTR,
     RAM_SECTION_VERSION_ID,
+    STREAM_CAPABILITIES,
     TARGET_PAGE_SIZE,
-    VALIDATED_CAPABILITIES,
 )
 from mappedram.format.encoder import (
     encode_command,
@@ -52,7 +55,7 @@ from mappedram.format.postcopy import (
     encode_postcopy_ram_discard,
     encode_postcopy_run,
 )
-from mappedram.format.structs import MappedRamHeader
+from mappedram.format.structs import MappedRamHeader, ZstdRegionHeader
 from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, SEAL, configuration_entry, describe_configuration, set_extension
 
 __all__ = [
@@ -99,18 +102,35 @@ class BlockLayout:
     bitmap_offset: int
     bitmap_size: int
     pages_offset: int
+    zstd: ZstdRegionHeader | None = None  # a compressed block: its page region holds zstd frames
 
     @property
     def num_pages(self) -> int:
         return self.used_length // self.page_size
 
     @property
+    def region_length(self) -> int:
+        """Bytes of the page region: used_length, or the compressed region's length."""
+        return self.used_length if self.zstd is None else self.zstd.region_length
+
+    @property
     def end(self) -> int:
-        """Where the next block entry (or the EOS) starts: pages_offset + used_length."""
-        return self.pages_offset + self.used_length
+        """Where the next block entry (or the EOS) starts: pages_offset + the region's length."""
+        return self.pages_offset + self.region_length
+
+    @property
+    def header_end(self) -> int:
+        """The end of the MappedRamHeader (and of a compressed block's region header)."""
+        return self.header_offset + MappedRamHeader.SIZE + (0 if self.zstd is None else ZstdRegionHeader.SIZE)
 
     def header(self) -> MappedRamHeader:
-        return MappedRamHeader(1, self.page_size, self.bitmap_offset, self.pages_offset)
+        version = MAPPED_RAM_HDR_VERSION if self.zstd is None else MAPPEDRAM_ZSTD_HDR_VERSION
+        return MappedRamHeader(version, self.page_size, self.bitmap_offset, self.pages_offset)
+
+    def entry_bytes(self) -> bytes:
+        """The block's MEM_SIZE entry with its header(s), as written at ``entry_offset``."""
+        out = encode_ram_block_entry(self.idstr, self.used_length, header=self.header())
+        return out if self.zstd is None else out + self.zstd.pack()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,25 +148,34 @@ def plan_mapped_ram(
     alignment: int = MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
     word_size: int = HOST_WORD_SIZE,
     with_gpa: bool = False,
+    zstd: Sequence[ZstdRegionHeader] | None = None,
 ) -> RamLayout:
     """Lay out ``blocks`` ((idstr, used_length), in stream order) as QEMU's writer does.
 
     ``entries_offset`` is the absolute offset of the first entry (right after the
     MEM_SIZE word). The bitmap follows the header; the page region starts at the next
     ``alignment`` boundary of the absolute offset; the next entry follows the page region.
+
+    ``zstd`` lays out a compressed file (format/zstdseek.py): one region header per block
+    after its MappedRamHeader, the region that long. A block's ``pages_offset`` does not
+    depend on its own region's length, so a writer that compresses block by block plans
+    with the lengths it knows and 0 for the rest.
     """
     if alignment % page_size:
         raise ValueError(f"alignment {alignment:#x} is not a multiple of the page size {page_size:#x}")
     pos = entries_offset
     out = []
-    for idstr, used_length in blocks:
+    if zstd is not None and len(zstd) != len(blocks):
+        raise ValueError("one zstd region header per block")
+    for k, (idstr, used_length) in enumerate(blocks):
         if used_length <= 0 or used_length % page_size:
             raise ValueError(f"block {idstr!r}: used_length {used_length:#x} is not a multiple of {page_size:#x}")
+        z = None if zstd is None else zstd[k]
         header_offset = pos + entry_size(idstr, with_gpa=with_gpa)
-        bitmap_offset = header_offset + MappedRamHeader.SIZE
+        bitmap_offset = header_offset + MappedRamHeader.SIZE + (0 if z is None else ZstdRegionHeader.SIZE)
         size = bitmap_size(used_length // page_size, word_size)
         pages_offset = round_up(bitmap_offset + size, alignment)
-        block = BlockLayout(idstr, used_length, page_size, pos, header_offset, bitmap_offset, size, pages_offset)
+        block = BlockLayout(idstr, used_length, page_size, pos, header_offset, bitmap_offset, size, pages_offset, z)
         out.append(block)
         pos = block.end
     return RamLayout(blocks=tuple(out), eos_offset=pos)
@@ -170,7 +199,7 @@ def check_layout(blocks: Sequence[BlockLayout], *, stream_start: int, file_size:
                 actual=b.pages_offset,
                 block=b.idstr,
             )
-        header_end = b.header_offset + MappedRamHeader.SIZE
+        header_end = b.header_end
         regions.append((b.entry_offset, header_end, "header", b.idstr))
         regions.append((b.bitmap_offset, b.bitmap_offset + b.bitmap_size, "bitmap", b.idstr))
         regions.append((b.pages_offset, b.end, "pages", b.idstr))
@@ -242,9 +271,15 @@ def plan_file(
     start: int = 0,
     page_size: int = TARGET_PAGE_SIZE,
     alignment: int = MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    zstd: Sequence[ZstdRegionHeader] | None = None,
 ) -> FilePlan:
+    """A mapped-ram file's plan; with ``zstd`` (and the mappedram-zstd capability in
+    ``spec``) a compressed file's: its regions aligned to pages only, every slot's
+    zero-ness in the bitmap (the trailer records no clean slots: there are none)."""
     if CAP_MAPPED_RAM not in spec.capabilities:
         raise ValueError("a mapped-ram file needs the mapped-ram capability")
+    if (zstd is not None) != (CAP_MAPPEDRAM_ZSTD in spec.capabilities):
+        raise ValueError("a compressed file lists the mappedram-zstd capability, and only it")
     if CAP_X_IGNORE_SHARED in spec.capabilities:
         raise ValueError("x-ignore-shared files are not written (QEMU 10.x cannot load them)")
     sid = spec.ram_section_id
@@ -254,17 +289,18 @@ def plan_file(
         + encode_section_start(sid, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION_ID)
         + encode_mem_size(sum(size for _, size in blocks))
     )
-    ram = plan_mapped_ram(blocks, entries_offset=start + len(head), page_size=page_size, alignment=alignment)
-    entries = tuple(
-        (b.entry_offset, encode_ram_block_entry(b.idstr, b.used_length, header=b.header())) for b in ram.blocks
-    )
+    if zstd is not None:
+        alignment = page_size
+    ram = plan_mapped_ram(blocks, entries_offset=start + len(head), page_size=page_size, alignment=alignment,
+                          zstd=zstd)  # fmt: skip
+    entries = tuple((b.entry_offset, b.entry_bytes()) for b in ram.blocks)
     tail = bytearray(encode_eos() + encode_footer(sid))
     for _ in range(spec.parts):
         tail += encode_section_part(sid) + encode_eos() + encode_footer(sid)
     if spec.switchover_start:
         tail += encode_command(MIG_CMD_SWITCHOVER_START)
     tail += encode_section_end(sid) + encode_eos() + encode_footer(sid)
-    tail += spec.device_state + _trailer(spec, clean_zero_slots=True)
+    tail += spec.device_state + _trailer(spec, clean_zero_slots=zstd is None)
     return FilePlan(start=start, head=head, entries=entries, ram=ram, tail=bytes(tail))
 
 
@@ -281,7 +317,7 @@ def _trailer(spec: StreamSpec, *, clean_zero_slots: bool = False) -> bytes:
     """
     if spec.vmdesc is None:
         return b""
-    entry = configuration_entry(spec.machine_type, [c for c in VALIDATED_CAPABILITIES if c in spec.capabilities])
+    entry = configuration_entry(spec.machine_type, [c for c in STREAM_CAPABILITIES if c in spec.capabilities])
     text = set_extension(describe_configuration(spec.vmdesc, entry), SEAL, None)
     return encode_vmdesc(set_extension(text, CLEAN_ZERO_SLOTS, True if clean_zero_slots else None))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -142,6 +143,29 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     with progress_bar(show_progress(args), "rewrite") as (update, start):
         report = ops.rewrite(path, args.out, source_offset=offset, options=engine_options(args, update, start),
                              seal=seal_writer_options(args))  # fmt: skip
+    emit(args, report, render.render_save)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.input, args.offset)
+    if args.threads < 0:
+        raise UsageError(f"--threads must be at least 1 (or 0: one per CPU), got {args.threads}")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    with progress_bar(show_progress(args), "compress") as (update, start):
+        report = ops.compress(path, args.out, source_offset=offset,
+                              compression=ops.CompressOptions(level=args.level, frame_bytes=args.frame_size),
+                              options=engine_options(args, update, start, channels=threads),
+                              seal=seal_writer_options(args))  # fmt: skip
+    emit(args, report, render.render_compress)
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    path, offset = parse_target(args.input, args.offset)
+    with progress_bar(show_progress(args), "decompress") as (update, start):
+        report = ops.decompress(path, args.out, source_offset=offset, options=engine_options(args, update, start),
+                                seal=seal_writer_options(args))  # fmt: skip
     emit(args, report, render.render_save)
     return 0
 
@@ -292,6 +316,27 @@ def add_commands(sub: Any) -> None:
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("compress", help="compress a file with random access kept: zstd frames and a seek table")
+    source(p, "input", "IN")
+    p.add_argument("out", metavar="OUT", help="the compressed file to write (QEMU does not load it)")
+    p.add_argument("--level", type=int, default=ops.zstd.DEFAULT_LEVEL, help="zstd level (default 3; 1..19)")
+    p.add_argument("--threads", type=int, default=0, help="compression threads (default: one per CPU)")
+    p.add_argument("--frame-size", type=parse_size, default=ops.zstd.DEFAULT_FRAME_BYTES,
+                   help="RAM per zstd frame, a power of two (default 2M): what a random read decompresses")  # fmt: skip
+    add_seal_writer(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("decompress", help="a compressed file back as a mapped-ram file QEMU loads")
+    source(p, "input", "IN")
+    p.add_argument("out", metavar="OUT", help="the mapped-ram file to write")
+    add_engine(p)
+    add_seal_writer(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("convert", help="convert between mapped-ram and the legacy format, device state kept")
     source(p, "input", "IN")

@@ -222,6 +222,21 @@ def render_save(r: ops.SaveReport) -> str:
     return "\n".join(lines)
 
 
+def render_compress(r: ops.CompressReport) -> str:
+    lines = [
+        f"{r.path}: {r.source_format} -> mapped-ram+zstd, {_human(r.ram_bytes)} of RAM, "
+        f"{_human(r.stored_bytes)} of page data",
+        f"file size {_human(r.file_size)} from {_human(r.source_file_bytes)}: {r.ratio:.2f}x smaller "
+        f"({r.data_ratio:.2f}x the page data); {r.frames} frames of {_human(r.frame_bytes)} "
+        f"({r.zero_frames} without data), zstd level {r.level}, {r.channels} thread(s)",
+        f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s of RAM): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
+        "QEMU does not load this file: `mappedram decompress` gives back one it loads",
+    ]
+    lines += _sealed_line(r.seal)
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
 def render_serve(r: ops.ServeReport) -> str:
     lines = [
         f"{r.path} -> {r.destination}: {r.mode}, {_human(r.ram_bytes)} of RAM ({r.machine_type}), "

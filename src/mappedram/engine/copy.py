@@ -14,6 +14,7 @@ import mmap
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +24,10 @@ from mappedram._runs import bit_runs
 from mappedram.errors import IOEngineError
 
 from .executor import run_tasks
-from .fileio import close_fd, create_sparse, open_read, open_write, pread_upto, preadv_exact, pwrite_full
+from .fileio import close_fd, create_sparse, open_write, pread_upto, preadv_exact, pwrite_full
+
+if TYPE_CHECKING:
+    from .store import StoreSpec
 
 __all__ = [
     "GATHER_SPLIT_GAP",
@@ -168,15 +172,17 @@ def nonzero_pages_at(buf: memoryview, pages: npt.NDArray[np.intp], page_size: in
 class SparseCopyChannel:
     """One channel of a file-to-file page copy; owns its descriptors and one buffer."""
 
-    def __init__(self, src_path: str, dst_path: str, page_size: int, max_pages: int) -> None:
-        self.src_path = src_path
+    def __init__(self, src_path: str | StoreSpec, dst_path: str, page_size: int, max_pages: int) -> None:
+        from .store import Store, spec_path  # store.py reads through this module's gather_pages
+
+        self.src_path = spec_path(src_path)
         self.dst_path = dst_path
         self.page_size = page_size
-        self.src = open_read(src_path)
+        self.src = Store(src_path)
         try:
             self.dst = open_write(dst_path, create=False)
         except BaseException:
-            os.close(self.src)
+            self.src.close()
             raise
         # MAP_SHARED keeps the buffer safe for direct I/O if another thread forks.
         self.buffer = mmap.mmap(-1, max_pages * page_size, mmap.MAP_SHARED)
@@ -186,7 +192,7 @@ class SparseCopyChannel:
         n = len(task.src_offsets)
         view = memoryview(self.buffer)[: n * self.page_size]
         try:
-            present = gather_pages(self.src, self.src_path, task.src_offsets, self.page_size, view)
+            present = self.src.gather(task.src_offsets, self.page_size, view)
             keep = present & nonzero_pages(view, n, self.page_size)
             starts, lengths = bit_runs(keep)
             ps = self.page_size
@@ -201,15 +207,12 @@ class SparseCopyChannel:
         try:
             close_fd(self.dst, self.dst_path)  # a destination close error is fatal
         finally:
-            try:
-                os.close(self.src)
-            except OSError:
-                pass  # a source close error loses nothing
+            self.src.close()  # a source close error loses nothing
             self.buffer.close()
 
 
 def sparse_copy(
-    src_path: str,
+    src_path: str | StoreSpec,
     dst_path: str,
     tasks: Sequence[PageCopy],
     *,
@@ -266,10 +269,11 @@ class PageCompare:
 class CompareChannel:
     """One channel of a page comparison between two files, in large reads."""
 
-    def __init__(self, a_path: str, b_path: str, page_size: int, max_pages: int) -> None:
-        self.paths = (a_path, b_path)
+    def __init__(self, a_path: str | StoreSpec, b_path: str | StoreSpec, page_size: int, max_pages: int) -> None:
+        from .store import Store
+
         self.page_size = page_size
-        self.fds = (open_read(a_path), open_read(b_path))
+        self.stores = (Store(a_path), Store(b_path))
         self.buffers = (mmap.mmap(-1, max_pages * page_size), mmap.mmap(-1, max_pages * page_size))
 
     def run(self, task: PageCompare) -> int:
@@ -277,8 +281,8 @@ class CompareChannel:
         ps = self.page_size
         views = [memoryview(buf)[: n * ps] for buf in self.buffers]
         try:
-            gather_pages(self.fds[0], self.paths[0], task.a_offsets, ps, views[0])
-            gather_pages(self.fds[1], self.paths[1], task.b_offsets, ps, views[1])
+            self.stores[0].gather(task.a_offsets, ps, views[0])
+            self.stores[1].gather(task.b_offsets, ps, views[1])
             a = np.frombuffer(views[0], dtype=np.uint64).reshape(n, ps // 8)
             b = np.frombuffer(views[1], dtype=np.uint64).reshape(n, ps // 8)
             task.differ[:] = (a != b).any(axis=1)
@@ -289,10 +293,7 @@ class CompareChannel:
         return n * ps
 
     def close(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for store in self.stores:
+            store.close()
         for buf in self.buffers:
             buf.close()

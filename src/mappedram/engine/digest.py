@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .copy import gather_pages
 from .executor import run_tasks
-from .fileio import close_fd, open_read
+from .store import Store, StoreSpec
 
 __all__ = ["DigestTask", "DigestChannel", "PieceDigest", "digest_pieces"]
 
@@ -42,9 +41,11 @@ class DigestTask:
 class DigestChannel:
     """One channel: its descriptor and a buffer of ``max_pages`` pages."""
 
-    def __init__(self, path: str, page_size: int, max_pages: int, digest: PieceDigest, out: list[bytes]) -> None:
-        self.path, self.page_size, self.digest, self.out = path, page_size, digest, out
-        self.fd = open_read(path)
+    def __init__(
+        self, path: str | StoreSpec, page_size: int, max_pages: int, digest: PieceDigest, out: list[bytes]
+    ) -> None:
+        self.page_size, self.digest, self.out = page_size, digest, out
+        self.store = Store(path)
         self.buf = bytearray(max_pages * page_size)
         self.bytes_read = 0
 
@@ -52,7 +53,7 @@ class DigestChannel:
         ps, pp = self.page_size, task.piece_pages
         n = len(task.src_offsets)
         view = memoryview(self.buf)[: n * ps]
-        present = gather_pages(self.fd, self.path, task.src_offsets, ps, view)
+        present = self.store.gather(task.src_offsets, ps, view)
         self.bytes_read += int(np.count_nonzero(present)) * ps
         for k in range(task.pieces):
             piece = view[k * pp * ps : min(n, (k + 1) * pp) * ps]
@@ -60,13 +61,11 @@ class DigestChannel:
         return n * ps
 
     def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            close_fd(fd, self.path)
+        self.store.close()
 
 
 def digest_pieces(
-    path: str,
+    path: str | StoreSpec,
     tasks: Sequence[DigestTask],
     pieces: int,
     *,

@@ -31,6 +31,7 @@ from mappedram._runs import bit_runs
 from .copy import gather_pages, nonzero_pages, nonzero_pages_at
 from .directio import DIRECT_ALIGN, aligned_buffer, is_aligned
 from .fileio import close_fd, open_read, open_write, preadv_exact, prefetch, punch_hole, pwrite_full
+from .store import Store, StoreSpec, open_store, spec_path
 
 __all__ = [
     "MemoryPages",
@@ -57,10 +58,12 @@ class MemoryPages:
 
 @dataclass(frozen=True, slots=True)
 class FilePages:
-    """Pages read from a file: ``offsets(first, count)`` gives each page's file offset or -1."""
+    """Pages read from a file: ``offsets(first, count)`` gives each page's source offset or -1
+    (a file offset, or with ``store`` an offset into its sources: engine/store.py)."""
 
     path: str
     offsets: Callable[[int, int], npt.NDArray[np.int64]]
+    store: StoreSpec | None = None
 
 
 PageSource = MemoryPages | FilePages
@@ -103,6 +106,7 @@ class PageReader:
         self.page_size = page_size
         self.buffer = aligned_buffer(max_pages * page_size)
         self.read_fds: dict[str, int] = {}
+        self.stores: dict[int, Store] = {}
 
     def pages(
         self, source: int, first: int, count: int, offsets: npt.NDArray[np.int64] | None = None
@@ -113,17 +117,24 @@ class PageReader:
         ps = self.page_size
         if isinstance(src, MemoryPages):
             return src.view[first * ps : (first + count) * ps]
+        out = memoryview(self.buffer)[: count * ps]
+        where = src.offsets(first, count) if offsets is None else offsets
+        if src.store is not None:
+            store = self.stores.get(source)
+            if store is None:
+                store = self.stores[source] = open_store(src.store)
+            store.gather(where, ps, out)
+            return out
         fd = self.read_fds.get(src.path)
         if fd is None:
             fd = self.read_fds[src.path] = open_read(src.path)
-        out = memoryview(self.buffer)[: count * ps]
-        gather_pages(fd, src.path, src.offsets(first, count) if offsets is None else offsets, ps, out)
+        gather_pages(fd, src.path, where, ps, out)
         return out
 
     def prefetch(self, source: int, first: int, count: int) -> None:
         """Start reading pages of a file source into the page cache, for a later :meth:`pages`."""
         src = self.sources[source]
-        if isinstance(src, MemoryPages) or count <= 0:
+        if isinstance(src, MemoryPages) or src.store is not None or count <= 0:
             return
         offsets = src.offsets(first, count)
         present = offsets[offsets >= 0]
@@ -135,6 +146,8 @@ class PageReader:
             prefetch(fd, lo, hi - lo)
 
     def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
         for fd in self.read_fds.values():
             try:
                 os.close(fd)
@@ -252,18 +265,20 @@ class PageReadChannel:
 
     def __init__(
         self,
-        path: str,
+        path: str | StoreSpec,
         destinations: Sequence[memoryview],
         page_size: int,
         max_pages: int,
         *,
         direct: bool = False,
     ) -> None:
-        self.path = path
+        self.path = spec_path(path)
+        # a spec of several sources (a compressed file, a chain) is read through a store
+        self.store = None if isinstance(path, str) else open_store(path)
         self.dests = destinations
         self.page_size = page_size
-        self.direct = direct
-        self.fd = open_read(path, direct=direct)
+        self.direct = direct and self.store is None
+        self.fd = open_read(self.path, direct=self.direct)
         self.scratch = aligned_buffer(max_pages * page_size)
         self.pages_read = 0
 
@@ -277,6 +292,10 @@ class PageReadChannel:
             pages = np.frombuffer(dest, dtype=np.uint8).reshape(n, ps)
             pages[~present] = 0
         if idx.size == 0:
+            return n * ps
+        if self.store is not None:
+            self._read_bounced(dest, task.src_offsets, present)
+            self.pages_read += int(idx.size)
             return n * ps
         base = int(task.src_offsets[idx[0]]) - int(idx[0]) * ps
         contiguous = np.array_equal(task.src_offsets[idx], base + idx.astype(np.int64) * ps)
@@ -310,7 +329,10 @@ class PageReadChannel:
         ps = self.page_size
         n = len(src)
         buf = memoryview(self.scratch)[: n * ps]
-        gather_pages(self.fd, self.path, src, ps, buf)
+        if self.store is not None:
+            self.store.gather(src, ps, buf)
+        else:
+            gather_pages(self.fd, self.path, src, ps, buf)
         out = np.frombuffer(dest, dtype=np.uint8).reshape(n, ps)
         out[present] = np.frombuffer(buf, dtype=np.uint8).reshape(n, ps)[present]
 
@@ -319,4 +341,6 @@ class PageReadChannel:
             os.close(self.fd)
         except OSError:
             pass
+        if self.store is not None:
+            self.store.close()
         self.scratch.close()

@@ -47,6 +47,9 @@ __all__ = [
     "VALIDATED_CAPABILITIES",
     "CAP_MAPPED_RAM",
     "CAP_X_IGNORE_SHARED",
+    "CAP_MAPPEDRAM_ZSTD",
+    "STREAM_CAPABILITIES",
+    "MAPPEDRAM_ZSTD_HDR_VERSION",
 ]
 
 # migration/savevm.c
@@ -126,3 +129,11 @@ TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS
 CAP_X_IGNORE_SHARED = "x-ignore-shared"
 CAP_MAPPED_RAM = "mapped-ram"
 VALIDATED_CAPABILITIES = (CAP_X_IGNORE_SHARED, CAP_MAPPED_RAM)
+
+# mappedram's own: page regions held as zstd frames (format/zstdseek.py). QEMU refuses a
+# stream that names it ("Received unknown capability ..."), before it reads any RAM; its
+# block headers carry MAPPEDRAM_ZSTD_HDR_VERSION, which QEMU's mapped_ram_read_header refuses too.
+CAP_MAPPEDRAM_ZSTD = "mappedram-zstd"
+#: The capabilities a stream this project reads or writes may list, in the order they are written.
+STREAM_CAPABILITIES = (*VALIDATED_CAPABILITIES, CAP_MAPPEDRAM_ZSTD)
+MAPPEDRAM_ZSTD_HDR_VERSION = 0x5A000001

@@ -51,6 +51,10 @@ import numpy as np
 from mappedram.errors import BadMagicError, FormatError, LayoutError, TruncatedError, UnsupportedError
 
 from .constants import (
+    CAP_MAPPED_RAM,
+    CAP_MAPPEDRAM_ZSTD,
+    MAPPED_RAM_HDR_VERSION,
+    MAPPEDRAM_ZSTD_HDR_VERSION,
     MIG_CMD_SWITCHOVER_START,
     QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION,
@@ -78,7 +82,7 @@ from .constants import (
     RAM_SECTION_IDSTR,
     RAM_SECTION_VERSION_ID,
     SECTION_NAMES,
-    VALIDATED_CAPABILITIES,
+    STREAM_CAPABILITIES,
 )
 from .events import (
     NEED_DATA,
@@ -95,7 +99,8 @@ from .events import (
     SectionHeader,
     SectionType,
 )
-from .structs import BE16, BE32, BE64, MappedRamHeader
+from .structs import BE16, BE32, BE64, MappedRamHeader, ZstdRegionHeader
+from .zstdseek import MAX_FRAME_PAGES, MIN_FRAME_SIZE, seek_table_size
 
 __all__ = ["Decoder", "MAX_MACHINE_NAME", "MAX_CAPABILITIES"]
 
@@ -373,14 +378,22 @@ class Decoder:
                     cap, cur = self._counted_string(cur, "capability")
                     found.append(cap)
                 caps = tuple(found)
-                unknown = [c for c in caps if c not in VALIDATED_CAPABILITIES]
+                unknown = [c for c in caps if c not in STREAM_CAPABILITIES]
                 if unknown:
                     raise UnsupportedError(
                         "unknown validated capability",
                         offset=self._abs(sub_at),
                         field="capabilities",
-                        expected=" or ".join(VALIDATED_CAPABILITIES),
+                        expected=" or ".join(STREAM_CAPABILITIES),
                         actual=unknown[0],
+                    )
+                if CAP_MAPPEDRAM_ZSTD in caps and CAP_MAPPED_RAM not in caps:
+                    raise FormatError(
+                        f"capability {CAP_MAPPEDRAM_ZSTD} without {CAP_MAPPED_RAM}",
+                        offset=self._abs(sub_at),
+                        field="capabilities",
+                        expected=f"{CAP_MAPPED_RAM} listed too",
+                        actual=", ".join(caps),
                     )
             elif sub == "configuration/uuid":
                 raw_uuid, cur = self._take(cur, 16, "uuid")
@@ -742,6 +755,11 @@ class Decoder:
             raw, cur = self._take(cur, MappedRamHeader.SIZE, "mapped-ram header")
             header = MappedRamHeader.unpack(raw, header_offset)
             self._check_header(header, header_offset, idstr)
+        zstd: ZstdRegionHeader | None = None
+        if config.zstd and header is not None:
+            raw, cur = self._take(cur, ZstdRegionHeader.SIZE, "zstd region header")
+            zstd = ZstdRegionHeader.unpack(raw, self._abs(cur) - ZstdRegionHeader.SIZE)
+            self._check_zstd(zstd, header, used_length // page_size, self._abs(cur) - ZstdRegionHeader.SIZE, idstr)
         ram.blocks[idstr] = used_length
         ram.remaining -= used_length
         entry = RamBlockEntry(
@@ -752,10 +770,11 @@ class Decoder:
             header=header,
             header_offset=header_offset,
             end_offset=self._abs(cur),
+            zstd=zstd,
         )
         if header is not None and not (config.ignore_shared and entry.skipped):
             # The next entry (or the EOS) follows the block's page region.
-            nxt = header.pages_offset + used_length
+            nxt = header.pages_offset + (used_length if zstd is None else zstd.region_length)
             if nxt < self._abs(cur):
                 raise LayoutError(
                     "page region lies before its own header",
@@ -772,15 +791,47 @@ class Decoder:
             self._state = _State.RAM_RECORD
         return entry
 
+    def _check_zstd(self, z: ZstdRegionHeader, header: MappedRamHeader, num_pages: int, at: int, idstr: str) -> None:
+        """A compressed block's region header: a sane frame size, one frame per run of
+        ``frame_pages`` pages, and a region that can hold the seek table and lies in the file."""
+        if not (1 <= z.frame_pages <= MAX_FRAME_PAGES and z.frame_pages & (z.frame_pages - 1) == 0):
+            raise LayoutError(
+                "zstd frame size is not a power of two of at most 16384 pages",
+                offset=at + 8, field="frame_pages", expected=f"1..{MAX_FRAME_PAGES}, a power of two",
+                actual=z.frame_pages, block=idstr,
+            )  # fmt: skip
+        want = -(-num_pages // z.frame_pages)
+        if z.frames != want:
+            raise LayoutError(
+                "zstd frame count does not cover the block",
+                offset=at + 12, field="frames", expected=f"{want} (pages {num_pages} / frame_pages {z.frame_pages})",
+                actual=z.frames, block=idstr,
+            )  # fmt: skip
+        least = seek_table_size(z.frames) + z.frames * MIN_FRAME_SIZE
+        if z.region_length < least:
+            raise LayoutError(
+                "zstd region is too short for its frames and seek table",
+                offset=at, field="region_length", expected=f">= {least}", actual=z.region_length, block=idstr,
+            )  # fmt: skip
+        if self._stream_end is not None and header.pages_offset + z.region_length > self._stream_end:
+            raise TruncatedError(
+                f"truncated: the file ends at byte {self._stream_end:,} ({self._stream_end:#x}), inside the "
+                f"compressed page region of block {idstr!r}",
+                offset=at, field="region_length",
+                expected=f"a file of at least {header.pages_offset + z.region_length:,} bytes",
+                actual=f"{self._stream_end:,} bytes", block=idstr,
+            )  # fmt: skip
+
     # reference: mapped_ram_read_header, parse_ramblock_mapped_ram
     def _check_header(self, header: MappedRamHeader, at: int, idstr: str) -> None:
         assert self._config is not None
-        if header.version > 1 or header.version == 0:
+        version = MAPPEDRAM_ZSTD_HDR_VERSION if self._config.zstd else MAPPED_RAM_HDR_VERSION
+        if header.version != version:
             raise UnsupportedError(
                 "Migration mapped-ram capability version not supported",
                 offset=at,
                 field="MappedRamHeader.version",
-                expected="1",
+                expected=f"{version:#x}" if self._config.zstd else "1",
                 actual=header.version,
                 block=idstr,
             )

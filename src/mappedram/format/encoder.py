@@ -33,7 +33,7 @@ from .constants import (
     RAM_SAVE_FLAG_MEM_SIZE,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,
-    VALIDATED_CAPABILITIES,
+    STREAM_CAPABILITIES,
 )
 from .structs import MappedRamHeader, be16, be32, be64, pack_idstr
 
@@ -76,7 +76,7 @@ def encode_configuration(
     if target_page_bits is not None:
         out += bytes([QEMU_VM_SUBSECTION]) + pack_idstr("configuration/target-page-bits") + be32(1)
         out += be32(target_page_bits)
-    caps = [c for c in VALIDATED_CAPABILITIES if c in capabilities]
+    caps = [c for c in STREAM_CAPABILITIES if c in capabilities]
     if caps:
         out += bytes([QEMU_VM_SUBSECTION]) + pack_idstr("configuration/capabilities") + be32(1)
         out += be32(len(caps)) + b"".join(pack_idstr(c) for c in caps)

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from .constants import (
     CAP_MAPPED_RAM,
+    CAP_MAPPEDRAM_ZSTD,
     CAP_X_IGNORE_SHARED,
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_FULL,
@@ -25,7 +26,7 @@ from .constants import (
     QEMU_VM_SECTION_START,
     TARGET_PAGE_BITS,
 )
-from .structs import MappedRamHeader
+from .structs import MappedRamHeader, ZstdRegionHeader
 
 __all__ = [
     "NEED_DATA",
@@ -79,6 +80,11 @@ class Configuration:
     def ignore_shared(self) -> bool:
         return CAP_X_IGNORE_SHARED in self.capabilities
 
+    @property
+    def zstd(self) -> bool:
+        """Page regions are zstd frames (mappedram's compressed files)."""
+        return CAP_MAPPEDRAM_ZSTD in self.capabilities
+
 
 @dataclass(frozen=True, slots=True)
 class SectionHeader:
@@ -109,6 +115,7 @@ class RamBlockEntry:
     header: MappedRamHeader | None = None
     header_offset: int | None = None
     end_offset: int = 0
+    zstd: ZstdRegionHeader | None = None  # a compressed file's region header, after the MappedRamHeader
 
     @property
     def skipped(self) -> bool:

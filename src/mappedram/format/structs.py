@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from mappedram.errors import TruncatedError
 
-__all__ = ["MappedRamHeader", "pack_idstr", "be64", "be32", "be16", "BE16", "BE32", "BE64"]
+__all__ = ["MappedRamHeader", "ZstdRegionHeader", "pack_idstr", "be64", "be32", "be16", "BE16", "BE32", "BE64"]
 
 BE16 = struct.Struct(">H")
 BE32 = struct.Struct(">I")
@@ -67,6 +67,36 @@ class MappedRamHeader:
                 "mapped-ram header is truncated",
                 offset=offset,
                 field="MappedRamHeader",
+                expected=f"{cls.SIZE} bytes",
+                actual=f"{len(buf)} bytes",
+            )
+        return cls(*cls.STRUCT.unpack_from(buf, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class ZstdRegionHeader:
+    """mappedram's compressed files: 16 bytes (big-endian) right after a block's
+    MappedRamHeader (whose version is MAPPEDRAM_ZSTD_HDR_VERSION). The page region at
+    ``pages_offset`` is ``region_length`` bytes: one zstd frame per ``frame_pages`` pages,
+    ``frames`` of them, then the zstd seekable format's seek table (format/zstdseek.py)."""
+
+    region_length: int
+    frame_pages: int
+    frames: int
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(">QII")
+    SIZE: ClassVar[int] = STRUCT.size
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.region_length, self.frame_pages, self.frames)
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview, offset: int = 0) -> ZstdRegionHeader:
+        if len(buf) < cls.SIZE:
+            raise TruncatedError(
+                "zstd region header is truncated",
+                offset=offset,
+                field="ZstdRegionHeader",
                 expected=f"{cls.SIZE} bytes",
                 actual=f"{len(buf)} bytes",
             )

@@ -25,7 +25,7 @@ from typing import Any
 
 from mappedram.errors import FormatError
 
-from .constants import QEMU_VM_SUBSECTION, VALIDATED_CAPABILITIES
+from .constants import QEMU_VM_SUBSECTION, STREAM_CAPABILITIES
 from .events import Configuration
 from .vmstate import DeviceSection, VmDesc
 
@@ -89,7 +89,7 @@ def configuration_entry(
     file this project writes); ``order`` is the order of the subsections in the stream.
     """
     name = machine_type.encode("ascii")
-    caps = [c for c in capabilities if c in VALIDATED_CAPABILITIES]
+    caps = [c for c in capabilities if c in STREAM_CAPABILITIES]
     subs: dict[str, dict[str, Any]] = {}
     if target_page_bits is not None:
         subs["configuration/target-page-bits"] = _subsection(

@@ -54,6 +54,7 @@ from .seal import (
 from .serve import ServeOptions, ServeReport, serve, serve_qemu
 from .trackers import CallbackTracker, CompareTracker, DirtyTracker, OwnerTracker
 from .writer import DEFAULT_MACHINE, SaveReport, save, save_files
+from .zstd import CompressOptions, CompressReport, compress, decompress
 
 __all__ = [
     "AutoConverge",
@@ -64,6 +65,8 @@ __all__ = [
     "BlockInfo",
     "CONVERT_FORMATS",
     "CallbackTracker",
+    "CompressOptions",
+    "CompressReport",
     "CompareTracker",
     "DEFAULTS",
     "DEFAULT_CHANNELS",
@@ -102,7 +105,9 @@ __all__ = [
     "TEMP_MARKER",
     "VerifyReport",
     "check_seal",
+    "compress",
     "convert",
+    "decompress",
     "diff",
     "export",
     "extract",

@@ -116,6 +116,6 @@ def _extract_block(mf: MigrationFile, b: RamBlock, dest: str, options: EngineOpt
         PageCopy(first * b.page_size, b.sources(first, min(CHUNK_PAGES, b.num_pages - first)))
         for first in range(0, b.num_pages, CHUNK_PAGES)
     ]
-    written = sparse_copy(mf.path, dest, tasks, page_size=b.page_size, max_pages=CHUNK_PAGES,
+    written = sparse_copy(mf.store, dest, tasks, page_size=b.page_size, max_pages=CHUNK_PAGES,
                           channels=options.channels, progress=options.progress)  # fmt: skip
     return ExtractedBlock(b.idstr, dest, b.used_length, written, written // b.page_size)

@@ -291,7 +291,7 @@ def export(
         options.started(logical)
         start = time.perf_counter()
         write_sparse_file(out, size, pieces)
-        written = sparse_copy(mf.path, out, tasks, page_size=mf.page_size, max_pages=CHUNK_PAGES,
+        written = sparse_copy(mf.store, out, tasks, page_size=mf.page_size, max_pages=CHUNK_PAGES,
                               channels=options.channels, progress=options.progress)  # fmt: skip
         seconds = time.perf_counter() - start
         segments = [ExportSegment(b.target_start, b.size, b.idstr, b.offset, at) for b, at in zip(gmap.blocks, offsets)]

@@ -17,6 +17,7 @@ from mappedram._runs import bit_runs
 from mappedram.engine.copy import CompareChannel, PageCompare
 from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import allocated_bytes
+from mappedram.engine.store import StoreSpec
 from mappedram.errors import FormatError
 from mappedram.format.libvirt import QemuSaveFormat
 from mappedram.format.vmdesc import trailer_mismatches
@@ -509,7 +510,7 @@ def diff(
                     tasks.append(PageCompare(ba.sources(first, count), bb.sources(first, count),
                                              differ[first : first + count]))  # fmt: skip
             if tasks:
-                make = functools.partial(_compare_channel, fa.path, fb.path, ba.page_size)
+                make = functools.partial(_compare_channel, fa.store, fb.store, ba.page_size)
                 run_tasks(
                     tasks,
                     make,
@@ -526,5 +527,5 @@ def diff(
         )
 
 
-def _compare_channel(a: str, b: str, page_size: int, _: int) -> CompareChannel:
+def _compare_channel(a: str | StoreSpec, b: str | StoreSpec, page_size: int, _: int) -> CompareChannel:
     return CompareChannel(a, b, page_size, CHUNK_PAGES)

@@ -115,7 +115,7 @@ def restore(
         made: list[PageReadChannel] = []
 
         def make_channel(_: int) -> PageReadChannel:
-            ch = PageReadChannel(mf.path, dests, mf.page_size, CHUNK_PAGES, direct=direct)
+            ch = PageReadChannel(mf.store, dests, mf.page_size, CHUNK_PAGES, direct=direct)
             made.append(ch)
             return ch
 

@@ -57,6 +57,9 @@ def stale_slots(mf: MigrationFile, block: RamBlock | str) -> StaleSlots:
     lay = b.layout
     if lay is None:
         raise UsageError(f"{mf.path}: block {b.idstr!r} is not laid out as mapped-ram: it has no page region")
+    if not b.slots:
+        raise UsageError(f"{mf.path}: block {b.idstr!r} has no plain page slots ({mf.format_name}): it cannot be "
+                         "mapped")  # fmt: skip
     n = b.num_pages
     if mf.clean_zero_slots:
         return StaleSlots(b.idstr, np.zeros(n, dtype=np.bool_), True)

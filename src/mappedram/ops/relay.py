@@ -65,7 +65,7 @@ def rewrite(
     with open_file(source, source_offset) as mf:
         spec = spec_from(mf)
         sources: list[Source] = [
-            (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
+            (b.idstr, b.used_length, mf.file_pages(b)) for b in mf.blocks
         ]
         report = save_sources(os.fspath(path), sources, spec, offset, options, seal)
         _note_libvirt(mf, report)
@@ -93,7 +93,7 @@ def convert(
     with open_file(source, source_offset) as mf:
         spec = streamed_spec(mf)
         sources: list[Source] = [
-            (b.idstr, b.used_length, FilePages(mf.path, b.sources)) for b in mf.blocks
+            (b.idstr, b.used_length, mf.file_pages(b)) for b in mf.blocks
         ]
         report = save_legacy_sources(os.fspath(path), sources, spec, None, options, seal)
         _note_libvirt(mf, report)

@@ -287,7 +287,7 @@ def _digests(
         return digester.chunk(idstr, c, len(data), digester.inner(data))
 
     options.started(sum(b.used_length for b in mf.blocks))
-    out, read = digest_pieces(mf.path, tasks, total, page_size=ps, digest=digest, channels=options.channels,
+    out, read = digest_pieces(mf.store, tasks, total, page_size=ps, digest=digest, channels=options.channels,
                               progress=options.progress)  # fmt: skip
     inner_zero: dict[int, bytes] = {}
     for k, pages in zero:
@@ -334,10 +334,12 @@ def _chunk_range(mf: MigrationFile, b: RamBlock, first: int, count: int, chunk_b
     pages = min(count * per, b.num_pages - page)
     lay = b.layout
     bitmap: tuple[int | None, int | None] = (None, None)
-    if lay is not None:
+    if lay is not None and b.slots:
         span: tuple[int | None, int | None] = (lay.pages_offset + page * b.page_size,
                                                lay.pages_offset + (page + pages) * b.page_size)  # fmt: skip
         bitmap = (lay.bitmap_offset + page // 8, lay.bitmap_offset + -(-(page + pages) // 8))
+    elif lay is not None:  # a compressed block, or a chain's: the frames or files hold the pages
+        span = (None, None)
     else:
         src = b.sources(page, pages)
         stored = src[src >= 0]

@@ -43,6 +43,7 @@ import numpy.typing as npt
 
 from mappedram._runs import bit_runs
 from mappedram.engine.fileio import close_fd, open_read, preadv_full
+from mappedram.engine.store import Store
 from mappedram.errors import IOEngineError, MappedRamError, UsageError
 from mappedram.image import MigrationFile, RamBlock
 
@@ -101,6 +102,11 @@ class LazyLoader:
         self.ps = block.page_size
         self.n = block.num_pages
         self.pages_offset = block.layout.pages_offset
+        # a compressed block (or a chain's) is read through a store per thread: one frame
+        # decompressed per fault group or prefetch run, the neighbours' frames kept
+        self.spec = None if block.slots else mf.store
+        self._local = threading.local()
+        self._stores: list[Store] = []
         self.present: npt.NDArray[np.bool_] = np.asarray(block.present, dtype=np.bool_)
         self.memory = memory
         self.base = memory_address(memory)
@@ -193,6 +199,17 @@ class LazyLoader:
         self._closed = True
         if not alive:  # a thread still at work would use the descriptor: leave it to the process
             self.uffd.close()
+            for store in self._stores:
+                store.close()
+
+    def _store(self) -> Store:
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None:
+            assert self.spec is not None
+            store = self._local.store = Store(self.spec)
+            with self._lock:
+                self._stores.append(store)
+        return store
 
     # -- claiming and installing
 
@@ -230,7 +247,11 @@ class LazyLoader:
                     self.uffd.zeropage(self.base + (first + at) * ps, (s - at) * ps)
                     zero += s - at
                 view = memoryview(buf)[: k * ps]
-                got = preadv_full(fd, [view], self.pages_offset + (first + s) * ps, self.path)
+                if self.spec is not None:
+                    self._store().gather(self.block.sources(first + s, k), ps, view)
+                    got = k * ps
+                else:
+                    got = preadv_full(fd, [view], self.pages_offset + (first + s) * ps, self.path)
                 if got < k * ps:  # the layout was checked inside the file: it shrank since
                     raise IOEngineError("file shrank while restoring", path=self.path,
                                         offset=self.pages_offset + (first + s) * ps + got)  # fmt: skip

@@ -37,6 +37,7 @@ from mappedram.engine.pages import FilePages
 from mappedram.engine.store import SOURCE_SHIFT, Source, Store, StoreSpec, ZstdFrames, open_store
 from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
+from mappedram.format.chain import MAX_CHAIN, ParentRef, decode_parent
 from mappedram.format.constants import QEMU_VM_EOF
 from mappedram.format.decoder import Decoder
 from mappedram.format.events import (
@@ -54,7 +55,7 @@ from mappedram.format.events import (
 )
 from mappedram.format.libvirt import LibvirtSaveImage, VirQEMUSaveHeader, decode_save_data, is_libvirt_save
 from mappedram.format.seal import Seal, decode_seal
-from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, SEAL, extension
+from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, PARENT, SEAL, extension
 from mappedram.format.vmstate import DeviceSection, VmDesc, find_vmdesc, split_device_sections
 from mappedram.format.zstdseek import decode_seek_table, frame_lengths, seek_table_size
 from mappedram.layout import BlockLayout, check_layout
@@ -107,6 +108,8 @@ class RamBlock:
     skipped: bool = False  # x-ignore-shared block with no pages in the file
     zstd: ZstdFrames | None = None  # a compressed file's block: its frames (checked against the seek table)
     source: int = 0  # the block's pages in the file's StoreSpec (0: the file's own slots)
+    parent: RamBlock | None = None  # a child's block: the parent's, for the pages this file does not hold
+    parent_base: int = 0  # where the parent's sources start in this file's StoreSpec
 
     @property
     def compressed(self) -> bool:
@@ -116,7 +119,7 @@ class RamBlock:
     def slots(self) -> bool:
         """Each page has a fixed slot of plain bytes in the file (mapped-ram, not compressed):
         the page region can be mapped or read by offset arithmetic."""
-        return self.layout is not None and self.zstd is None and self.source == 0
+        return self.layout is not None and self.zstd is None and self.source == 0 and self.parent is None
 
     @property
     def num_pages(self) -> int:
@@ -124,7 +127,14 @@ class RamBlock:
 
     @property
     def present(self) -> Bits:
-        """Pages whose bytes are in the file."""
+        """Pages whose bytes are in the file (in a chain: in the file or one of its parents)."""
+        if self.parent is not None and self.bitmap is not None:
+            return self.bitmap | self.parent.present
+        return self.own
+
+    @property
+    def own(self) -> Bits:
+        """Pages whose bytes are in this file itself (a child: the pages it changed)."""
         if self.bitmap is not None:
             return self.bitmap
         if self.legacy_sources is not None:
@@ -145,7 +155,10 @@ class RamBlock:
             raise UsageError(f"pages outside block {self.idstr!r} of {self.num_pages} pages")
         if self.layout is not None and self.bitmap is not None:
             out = self._base() + pages.astype(np.int64) * self.page_size
-            out[~self.bitmap[pages]] = -1
+            mine = self.bitmap[pages]
+            if self.parent is not None:
+                return np.where(mine, out, self._rebase(self.parent.sources_of(pages)))
+            out[~mine] = -1
             return out
         if self.legacy_sources is not None:
             return self.legacy_sources[pages]
@@ -158,17 +171,25 @@ class RamBlock:
         if self.layout is not None and self.bitmap is not None:
             idx = np.arange(first, first + count, dtype=np.int64)
             out = self._base() + idx * self.page_size
-            out[~self.bitmap[first : first + count]] = -1
+            mine = self.bitmap[first : first + count]
+            if self.parent is not None:
+                return np.where(mine, out, self._rebase(self.parent.sources(first, count)))
+            out[~mine] = -1
             return out
         if self.legacy_sources is not None:
             return self.legacy_sources[first : first + count].copy()
         return np.full(count, -1, dtype=np.int64)
 
 
+    def _rebase(self, src: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The parent's source offsets as offsets into this file's StoreSpec."""
+        shift = np.int64(self.parent_base) << np.int64(SOURCE_SHIFT)
+        return np.where(src >= 0, src + shift, -1)
+
     def _base(self) -> int:
         """The source offset of page 0: its slot in the file, or page 0 of its source."""
         assert self.layout is not None
-        if self.zstd is None and self.source == 0:
+        if self.zstd is None:  # the file's own slots (source 0)
             return self.layout.pages_offset
         return self.source << SOURCE_SHIFT
 
@@ -206,6 +227,8 @@ class MigrationFile:
     libvirt: LibvirtSaveImage | None = None  # the libvirt save image header, when the file is one
     seal: Seal | None = None  # the trailer's integrity manifest (checked against the blocks; data not read)
     extra_sources: tuple[Source, ...] = ()  # the StoreSpec's sources after the file itself (zstd runs, parents)
+    parent: MigrationFile | None = None  # a child's parent, open (its own parent in turn, ...)
+    parent_ref: ParentRef | None = None  # what the child's trailer says of its parent
     _fd: int = field(default=-1, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _stores: list[Store] = field(default_factory=list, repr=False)
@@ -234,6 +257,16 @@ class MigrationFile:
     @property
     def compressed(self) -> bool:
         return self.configuration.zstd
+
+    @property
+    def chain(self) -> list[MigrationFile]:
+        """This file, its parent, the parent's parent, ... down to the whole file."""
+        out: list[MigrationFile] = []
+        mf: MigrationFile | None = self
+        while mf is not None:
+            out.append(mf)
+            mf = mf.parent
+        return out
 
     @property
     def store(self) -> str | StoreSpec:
@@ -369,6 +402,8 @@ class MigrationFile:
             stores, self._stores = self._stores, []
         for store in stores:
             store.close()
+        if self.parent is not None:
+            self.parent.close()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             close_fd(fd, self.path)
@@ -405,7 +440,18 @@ def open_file(
     ``progress`` is called with the bytes of the file the decoder has passed since its
     last call (they add up to the file's size from ``offset``, page regions included).
     """
-    path = os.fspath(path)
+    return _open(os.fspath(path), offset, require_vmdesc, listener, progress, ())
+
+
+def _open(
+    path: str,
+    offset: int,
+    require_vmdesc: bool | None,
+    listener: PageListener | None,
+    progress: Callable[[int], None] | None,
+    below: tuple[tuple[int, int], ...],
+) -> MigrationFile:
+    """:func:`open_file`; ``below`` are the identities of the children that led here."""
     fd = open_read(path)
     try:
         mf = _decode(fd, path, offset, require_vmdesc, listener, progress)
@@ -416,7 +462,64 @@ def open_file(
         close_fd(fd, path)
         raise
     mf._fd = fd
+    if mf.configuration.child:
+        try:
+            _attach_parent(mf, (*below, file_identity(fd, path)))
+        except FormatError as exc:
+            mf.close()
+            raise exc.with_path(path) if exc.fields.get("path") is None else exc from None
+        except BaseException:
+            mf.close()
+            raise
     return mf
+
+
+# the chain: format/chain.py
+def _attach_parent(mf: MigrationFile, below: tuple[tuple[int, int], ...]) -> None:
+    """Open the parent a child names and read the child's missing pages through it."""
+    vm = mf.vmdesc
+    value = None if vm is None else extension(vm.data, PARENT)
+    if vm is None or value is None:
+        raise FormatError("chain: a child file (capability mappedram-child) names no parent in its trailer",
+                          offset=mf.configuration.offset, field="vmdesc mappedram.parent",
+                          expected="the parent's path, size and digest", actual="none")  # fmt: skip
+    at = vm.json_offset + max(vm.raw.rfind(b'"' + PARENT.encode("ascii") + b'"'), 0)
+    ref = decode_parent(value, offset=at)
+    if len(below) > MAX_CHAIN:
+        raise FormatError(f"chain: more than {MAX_CHAIN} files deep (a cycle, or a chain to flatten)", offset=at,
+                          field="vmdesc mappedram.parent", expected=f"<= {MAX_CHAIN} children",
+                          actual=len(below))  # fmt: skip
+    where = ref.path if os.path.isabs(ref.path) else os.path.join(os.path.dirname(mf.path) or ".", ref.path)
+    try:
+        st = os.stat(where)
+    except OSError as exc:
+        raise FormatError(f"chain: the parent {where} cannot be opened: {exc.strerror}", offset=at,
+                          field="vmdesc mappedram.parent.path", expected="the parent file",
+                          actual=ref.path) from None  # fmt: skip
+    if (st.st_dev, st.st_ino) in below:
+        raise FormatError(f"chain: the parent {where} is the file itself or one of its children (a cycle)",
+                          offset=at, field="vmdesc mappedram.parent.path", expected="an older file",
+                          actual=ref.path)  # fmt: skip
+    if st.st_size != ref.size:
+        raise FormatError(f"chain: the parent {where} changed: its size is not the one the child recorded",
+                          offset=at, field="vmdesc mappedram.parent.size", expected=ref.size,
+                          actual=st.st_size)  # fmt: skip
+    parent = _open(where, 0, None, None, None, below)
+    try:
+        mine = [(b.idstr, b.used_length) for b in mf.blocks]
+        theirs = [(b.idstr, b.used_length) for b in parent.blocks]
+        if mine != theirs or parent.page_size != mf.page_size:
+            raise FormatError(f"chain: the parent {where} holds other RAM blocks than the child", offset=at,
+                              field="RAM blocks", expected=theirs, actual=mine)  # fmt: skip
+    except BaseException:
+        parent.close()
+        raise
+    base = 1 + len(mf.extra_sources)
+    for b, pb in zip(mf.blocks, parent.blocks):
+        b.parent, b.parent_base = pb, base
+    mf.extra_sources = (*mf.extra_sources, parent.path, *parent.extra_sources)
+    mf.parent, mf.parent_ref = parent, ref
+
 
 
 def read_configuration(path: str | os.PathLike[str], offset: int = 0) -> Configuration | None:

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 from mappedram.errors import LayoutError
 from mappedram.format.bitmap import HOST_WORD_SIZE, bitmap_size
+from mappedram.format.chain import ParentRef, encode_parent
 from mappedram.format.constants import (
     CAP_MAPPED_RAM,
+    CAP_MAPPEDRAM_CHILD,
     CAP_MAPPEDRAM_ZSTD,
     CAP_X_IGNORE_SHARED,
     MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
@@ -56,7 +58,14 @@ from mappedram.format.postcopy import (
     encode_postcopy_run,
 )
 from mappedram.format.structs import MappedRamHeader, ZstdRegionHeader
-from mappedram.format.vmdesc import CLEAN_ZERO_SLOTS, SEAL, configuration_entry, describe_configuration, set_extension
+from mappedram.format.vmdesc import (
+    CLEAN_ZERO_SLOTS,
+    PARENT,
+    SEAL,
+    configuration_entry,
+    describe_configuration,
+    set_extension,
+)
 
 __all__ = [
     "BlockLayout",
@@ -240,6 +249,7 @@ class StreamSpec:
     switchover_start: bool = True
     device_state: bytes = bytes([QEMU_VM_EOF])  # FULL device sections + QEMU_VM_EOF
     vmdesc: bytes | None = None  # the JSON text; None writes none (suppress-vmdesc)
+    parent: ParentRef | None = None  # an incremental snapshot's parent (with the mappedram-child capability)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +290,10 @@ def plan_file(
         raise ValueError("a mapped-ram file needs the mapped-ram capability")
     if (zstd is not None) != (CAP_MAPPEDRAM_ZSTD in spec.capabilities):
         raise ValueError("a compressed file lists the mappedram-zstd capability, and only it")
+    if (spec.parent is not None) != (CAP_MAPPEDRAM_CHILD in spec.capabilities) or (
+        spec.parent is not None and spec.vmdesc is None
+    ):
+        raise ValueError("a child file lists the mappedram-child capability and names its parent in a trailer")
     if CAP_X_IGNORE_SHARED in spec.capabilities:
         raise ValueError("x-ignore-shared files are not written (QEMU 10.x cannot load them)")
     sid = spec.ram_section_id
@@ -300,7 +314,8 @@ def plan_file(
     if spec.switchover_start:
         tail += encode_command(MIG_CMD_SWITCHOVER_START)
     tail += encode_section_end(sid) + encode_eos() + encode_footer(sid)
-    tail += spec.device_state + _trailer(spec, clean_zero_slots=zstd is None)
+    # a child's 0-bit slots may hold its parent's pages (a reflink clone shares them)
+    tail += spec.device_state + _trailer(spec, clean_zero_slots=zstd is None and spec.parent is None)
     return FilePlan(start=start, head=head, entries=entries, ram=ram, tail=bytes(tail))
 
 
@@ -319,6 +334,7 @@ def _trailer(spec: StreamSpec, *, clean_zero_slots: bool = False) -> bytes:
         return b""
     entry = configuration_entry(spec.machine_type, [c for c in STREAM_CAPABILITIES if c in spec.capabilities])
     text = set_extension(describe_configuration(spec.vmdesc, entry), SEAL, None)
+    text = set_extension(text, PARENT, None if spec.parent is None else encode_parent(spec.parent))
     return encode_vmdesc(set_extension(text, CLEAN_ZERO_SLOTS, True if clean_zero_slots else None))
 
 

@@ -147,6 +147,14 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flatten(args: argparse.Namespace) -> int:
+    with progress_bar(show_progress(args), "flatten") as (update, start):
+        report = ops.flatten(args.child, args.out, options=engine_options(args, update, start),
+                             seal=seal_writer_options(args))  # fmt: skip
+    emit(args, report, render.render_save)
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.input, args.offset)
     if args.threads < 0:
@@ -174,8 +182,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a, offset_a = parse_target(args.a, args.offset_a)
     b, offset_b = parse_target(args.b, args.offset_b)
     with progress_bar(show_progress(args), "diff") as (update, start):
-        report = ops.diff(a, b, offset_a=offset_a, offset_b=offset_b, options=engine_options(args, update, start))
+        report = ops.diff(a, b, offset_a=offset_a, offset_b=offset_b, options=engine_options(args, update, start),
+                          write_child=args.write_child, seal=seal_writer_options(args))  # fmt: skip
     emit(args, report, render.render_diff)
+    if args.write_child is not None:
+        return 0
     return 0 if report.identical else 1
 
 
@@ -405,7 +416,20 @@ def add_commands(sub: Any) -> None:
     p.add_argument("b", metavar="B", help="migration file, or QEMU's file:PATH[,offset=N]")
     p.add_argument("--offset-a", metavar="N", help="where the stream starts in A")
     p.add_argument("--offset-b", metavar="N", help="where the stream starts in B")
+    p.add_argument("--write-child", metavar="OUT",
+                   help="write OUT, an incremental snapshot of A holding the pages of B that differ (and B's device "
+                        "state): `flatten` makes it a whole file again; exit 0 once written")  # fmt: skip
     add_channels(p)
+    add_seal_writer(p)
     add_output(p)
     add_quiet(p)
     p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("flatten", help="an incremental snapshot and its parents as one whole file QEMU loads")
+    p.add_argument("child", metavar="CHILD", help="a child file (written by diff --write-child or vm save --parent)")
+    p.add_argument("out", metavar="OUT", help="the mapped-ram file to write")
+    add_engine(p)
+    add_seal_writer(p)
+    add_output(p)
+    add_quiet(p)
+    p.set_defaults(func=cmd_flatten)

@@ -77,7 +77,15 @@ def render_info(r: ops.InfoReport) -> str:
         "RAM blocks:",
     ]
     name_w = max([len(b.idstr) for b in r.blocks] + [5])
-    if r.format == "mapped-ram":
+    if r.format == "mapped-ram+zstd":
+        lines.append(f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  {'frames':>7}  "
+                     f"{'compressed':>10}")  # fmt: skip
+        for b in r.blocks:
+            lines.append(
+                f"  {b.idstr:<{name_w}}  {_human(b.used_length):>10}  {b.pages_present:>9}  {b.pages_zero:>9}  "
+                f"{b.zstd_frames or 0:>7}  {_human(b.zstd_region_length or 0):>10}"
+            )
+    elif r.format == "mapped-ram":
         lines.append(
             f"  {'idstr':<{name_w}}  {'size':>10}  {'present':>9}  {'zero':>9}  "
             f"{'bitmap_offset':>13}  {'pages_offset':>12}"
@@ -114,6 +122,13 @@ def render_info(r: ops.InfoReport) -> str:
                      "(verify --data checks the data)")  # fmt: skip
     else:
         lines.append("seal: none (page data cannot be checked)")
+    if r.chain is not None:
+        lines.append(f"chain: {len(r.chain)} files, newest first (QEMU loads none but the last; `flatten` "
+                     "writes a whole file)")  # fmt: skip
+        for m in r.chain:
+            parent = f", child of {m.parent}" if m.parent else ", the whole file"
+            lines.append(f"  {m.path}: {m.format}, {m.pages_own:,} pages of its own, {_human(m.file_size)} "
+                         f"({_human(m.allocated_bytes)} on disk){parent}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -229,7 +244,8 @@ def render_compress(r: ops.CompressReport) -> str:
         f"file size {_human(r.file_size)} from {_human(r.source_file_bytes)}: {r.ratio:.2f}x smaller "
         f"({r.data_ratio:.2f}x the page data); {r.frames} frames of {_human(r.frame_bytes)} "
         f"({r.zero_frames} without data), zstd level {r.level}, {r.channels} thread(s)",
-        f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s of RAM): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
+        f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s of RAM): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
         "QEMU does not load this file: `mappedram decompress` gives back one it loads",
     ]
     lines += _sealed_line(r.seal)
@@ -290,6 +306,24 @@ def render_diff(r: ops.DiffReport, limit: int = 20) -> str:
         lines.append(f"  {name}: only in {r.a}")
     for name in r.only_in_b:
         lines.append(f"  {name}: only in {r.b}")
+    if r.child is not None:
+        lines += render_child(r.child).splitlines()
+    return "\n".join(lines)
+
+
+def render_child(c: ops.ChildReport) -> str:
+    lines = [
+        f"{c.path}: child of {c.parent} ({c.mode}), {c.pages_changed} changed pages of {c.ram_bytes // 4096}"
+        + (f" ({c.pages_changed_zero} now zero)" if c.pages_changed_zero else ""),
+        f"file size {_human(c.file_size)}, {_human(c.allocated_bytes)} on disk"
+        + (" (shared with the parent where unchanged)" if c.mode == "reflink" else "")
+        + f", {_human(c.bytes_written)} written; {c.total_seconds:.2f} s: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in c.seconds.items()),
+        f"parent digest {c.parent_digest[:16]}... ({_human(c.parent_bytes_read)} read for it)",
+        "QEMU does not load a child: `mappedram flatten` writes the whole file",
+    ]
+    lines += _sealed_line(c.seal)
+    lines += [f"note: {n}" for n in c.notes]
     return "\n".join(lines)
 
 
@@ -412,6 +446,18 @@ def render_vm_save(r: vmops.VmSaveReport) -> str:
         lines.append(f"  the paused source: {_check_line(r.source_check)}")
     lines.append("save OK" if r.ok else "save NOT OK: " + ("the save did not converge within its downtime limit"
                                                         if not r.save.ok else "the paused source did not verify"))
+    return "\n".join(lines)
+
+
+def render_vm_child(r: vmops.VmChildReport) -> str:
+    lines = [
+        f"{r.guest} guest, {r.mem_mib} MiB, restored from {r.parent} at iteration {r.counter_from:,}, ran "
+        f"{r.run_seconds:.2f} s to iteration {r.counter:,}: {r.pages_dirty:,} pages written since",
+        f"paused {r.pause_seconds * 1e3:.1f} ms while the child was written",
+        render_child(r.child),
+        f"  the paused source: {_check_line(r.source_check)}",
+        "save OK" if r.ok else "save NOT OK: the paused source did not verify",
+    ]
     return "\n".join(lines)
 
 

@@ -119,6 +119,14 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_save(args: argparse.Namespace) -> int:
+    if args.parent is not None:
+        with progress_bar(show_progress(args), "child") as (update, start):
+            child = vmops.vm_save_child(args.out, args.parent, warmup=args.warmup,
+                                        warmup_iterations=args.warmup_iterations, rate=args.rate,
+                                        options=engine_options(args, update, start),
+                                        seal=seal_writer_options(args))  # fmt: skip
+        emit(args, child, render.render_vm_child)
+        return 0 if child.ok else 1
     with _live_progress(show_progress(args)) as (update, on_pass):
         report = vmops.vm_save(
             args.out,
@@ -233,6 +241,9 @@ def add_commands(sub: Any) -> None:
     warmup_opts(p)
     live_opts(p)
     p.add_argument("--format", choices=FORMATS, default="mapped-ram", help="file format")
+    p.add_argument("--parent", metavar="FILE",
+                   help="an incremental snapshot: restore the guest from FILE, run it for the warm-up, and save "
+                        "only the pages it wrote since (a child of FILE; `flatten` makes it a whole file)")  # fmt: skip
     add_engine(p)
     add_seal_writer(p)
     common(p)

@@ -22,6 +22,8 @@ from mappedram.errors import IOEngineError
 from . import faults
 
 __all__ = [
+    "FICLONE",
+    "reflink",
     "IOV_MAX",
     "open_read",
     "open_write",
@@ -307,6 +309,27 @@ def punch_hole(fd: int, offset: int, length: int, path: str) -> None:
         n = min(len(_ZEROS), length - done)
         pwrite_full(fd, memoryview(_ZEROS)[:n], offset + done, path)
         done += n
+
+
+#: linux/fs.h: _IOW(0x94, 9, int)
+FICLONE = 0x40049409
+
+
+def reflink(src_path: str, fd: int, path: str) -> bool:
+    """Make the file open on ``fd`` a reflink clone of ``src_path`` (FICLONE: the two share
+    every block until one is written). False where the filesystem cannot (ext4, tmpfs,
+    another filesystem): the caller writes the file itself."""
+    src = open_read(src_path)
+    try:
+        fcntl.ioctl(fd, FICLONE, src)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno_mod.EOPNOTSUPP, errno_mod.EXDEV, errno_mod.EINVAL, errno_mod.ENOTTY,
+                         errno_mod.ENOSYS, errno_mod.EPERM):  # fmt: skip
+            return False
+        raise _fail(exc, "clone (FICLONE) from " + src_path, path) from None
+    finally:
+        close_quiet(src)
 
 
 def data_extents(fd: int, start: int, end: int, path: str) -> list[tuple[int, int]]:

@@ -82,6 +82,9 @@ class WriteTask:
     # A file source's page offsets for this task (-1: reads as zeros), instead of the
     # source's own: a conversion writes each pass of a legacy stream as it is read.
     offsets: npt.NDArray[np.int64] | None = None
+    # With ``mask``: every chosen page gets its bit, a zero one too, and its slot is made to
+    # read as zeros (an incremental snapshot: the bit says the page is this file's, not the parent's).
+    defined: bool = False
 
 
 def merge_runs(
@@ -202,8 +205,8 @@ class PageWriteChannel:
             # A page written before that is zero now: its bit goes to 0, and its slot must
             # read as zeros again (a slot whose bit is 0 never holds stale bytes), so it is punched.
             gone = np.zeros(task.npages, dtype=np.bool_)
-            gone[chosen] = task.bits[chosen] & ~keep[chosen]
-            task.bits[chosen] = keep[chosen]
+            gone[chosen] = (True if task.defined else task.bits[chosen]) & ~keep[chosen]
+            task.bits[chosen] = True if task.defined else keep[chosen]
             if gone.any():
                 self._punch(gone, task.file_offset)
         starts, lengths = bit_runs(keep)

@@ -48,6 +48,7 @@ __all__ = [
     "CAP_MAPPED_RAM",
     "CAP_X_IGNORE_SHARED",
     "CAP_MAPPEDRAM_ZSTD",
+    "CAP_MAPPEDRAM_CHILD",
     "STREAM_CAPABILITIES",
     "MAPPEDRAM_ZSTD_HDR_VERSION",
 ]
@@ -134,6 +135,9 @@ VALIDATED_CAPABILITIES = (CAP_X_IGNORE_SHARED, CAP_MAPPED_RAM)
 # stream that names it ("Received unknown capability ..."), before it reads any RAM; its
 # block headers carry MAPPEDRAM_ZSTD_HDR_VERSION, which QEMU's mapped_ram_read_header refuses too.
 CAP_MAPPEDRAM_ZSTD = "mappedram-zstd"
+# mappedram's own: an incremental snapshot (format/chain.py): its bitmap marks the pages it
+# changed since its parent, the rest are the parent's. QEMU refuses it the same way.
+CAP_MAPPEDRAM_CHILD = "mappedram-child"
 #: The capabilities a stream this project reads or writes may list, in the order they are written.
-STREAM_CAPABILITIES = (*VALIDATED_CAPABILITIES, CAP_MAPPEDRAM_ZSTD)
+STREAM_CAPABILITIES = (*VALIDATED_CAPABILITIES, CAP_MAPPEDRAM_ZSTD, CAP_MAPPEDRAM_CHILD)
 MAPPEDRAM_ZSTD_HDR_VERSION = 0x5A000001

@@ -52,6 +52,7 @@ from mappedram.errors import BadMagicError, FormatError, LayoutError, TruncatedE
 
 from .constants import (
     CAP_MAPPED_RAM,
+    CAP_MAPPEDRAM_CHILD,
     CAP_MAPPEDRAM_ZSTD,
     MAPPED_RAM_HDR_VERSION,
     MAPPEDRAM_ZSTD_HDR_VERSION,
@@ -387,9 +388,10 @@ class Decoder:
                         expected=" or ".join(STREAM_CAPABILITIES),
                         actual=unknown[0],
                     )
-                if CAP_MAPPEDRAM_ZSTD in caps and CAP_MAPPED_RAM not in caps:
+                ours = next((c for c in (CAP_MAPPEDRAM_ZSTD, CAP_MAPPEDRAM_CHILD) if c in caps), None)
+                if ours is not None and CAP_MAPPED_RAM not in caps:
                     raise FormatError(
-                        f"capability {CAP_MAPPEDRAM_ZSTD} without {CAP_MAPPED_RAM}",
+                        f"capability {ours} without {CAP_MAPPED_RAM}",
                         offset=self._abs(sub_at),
                         field="capabilities",
                         expected=f"{CAP_MAPPED_RAM} listed too",

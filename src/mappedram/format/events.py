@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from .constants import (
     CAP_MAPPED_RAM,
+    CAP_MAPPEDRAM_CHILD,
     CAP_MAPPEDRAM_ZSTD,
     CAP_X_IGNORE_SHARED,
     QEMU_VM_SECTION_END,
@@ -79,6 +80,11 @@ class Configuration:
     @property
     def ignore_shared(self) -> bool:
         return CAP_X_IGNORE_SHARED in self.capabilities
+
+    @property
+    def child(self) -> bool:
+        """An incremental snapshot: the pages its bitmap does not mark are its parent's."""
+        return CAP_MAPPEDRAM_CHILD in self.capabilities
 
     @property
     def zstd(self) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "EXTENSION_KEY",
     "CLEAN_ZERO_SLOTS",
     "SEAL",
+    "PARENT",
     "set_extension",
     "extension",
     "CONFIGURATION_SUBSECTIONS",
@@ -54,6 +55,8 @@ EXTENSION_KEY = "mappedram"
 CLEAN_ZERO_SLOTS = "clean-zero-slots"
 #: The integrity manifest (format/seal.py): digests of the RAM as a restore reads it, and of the rest.
 SEAL = "seal"
+#: An incremental snapshot's parent (format/chain.py): its path, size and content digest.
+PARENT = "parent"
 
 #: Nesting allowed in a description (QEMU's deepest are a few levels).
 _MAX_DEPTH = 32

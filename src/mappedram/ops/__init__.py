@@ -16,6 +16,7 @@ This package is the CLI's one door to the library:
 from __future__ import annotations
 
 from .blockimage import ExtractedBlock, ExtractReport, extract, safe_filename
+from .chain import ChildReport, flatten, write_child
 from .converge import AutoConverge, CpuThrottle
 from .guestphys import EXPORT_FORMATS, ExportReport, ExportSegment, export
 from .inspect import (
@@ -65,6 +66,7 @@ __all__ = [
     "BlockInfo",
     "CONVERT_FORMATS",
     "CallbackTracker",
+    "ChildReport",
     "CompressOptions",
     "CompressReport",
     "CompareTracker",
@@ -111,6 +113,7 @@ __all__ = [
     "diff",
     "export",
     "extract",
+    "flatten",
     "info",
     "live_save",
     "load_key",
@@ -125,4 +128,5 @@ __all__ = [
     "serve_qemu",
     "verify",
     "verify_seal",
+    "write_child",
 ]

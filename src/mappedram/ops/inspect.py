@@ -12,21 +12,25 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from mappedram._runs import bit_runs
 from mappedram.engine.copy import CompareChannel, PageCompare
 from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import allocated_bytes
 from mappedram.engine.store import StoreSpec
-from mappedram.errors import FormatError
+from mappedram.errors import FormatError, IOEngineError, UsageError
 from mappedram.format.libvirt import QemuSaveFormat
 from mappedram.format.vmdesc import trailer_mismatches
 from mappedram.image import MigrationFile, RamBlock, open_file
 from mappedram.layout import plan_mapped_ram
 
+from .chain import ChildReport, parent_ref
+from .chain import write_child as write_child_file
 from .options import DEFAULTS, EngineOptions
 from .protocol import CHUNK_PAGES
-from .seal import SEAL_CHECK, SealCheck, SealInfo, SealOptions, seal_info, verify_seal
+from .relay import spec_from
+from .seal import SEAL_CHECK, SealCheck, SealInfo, SealOptions, check_chain, content_digest, seal_info, verify_seal
 
 __all__ = [
     "BlockInfo",
@@ -56,6 +60,22 @@ class BlockInfo:
     pages_offset: int | None = None
     gpa: int | None = None
     page_records: int | None = None  # legacy: records over all passes
+    pages_own: int | None = None  # a child: the pages it holds itself (changed since its parent)
+    zstd_frames: int | None = None  # a compressed block: its frames of zstd_frame_bytes each
+    zstd_frame_bytes: int | None = None
+    zstd_region_length: int | None = None  # bytes of the compressed page region
+
+
+@dataclass(frozen=True, slots=True)
+class ChainMember:
+    """One file of a chain, newest first: the last is the whole file the chain starts from."""
+
+    path: str
+    format: str
+    file_size: int
+    allocated_bytes: int
+    pages_own: int  # pages this file holds (a child: changed since its parent)
+    parent: str | None  # as the file names it
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +167,7 @@ class InfoReport:
     vmdesc_length: int | None
     libvirt: LibvirtInfo | None = None
     seal: SealInfo | None = None
+    chain: list[ChainMember] | None = None  # a child: it, its parent, ... (newest first)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,7 +187,22 @@ def _block_info(b: RamBlock) -> BlockInfo:
         pages_offset=lay.pages_offset if lay else None,
         gpa=b.gpa,
         page_records=None if b.legacy_sources is None else b.legacy_records,
+        pages_own=None if b.parent is None else int(np.count_nonzero(b.own)),
+        zstd_frames=None if lay is None or lay.zstd is None else lay.zstd.frames,
+        zstd_frame_bytes=None if lay is None or lay.zstd is None else lay.zstd.frame_pages * b.page_size,
+        zstd_region_length=None if lay is None or lay.zstd is None else lay.zstd.region_length,
     )
+
+
+def _chain(mf: MigrationFile) -> list[ChainMember] | None:
+    if mf.parent is None:
+        return None
+    return [
+        ChainMember(m.path, m.format_name, m.file_size, allocated_bytes(m.path),
+                    sum(int(np.count_nonzero(b.own)) for b in m.blocks),
+                    None if m.parent_ref is None else m.parent_ref.path)
+        for m in mf.chain
+    ]  # fmt: skip
 
 
 def _info_from(mf: MigrationFile) -> InfoReport:
@@ -197,6 +233,7 @@ def _info_from(mf: MigrationFile) -> InfoReport:
         vmdesc_length=len(mf.vmdesc.raw) if mf.vmdesc else None,
         libvirt=_libvirt_info(mf),
         seal=seal_info(mf),
+        chain=_chain(mf),
     )
 
 
@@ -311,8 +348,19 @@ def verify(
             )
         _check_device_ids(mf, problems)
         _check_trailer(mf, problems)
-        if mf.mapped_ram:
+        if mf.compressed:
+            checks.append("compressed page regions: the region header (frame size, one frame per run of pages), "
+                          "the zstd seek table (frame count, each frame's sizes against its pages and zstd's "
+                          "bound, frames and table filling the region)")  # fmt: skip
+        elif mf.mapped_ram:
             _note_layout(mf, notes)
+        if mf.parent is not None:
+            checks.append(f"chain: {len(mf.chain) - 1} parent(s) found by the paths the children name, each of "
+                          "the size recorded and holding the same RAM blocks, no cycle")  # fmt: skip
+            if data and not problems:
+                _check_chain_data(mf, options, checks, problems)
+        if data and mf.compressed and not problems:
+            _check_frames(mf, options, checks, problems)
         if not mf.vmdesc:
             notes.append("no vmdesc trailer: device sections not delimited")
         checks.append("device section ids unique and distinct from the RAM section's")
@@ -352,6 +400,37 @@ def _check_seal(mf: MigrationFile, data: bool, seal: SealOptions, options: Engin
                                 expected="the digest the seal holds", actual="another digest", block=m.block,
                                 error="IntegrityError"))  # fmt: skip
     return check
+
+
+def _check_chain_data(mf: MigrationFile, options: EngineOptions, checks: list[str], problems: list[Problem]) -> None:
+    try:
+        read = check_chain(mf, options.replace(progress=None, on_start=None))
+    except FormatError as exc:
+        problems.append(Problem.from_error(exc))
+        return
+    except IOEngineError as exc:
+        problems.append(Problem(str(exc), exc.offset, "read", error=type(exc).__name__))
+        return
+    checks.append(f"chain: every parent's RAM digest matches the one its child recorded ({_gib(read)} read)")
+
+
+def _check_frames(mf: MigrationFile, options: EngineOptions, checks: list[str], problems: list[Problem]) -> None:
+    """Decompress every frame that holds data: zstd checks each frame's content checksum."""
+    try:
+        _, read = content_digest(mf, options.replace(progress=None, on_start=None))
+    except FormatError as exc:
+        problems.append(Problem.from_error(exc))
+        return
+    except IOEngineError as exc:
+        problems.append(Problem(str(exc), exc.offset, "read", error=type(exc).__name__))
+        return
+    frames = sum(b.zstd.offsets.size for b in mf.blocks if b.zstd is not None)
+    checks.append(f"compressed pages: every zstd frame with data decompresses to its pages, its checksum right "
+                  f"({frames} frames, {_gib(read)} of RAM read)")  # fmt: skip
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _problem_text(path: str, p: Problem) -> str:
@@ -462,6 +541,7 @@ class DiffReport:
     only_in_a: list[str]
     only_in_b: list[str]
     seconds: float
+    child: ChildReport | None = None  # --write-child: the child of A holding B's changes
 
     @property
     def identical(self) -> bool:
@@ -484,14 +564,26 @@ def diff(
     offset_a: int = 0,
     offset_b: int = 0,
     options: EngineOptions = DEFAULTS,
+    write_child: str | os.PathLike[str] | None = None,
+    seal: SealOptions | None = None,
 ) -> DiffReport:
     """Pages that differ between two files' RAM blocks (matched by idstr), as counts and ranges.
 
     Bitmaps (or the legacy page index) first: pages absent from both files are zero in
-    both and never read; the others are read in large extents and compared.
+    both and never read; the others are read in large extents and compared. A chain's
+    parents are checked first (ops.seal.check_chain). ``write_child`` writes a child of
+    ``a`` holding the pages of ``b`` that differ, and ``b``'s device state and trailer
+    (ops/chain.py; ``seal`` seals it): ``a`` and ``b`` must hold the same blocks.
     """
     start = time.perf_counter()
     with open_file(a, offset_a) as fa, open_file(b, offset_b) as fb:
+        quiet = options.replace(progress=None, on_start=None)
+        check_chain(fa, quiet)
+        check_chain(fb, quiet)
+        same_blocks = [(x.idstr, x.used_length) for x in fa.blocks] == [(x.idstr, x.used_length) for x in fb.blocks]
+        if write_child is not None and not same_blocks:
+            raise UsageError(f"{fb.path}: holds other RAM blocks than {fa.path}: a child holds its parent's blocks")
+        ref = parent_ref(fa, os.fspath(write_child), options) if write_child is not None else None
         names_b = {blk.idstr for blk in fb.blocks}
         names_a = {blk.idstr for blk in fa.blocks}
         out = []
@@ -522,9 +614,23 @@ def diff(
                 BlockDiff(ba.idstr, ba.used_length, bb.used_length, int(candidates.sum()), int(differ.sum()),
                           list(zip(starts.tolist(), lengths.tolist())))
             )  # fmt: skip
+        child = None
+        if write_child is not None:
+            changed = [_differ_bits(d, blk.num_pages) for d, blk in zip(out, fa.blocks)]
+            child = write_child_file(write_child, fa, [(x.idstr, x.used_length, fb.file_pages(x)) for x in fb.blocks],
+                                     changed, spec_from(fb), options=options.replace(progress=None, on_start=None),
+                                     seal=seal, ref=ref)  # fmt: skip
         return DiffReport(
-            fa.path, fb.path, out, sorted(names_a - names_b), sorted(names_b - names_a), time.perf_counter() - start
+            fa.path, fb.path, out, sorted(names_a - names_b), sorted(names_b - names_a), time.perf_counter() - start,
+            child,
         )
+
+
+def _differ_bits(d: BlockDiff, n: int) -> npt.NDArray[np.bool_]:
+    bits = np.zeros(n, dtype=np.bool_)
+    for s, k in d.ranges:
+        bits[s : s + k] = True
+    return bits
 
 
 def _compare_channel(a: str | StoreSpec, b: str | StoreSpec, page_size: int, _: int) -> CompareChannel:

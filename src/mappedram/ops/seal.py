@@ -44,6 +44,7 @@ from mappedram.engine.fileio import (
     unlock_remove,
 )
 from mappedram.errors import IntegrityError, IOEngineError, UsageError
+from mappedram.format.chain import ROOT_ALGORITHM, content_root
 from mappedram.format.constants import QEMU_VM_VMDESCRIPTION
 from mappedram.format.seal import (
     ALGORITHMS,
@@ -64,6 +65,8 @@ from .options import DEFAULTS, EngineOptions
 from .protocol import CHUNK_PAGES, Body, Written, lock_name, refuse_symlink
 
 __all__ = [
+    "check_chain",
+    "content_digest",
     "SEAL_ALGORITHMS",
     "SealKey",
     "SealOptions",
@@ -412,6 +415,7 @@ def check_seal(mf: MigrationFile, options: EngineOptions = DEFAULTS, *, key: Sea
     of each mismatch), when ``key`` is given and the file is unsealed or its seal unkeyed;
     UsageError when the seal is keyed and no key is given.
     """
+    check_chain(mf, options)
     check = verify_seal(mf, options, key=key)
     if check.status in ("ok",) or (check.status == "unsealed" and key is None):
         return check
@@ -422,6 +426,31 @@ def check_seal(mf: MigrationFile, options: EngineOptions = DEFAULTS, *, key: Sea
                              expected="a seal made with the key given",
                              actual="no seal" if check.status == "unsealed" else "a seal without a key")  # fmt: skip
     _raise(mf, check, check.mismatches[0])
+
+
+def content_digest(mf: MigrationFile, options: EngineOptions = DEFAULTS) -> tuple[bytes, int]:
+    """``mf``'s chain digest (format/chain.content_root of its RAM as a restore reads it)
+    and the bytes read to compute it."""
+    seal, _, read = compute_seal(mf, algorithm=ROOT_ALGORITHM, options=options)
+    return content_root(seal), read
+
+
+def check_chain(mf: MigrationFile, options: EngineOptions = DEFAULTS) -> int:
+    """Raise IntegrityError unless every parent of a chain is the file its child recorded
+    (its RAM digest); nothing for a whole file. Returns the bytes read."""
+    read = 0
+    for child in mf.chain[:-1]:
+        assert child.parent is not None and child.parent_ref is not None
+        digest, n = content_digest(child.parent, options)
+        read += n
+        if digest != child.parent_ref.digest:
+            raise IntegrityError(
+                f"chain: the parent {child.parent.path} changed since {child.path} was made from it (its RAM "
+                "differs): the child's pages no longer apply (--no-verify-seal reads it anyway)",
+                path=child.path, field="vmdesc mappedram.parent.digest",
+                expected=child.parent_ref.digest.hex(), actual=digest.hex(),
+            )  # fmt: skip
+    return read
 
 
 def _raise(mf: MigrationFile, check: SealCheck, first: SealMismatch) -> NoReturn:

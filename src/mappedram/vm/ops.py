@@ -37,6 +37,7 @@ from mappedram.ops.options import DEFAULTS, EngineOptions
 from mappedram.ops.seal import SEAL_CHECK, SealOptions
 from mappedram.ops.trackers import DirtyTracker
 
+from .child import VmChildReport, vm_save_child
 from .guest import Guest, GuestCpu
 from .kvm import kvm_available
 from .microvm import MicroVM
@@ -59,6 +60,8 @@ __all__ = [
     "read_guest_state",
     "VmRunReport",
     "VmSaveReport",
+    "VmChildReport",
+    "vm_save_child",
     "VmRestoreReport",
     "DemoReport",
     "vm_run",

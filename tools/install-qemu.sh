@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install QEMU >= 9.0 (qemu-system-x86) and the test helpers (zstd, fio, openssl) on Debian.
+# Install QEMU >= 9.0 (qemu-system-x86) and the test helpers on Debian: zstd, fio, openssl,
+# b3sum (benchmarks), xfsprogs (a reflink filesystem for the chain tests).
 #
 # Debian 12 (bookworm) ships QEMU 7.2; QEMU 10 comes from the bookworm-backports
 # suite. The backports source is derived from the machine's own Debian apt source
@@ -18,6 +19,8 @@ have_qemu || need+=(qemu-system-x86)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v b3sum >/dev/null 2>&1 || need+=(b3sum)
+command -v mkfs.xfs >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -59,6 +62,6 @@ fi
 
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    -t "$backports" qemu-system-x86 zstd fio openssl >/dev/null
+    -t "$backports" qemu-system-x86 zstd fio openssl b3sum xfsprogs >/dev/null
 have_qemu || { echo "install-qemu: qemu-system-x86_64 >= 9 still missing" >&2; exit 1; }
 qemu-system-x86_64 --version | head -n1

@@ -100,7 +100,8 @@ def main() -> None:
         }  # fmt: skip
         rows.append(med)
     print(f"parent ({parent_save['guest']}, {args.mem_mib} MiB): live save {parent_save['seconds']:.2f} s, "
-          f"downtime {parent_save['downtime'] * 1e3:.0f} ms, {parent_save['file_bytes'] / 1e6:.0f} MB on disk")  # fmt: skip
+          f"downtime {parent_save['downtime'] * 1e3:.0f} ms, "
+          f"{parent_save['file_bytes'] / 1e6:.0f} MB on disk")  # fmt: skip
     print(f"{'dirtied':>8} {'pages':>8} {'child MB':>9} {'save s':>7} {'pause ms':>9} | {'full MB':>8} {'save s':>7} "
           f"{'pause ms':>9} | {'size x':>7} {'pause x':>8}")  # fmt: skip
     for r in rows:

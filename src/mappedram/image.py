@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -496,6 +497,10 @@ def _attach_parent(mf: MigrationFile, below: tuple[tuple[int, int], ...]) -> Non
         raise FormatError(f"chain: the parent {where} cannot be opened: {exc.strerror}", offset=at,
                           field="vmdesc mappedram.parent.path", expected="the parent file",
                           actual=ref.path) from None  # fmt: skip
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(f"chain: the parent {where} is not a regular file", offset=at,
+                          field="vmdesc mappedram.parent.path", expected="a migration file",
+                          actual=ref.path)  # fmt: skip
     if (st.st_dev, st.st_ino) in below:
         raise FormatError(f"chain: the parent {where} is the file itself or one of its children (a cycle)",
                           offset=at, field="vmdesc mappedram.parent.path", expected="an older file",

@@ -110,8 +110,11 @@ def write_child(
     ps = parent.page_size
     plan = plan_file(blocks, spec, page_size=ps)
     # a clone shares the parent's pages only where the child's plan puts them at the same slots
-    same = all(b.slots and b.layout is not None and b.layout.pages_offset == lay.pages_offset
-               for lay, b in zip(plan.ram.blocks, parent.blocks))  # fmt: skip
+    # (a parent that is a child too: its 0-bit slots may hold anything, as a clone's may)
+    same = parent.start_offset == 0 and all(
+        b.layout is not None and b.zstd is None and b.layout.pages_offset == lay.pages_offset
+        for lay, b in zip(plan.ram.blocks, parent.blocks)
+    )
     notes: list[str] = []
     mode = ["sparse"]
     counts = {"changed": 0, "zero": 0}

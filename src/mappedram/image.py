@@ -489,7 +489,7 @@ def _attach_parent(mf: MigrationFile, below: tuple[tuple[int, int], ...]) -> Non
     if len(below) > MAX_CHAIN:
         raise FormatError(f"chain: more than {MAX_CHAIN} files deep (a cycle, or a chain to flatten)", offset=at,
                           field="vmdesc mappedram.parent", expected=f"<= {MAX_CHAIN} children",
-                          actual=len(below))  # fmt: skip
+                          actual=f"{len(below)} children")  # fmt: skip
     where = ref.path if os.path.isabs(ref.path) else os.path.join(os.path.dirname(mf.path) or ".", ref.path)
     try:
         st = os.stat(where)
@@ -505,12 +505,13 @@ def _attach_parent(mf: MigrationFile, below: tuple[tuple[int, int], ...]) -> Non
         raise FormatError(f"chain: the parent {where} is the file itself or one of its children (a cycle)",
                           offset=at, field="vmdesc mappedram.parent.path", expected="an older file",
                           actual=ref.path)  # fmt: skip
-    if st.st_size != ref.size:
-        raise FormatError(f"chain: the parent {where} changed: its size is not the one the child recorded",
-                          offset=at, field="vmdesc mappedram.parent.size", expected=ref.size,
-                          actual=st.st_size)  # fmt: skip
     parent = _open(where, 0, None, None, None, below)
     try:
+        held = parent.vmdesc.offset if parent.vmdesc is not None else parent.file_size
+        if held != ref.stream_bytes:
+            raise FormatError(f"chain: the parent {where} changed: its size before its trailer is not the one the "
+                              "child recorded", offset=at, field="vmdesc mappedram.parent.stream_bytes",
+                              expected=ref.stream_bytes, actual=held)  # fmt: skip
         mine = [(b.idstr, b.used_length) for b in mf.blocks]
         theirs = [(b.idstr, b.used_length) for b in parent.blocks]
         if mine != theirs or parent.page_size != mf.page_size:

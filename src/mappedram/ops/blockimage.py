@@ -18,7 +18,7 @@ from mappedram.errors import UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink
+from .protocol import CHUNK_PAGES, refuse_chain_file, refuse_symlink
 from .seal import SEAL_CHECK, SealCheck, SealOptions, checked
 
 __all__ = ["ExtractedBlock", "ExtractReport", "extract", "safe_filename"]
@@ -101,7 +101,7 @@ def extract(
             targets = [(mf.block(block), out)]
         for _, dest in targets:
             refuse_symlink(dest)
-            refuse_same_file(mf.path, dest, "extract")
+            refuse_chain_file(mf, dest, "extract")
         total = sum(b.used_length for b, _ in targets)
         options.started(total)
         start = time.perf_counter()

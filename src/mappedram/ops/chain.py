@@ -25,15 +25,15 @@ from mappedram.engine.fileio import allocated_bytes, pwrite_full, reflink, trunc
 from mappedram.engine.pages import PageSource, PageWriteChannel, WriteTask
 from mappedram.errors import UsageError
 from mappedram.format.bitmap import Bits, encode_bitmap
-from mappedram.format.chain import ParentRef
+from mappedram.format.chain import MAX_CHAIN, ParentRef
 from mappedram.format.constants import CAP_MAPPEDRAM_CHILD, CAP_MAPPEDRAM_ZSTD, TARGET_PAGE_SIZE
 from mappedram.image import MigrationFile, open_file
 from mappedram.layout import StreamSpec, plan_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_symlink
+from .protocol import CHUNK_PAGES, Written, commit, refuse_chain_file, refuse_symlink
 from .relay import rewrite
-from .seal import SealOptions, SealReport, check_chain, content_digest, sealed_body
+from .seal import SealOptions, SealReport, content_digest, sealed_body
 from .writer import SaveReport
 
 __all__ = ["ChildReport", "write_child", "child_spec", "parent_ref", "flatten"]
@@ -63,14 +63,20 @@ class ChildReport:
 
 def parent_ref(parent: MigrationFile, child_path: str, options: EngineOptions = DEFAULTS) -> tuple[ParentRef, int]:
     """How a child at ``child_path`` names ``parent``: its path relative to the child's
-    directory, its size and RAM digest (read now); and the bytes read for the digest."""
+    directory, its size before its trailer and its RAM digest (read now); and the bytes
+    read for the digest."""
     if parent.start_offset or parent.libvirt is not None:
         raise UsageError(f"{parent.path}: a parent must be a migration file of its own (not at an offset, not a "
                          "libvirt image): rewrite it first")  # fmt: skip
     digest, read = content_digest(parent, options.replace(progress=None, on_start=None))
     here = os.path.dirname(os.path.abspath(child_path))
     rel = os.path.relpath(os.path.abspath(parent.path), here)
-    return ParentRef(rel, parent.file_size, digest), read
+    return ParentRef(rel, stream_bytes(parent), digest), read
+
+
+def stream_bytes(mf: MigrationFile) -> int:
+    """A file's bytes before its vmdesc trailer (all of it without one)."""
+    return mf.vmdesc.offset if mf.vmdesc is not None else mf.file_size
 
 
 def child_spec(base: StreamSpec, ref: ParentRef) -> StreamSpec:
@@ -100,7 +106,10 @@ def write_child(
     has it already (else it is computed: the parent is read whole)."""
     path = os.fspath(target)
     refuse_symlink(path)
-    refuse_same_file(parent.path, path, "write a child")
+    refuse_chain_file(parent, path, "write a child")
+    if len(parent.chain) > MAX_CHAIN:
+        raise UsageError(f"{parent.path} is the end of a chain of {len(parent.chain)} files, the most a reader "
+                         f"opens ({MAX_CHAIN} children over a whole file): flatten it first")  # fmt: skip
     blocks = [(n, size) for n, size, _ in sources]
     if blocks != [(b.idstr, b.used_length) for b in parent.blocks] or len(changed) != len(blocks):
         raise UsageError(f"{path}: a child holds the parent's RAM blocks, and {parent.path} has others")
@@ -181,5 +190,4 @@ def flatten(
         if mf.parent is None:
             raise UsageError(f"{mf.path}: not a child file ({mf.format_name}): nothing to flatten; `rewrite` "
                              "re-lays it")  # fmt: skip
-        check_chain(mf, options.replace(progress=None, on_start=None))
-    return rewrite(child, path, options=options, seal=seal)
+    return rewrite(child, path, options=options, seal=seal)  # which checks the chain first

@@ -50,7 +50,7 @@ from mappedram.image import MigrationFile, open_file
 
 from .options import DEFAULTS, EngineOptions
 from .pcimap import legacy_vga, pci_devices, place_bars, section_bodies
-from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink
+from .protocol import CHUNK_PAGES, refuse_chain_file, refuse_same_file, refuse_symlink
 from .seal import SEAL_CHECK, SealCheck, SealOptions, checked
 
 __all__ = [
@@ -251,6 +251,7 @@ def export(
     refuse_symlink(out)
     refuse_same_file(path, out, "export")
     with open_file(path, offset) as mf:
+        refuse_chain_file(mf, out, "export")
         gmap = guest_memory_map(mf, max_ram_below_4g=max_ram_below_4g)
         if not gmap.blocks:
             raise UsageError(f"{mf.path}: no guest-physical RAM to export")

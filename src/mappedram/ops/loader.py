@@ -30,7 +30,7 @@ from mappedram.errors import IncompleteRestoreError, IOEngineError, UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES, refuse_same_file, refuse_symlink, resolve_direct
+from .protocol import CHUNK_PAGES, refuse_chain_file, refuse_symlink, resolve_direct
 from .seal import NO_CHECK, SEAL_CHECK, SealCheck, SealOptions, checked
 from .writer import TimedReport, block_view
 
@@ -169,7 +169,7 @@ def restore_files(
         existing = []
         for _, dest in blocks:
             refuse_symlink(dest)
-            refuse_same_file(mf.path, dest, "restore")
+            refuse_chain_file(mf, dest, "restore")
             if os.path.exists(dest):
                 existing.append(f"{dest}: an existing file, written in place (its owner and mode "
                                 f"{os.stat(dest).st_mode & 0o777:o} kept)")  # fmt: skip

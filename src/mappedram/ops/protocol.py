@@ -47,6 +47,8 @@ from mappedram.engine.fileio import (
 from mappedram.errors import IOEngineError, UsageError
 
 if TYPE_CHECKING:
+    from mappedram.image import MigrationFile
+
     from .seal import SealReport
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "lock_name",
     "remove_leftovers",
     "refuse_same_file",
+    "refuse_chain_file",
     "refuse_symlink",
 ]
 
@@ -184,6 +187,12 @@ def refuse_symlink(target: str) -> None:
     if os.path.islink(target):
         raise UsageError(f"{target}: is a symbolic link: mappedram never writes through a symlink, nor replaces "
                          "one (give the real path, or remove the link)")  # fmt: skip
+
+
+def refuse_chain_file(mf: MigrationFile, output: str | os.PathLike[str], what: str) -> None:
+    """:func:`refuse_same_file` for every file ``mf`` reads: the file, and a chain's parents."""
+    for m in mf.chain:
+        refuse_same_file(m.path, output, what)
 
 
 def refuse_same_file(source: str | os.PathLike[str], output: str | os.PathLike[str], what: str) -> None:

@@ -31,8 +31,16 @@ from mappedram.image import MigrationFile, RamBlock, open_file, read_configurati
 from mappedram.layout import FilePlan, StreamSpec, plan_file
 
 from .options import DEFAULTS, EngineOptions, Progress
-from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_symlink, resolve_direct
-from .seal import SealOptions, sealed_body
+from .protocol import (
+    CHUNK_PAGES,
+    Written,
+    commit,
+    refuse_chain_file,
+    refuse_same_file,
+    refuse_symlink,
+    resolve_direct,
+)
+from .seal import SealOptions, check_chain, sealed_body
 from .writer import SaveReport, Source, check_sources, save_legacy_sources, save_report, save_sources
 
 __all__ = ["CONVERT_FORMATS", "rewrite", "convert", "spec_from", "streamed_spec", "SlotWriter"]
@@ -63,6 +71,8 @@ def rewrite(
     if config is not None and not config.mapped_ram:
         return _rewrite_legacy(os.fspath(source), os.fspath(path), source_offset, offset, options, seal)
     with open_file(source, source_offset) as mf:
+        refuse_chain_file(mf, path, "rewrite")
+        check_chain(mf, options.replace(progress=None, on_start=None))
         spec = spec_from(mf)
         sources: list[Source] = [
             (b.idstr, b.used_length, mf.file_pages(b)) for b in mf.blocks
@@ -91,6 +101,8 @@ def convert(
     refuse_symlink(os.fspath(path))
     refuse_same_file(source, path, "convert")
     with open_file(source, source_offset) as mf:
+        refuse_chain_file(mf, path, "convert")
+        check_chain(mf, options.replace(progress=None, on_start=None))
         spec = streamed_spec(mf)
         sources: list[Source] = [
             (b.idstr, b.used_length, mf.file_pages(b)) for b in mf.blocks

@@ -446,7 +446,7 @@ def check_chain(mf: MigrationFile, options: EngineOptions = DEFAULTS) -> int:
         if digest != child.parent_ref.digest:
             raise IntegrityError(
                 f"chain: the parent {child.parent.path} changed since {child.path} was made from it (its RAM "
-                "differs): the child's pages no longer apply (--no-verify-seal reads it anyway)",
+                "differs): the child's pages no longer apply to it",
                 path=child.path, field="vmdesc mappedram.parent.digest",
                 expected=child.parent_ref.digest.hex(), actual=digest.hex(),
             )  # fmt: skip

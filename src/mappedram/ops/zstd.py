@@ -25,9 +25,9 @@ from mappedram.image import MigrationFile, open_file
 from mappedram.layout import FilePlan, StreamSpec, plan_file
 
 from .options import DEFAULTS, EngineOptions
-from .protocol import Written, commit, refuse_same_file, refuse_symlink
+from .protocol import Written, commit, refuse_chain_file, refuse_same_file, refuse_symlink
 from .relay import rewrite, spec_from
-from .seal import SealOptions, SealReport, sealed_body
+from .seal import SealOptions, SealReport, check_chain, sealed_body
 from .writer import SaveReport
 
 __all__ = ["CompressOptions", "CompressReport", "compress", "decompress", "DEFAULT_FRAME_BYTES", "DEFAULT_LEVEL"]
@@ -99,6 +99,8 @@ def compress(
     refuse_same_file(source, target, "compress")
     fb = compression.frame_bytes
     with open_file(source, source_offset) as mf:
+        refuse_chain_file(mf, target, "compress")
+        check_chain(mf, options.replace(progress=None, on_start=None))
         ps = mf.page_size
         fp = fb // ps
         if fb % ps or not 1 <= fp <= MAX_FRAME_PAGES or fp & (fp - 1):

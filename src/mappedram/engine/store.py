@@ -176,7 +176,7 @@ class Store:
         if self.dctx is None:
             self.dctx = zstandard.ZstdDecompressor()
         try:
-            data = self.dctx.decompress(raw, max_output_size=length)
+            data = self.dctx.decompress(raw, max_output_size=length, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise FormatError(f"{where} does not decompress: {exc}", path=frames.path, offset=at,
                               field="zstd frame") from None  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ def restore(
                 )
             dests.append(view)
             chosen.append(b)
+            del view
         check = checked(mf, seal, options)
         direct = resolve_direct(mf.path, options.direct_io, options.direct_io_fallback, notes)
         if direct and not mf.mapped_ram:
@@ -132,6 +134,12 @@ def restore(
                 )
         except IOEngineError as exc:
             raise _incomplete(exc, tasks, done, chosen) from exc
+        finally:
+            # the destinations' views go now, not when the error's traceback does: a caller
+            # that mapped them must be able to close the mappings
+            for ch in made:
+                ch.dests = ()
+            dests.clear()
         t2 = time.perf_counter()
         read = sum(ch.pages_read for ch in made)
         pages = sum(b.num_pages for b in chosen)
@@ -182,9 +190,22 @@ def restore_files(
             for m in maps.values():
                 m.flush()
             return report
+        except BaseException as exc:
+            _release(exc)  # its frames hold views of the maps, which could not be closed
+            raise
         finally:
             for m in maps.values():
                 m.close()
+
+
+def _release(exc: BaseException) -> None:
+    """Clear the locals of the finished frames of ``exc``'s traceback, and of its causes'."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        traceback.clear_frames(cur.__traceback__)
+        cur = cur.__cause__ or cur.__context__
 
 
 def _incomplete(

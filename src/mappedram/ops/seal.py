@@ -431,8 +431,10 @@ def check_seal(mf: MigrationFile, options: EngineOptions = DEFAULTS, *, key: Sea
 def content_digest(mf: MigrationFile, options: EngineOptions = DEFAULTS) -> tuple[bytes, int]:
     """``mf``'s chain digest (format/chain.content_root of its RAM as a restore reads it)
     and the bytes read to compute it."""
-    seal, _, read = compute_seal(mf, algorithm=ROOT_ALGORITHM, options=options)
-    return content_root(seal), read
+    chunk = choose_chunk_bytes([(b.idstr, b.used_length) for b in mf.blocks], mf.page_size)
+    per_block, _, read = _digests(mf, Digester(ROOT_ALGORITHM), chunk, options)
+    blocks = tuple(BlockDigests(b.idstr, b.used_length, d) for b, d in zip(mf.blocks, per_block))
+    return content_root(Seal(ROOT_ALGORITHM, False, chunk, b"", blocks)), read  # RAM only: no state digest
 
 
 def check_chain(mf: MigrationFile, options: EngineOptions = DEFAULTS) -> int:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from mappedram.engine.fileio import pwrite_full
 from mappedram.engine.zstdio import compress_frames
@@ -63,6 +64,10 @@ class CompressReport:
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     seal: SealReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_seconds": self.total_seconds, "gbps": self.gbps, "ratio": self.ratio,
+                "data_ratio": self.data_ratio}  # fmt: skip
 
     @property
     def ratio(self) -> float:

@@ -279,7 +279,9 @@ class LazyLoader:
 
     def _fail(self, exc: MappedRamError, first: int, count: int) -> None:
         """A read failed: keep the error and make the pages fail the vCPU's access."""
-        err = exc if isinstance(exc, IOEngineError) else IOEngineError(str(exc), path=self.path)
+        offset = exc.fields.get("offset")
+        err = exc if isinstance(exc, IOEngineError) else IOEngineError(
+            str(exc), path=self.path, offset=offset if isinstance(offset, int) else None)  # fmt: skip
         with self._done:
             if self.error is None:
                 self.error = IOEngineError(

@@ -35,8 +35,8 @@ from mappedram._runs import assign_last
 from mappedram.engine.copy import gather_pages, gather_pages_at
 from mappedram.engine.fileio import close_fd, data_extents, file_identity, file_size, open_read, pread_upto, prefetch
 from mappedram.engine.pages import FilePages
-from mappedram.engine.store import SOURCE_SHIFT, Source, Store, StoreSpec, ZstdFrames, open_store
-from mappedram.errors import FormatError, LayoutError, TruncatedError, UnsupportedError, UsageError
+from mappedram.engine.store import MAX_SOURCES, SOURCE_SHIFT, Source, Store, StoreSpec, ZstdFrames, open_store
+from mappedram.errors import FormatError, IOEngineError, LayoutError, TruncatedError, UnsupportedError, UsageError
 from mappedram.format.bitmap import HOST_BYTE_ORDER, HOST_WORD_SIZE, Bits, bitmap_size, decode_bitmap, padding_bits_set
 from mappedram.format.chain import MAX_CHAIN, ParentRef, decode_parent
 from mappedram.format.constants import QEMU_VM_EOF
@@ -111,6 +111,7 @@ class RamBlock:
     source: int = 0  # the block's pages in the file's StoreSpec (0: the file's own slots)
     parent: RamBlock | None = None  # a child's block: the parent's, for the pages this file does not hold
     parent_base: int = 0  # where the parent's sources start in this file's StoreSpec
+    chain_present: Bits | None = None  # a child's block: its pages and its parents', taken once
 
     @property
     def compressed(self) -> bool:
@@ -129,8 +130,8 @@ class RamBlock:
     @property
     def present(self) -> Bits:
         """Pages whose bytes are in the file (in a chain: in the file or one of its parents)."""
-        if self.parent is not None and self.bitmap is not None:
-            return self.bitmap | self.parent.present
+        if self.chain_present is not None:
+            return self.chain_present
         return self.own
 
     @property
@@ -234,6 +235,7 @@ class MigrationFile:
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _stores: list[Store] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _spec: StoreSpec | None = field(default=None, repr=False)
 
     # -- properties ------------------------------------------------------------------
 
@@ -275,7 +277,11 @@ class MigrationFile:
         spec whose further sources are the compressed runs (or a chain's other files)."""
         if not self.extra_sources:
             return self.path
-        return StoreSpec((self.path, *self.extra_sources), path=self.path)
+        spec = self._spec
+        if spec is None:
+            ids = tuple((m.path, *m.file_id) for m in self.chain)
+            spec = self._spec = StoreSpec((self.path, *self.extra_sources), path=self.path, identities=ids)
+        return spec
 
     @property
     def page_size(self) -> int:
@@ -337,6 +343,8 @@ class MigrationFile:
     def _gather(self, offsets: npt.NDArray[np.int64], page_size: int, out: memoryview) -> None:
         """Pages at source offsets into ``out``: straight from the file, or through this
         thread's store (decompressing frames, reading a chain's other files)."""
+        if self._fd < 0:
+            raise IOEngineError("read after the file was closed", path=self.path)
         if not self.extra_sources:
             gather_pages(self._fd, self.path, offsets, page_size, out)
             return
@@ -401,6 +409,7 @@ class MigrationFile:
     def close(self) -> None:
         with self._lock:
             stores, self._stores = self._stores, []
+            self._local = threading.local()
         for store in stores:
             store.close()
         if self.parent is not None:
@@ -521,8 +530,14 @@ def _attach_parent(mf: MigrationFile, below: tuple[tuple[int, int], ...]) -> Non
         parent.close()
         raise
     base = 1 + len(mf.extra_sources)
+    if base + 1 + len(parent.extra_sources) > MAX_SOURCES:
+        parent.close()
+        raise FormatError(f"chain: more files and compressed blocks than the {MAX_SOURCES} a reader takes",
+                          offset=at, field="vmdesc mappedram.parent", expected=f"<= {MAX_SOURCES} sources",
+                          actual=f"{base + 1 + len(parent.extra_sources)} sources")  # fmt: skip
     for b, pb in zip(mf.blocks, parent.blocks):
         b.parent, b.parent_base = pb, base
+        b.chain_present = b.own | pb.present  # the bitmaps never change once open
     mf.extra_sources = (*mf.extra_sources, parent.path, *parent.extra_sources)
     mf.parent, mf.parent_ref = parent, ref
 
@@ -648,6 +663,10 @@ def _decode(
         if b.layout is not None:
             _load_bitmap(fd, path, b)
             if b.layout.zstd is not None:
+                if len(extra) + 1 >= MAX_SOURCES:
+                    raise LayoutError(f"more compressed blocks than the {MAX_SOURCES - 1} a reader takes",
+                                      offset=b.entry_offset, field="RAM blocks", expected=f"<= {MAX_SOURCES - 1}",
+                                      actual=f"block {len(extra) + 1}", block=b.idstr)  # fmt: skip
                 b.zstd = _load_frames(fd, path, b)
                 extra.append(b.zstd)
                 b.source = len(extra)
@@ -719,6 +738,8 @@ def _truncated(exc: TruncatedError, size: int, blocks: Sequence[RamBlock]) -> Tr
     record or region the cut falls in, and what a whole file has there. Offsets in it lie
     inside the file: a mapped-ram stream resumes past the page regions, which a cut file
     may not reach."""
+    if exc.field == "region_length":
+        return exc  # the decoder's own account of a cut compressed region says it all
     at = size if exc.offset is None else exc.offset
     more = re.match(r"(\d+) more bytes", str(exc.expected or ""))
     needed = at + int(more.group(1)) if more else at + 1

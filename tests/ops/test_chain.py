@@ -839,3 +839,54 @@ def test_write_child_refuses_other_blocks(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="other RAM blocks"):
         ops.diff(pair.a, other, write_child=out)
     assert not out.exists()
+
+
+# -- what a read-through review found --------------------------------------------------
+
+
+def test_a_parent_replaced_after_the_child_was_opened_is_not_read(tmp_path: Path) -> None:
+    """Stores open the chain's files by path: each must still be the file that was checked."""
+    pair = _pair(tmp_path)
+    child = tmp_path / "c.mig"
+    _child(pair, child)
+    other = tmp_path / "other.mig"
+    shutil.copy(pair.a, other)
+    _flip(other, _slot(other, "pc.ram", int(np.flatnonzero(pair.ram_a.any(axis=1) & ~pair.changed)[0])) + 3)
+    with mappedram.open_file(child) as mf:
+        ops.seal.check_chain(mf)
+        os.replace(other, pair.a)
+        with pytest.raises(mappedram.IOEngineError, match="replaced since it was opened"):
+            mf.read_pages("pc.ram", 0, PAGES)
+
+
+def test_diff_does_not_write_a_child_over_a_file_of_bs_chain(tmp_path: Path) -> None:
+    pair = _pair(tmp_path)
+    c1 = tmp_path / "c1.mig"
+    _child(pair, c1)  # c1's parent is A
+    before = pair.a.read_bytes()
+    with pytest.raises(UsageError, match="cannot write into the file it reads"):
+        ops.diff(pair.b, c1, write_child=pair.a)
+    assert pair.a.read_bytes() == before
+
+
+def test_check_chain_names_the_oldest_file_that_changed(tmp_path: Path) -> None:
+    pair = _pair(tmp_path)
+    c1, c2 = tmp_path / "c1.mig", tmp_path / "c2.mig"
+    _child(pair, c1)
+    ops.diff(c1, pair.b, write_child=c2)
+    _flip(pair.a, _slot(pair.a, "pc.ram", int(np.flatnonzero(pair.ram_a.any(axis=1) & ~pair.changed)[0])) + 1)
+    with mappedram.open_file(c2) as mf, pytest.raises(IntegrityError) as err:
+        ops.seal.check_chain(mf)
+    assert f"the parent {os.path.join('.', 'a.mig')} changed" in str(err.value) or "a.mig changed" in str(err.value)
+    assert "c1.mig changed" not in str(err.value)
+
+
+def test_a_closed_chain_is_not_read(tmp_path: Path) -> None:
+    pair = _pair(tmp_path)
+    child = tmp_path / "c.mig"
+    _child(pair, child)
+    mf = mappedram.open_file(child)
+    mf.read_pages("pc.ram", 0, 1)
+    mf.close()
+    with pytest.raises(mappedram.IOEngineError, match="closed"):
+        mf.read_pages("pc.ram", 0, 1)

@@ -925,7 +925,32 @@ def test_map_mode_is_refused_for_a_compressed_file(tmp_path: Path) -> None:
     _compress(_saved_guest(tmp_path, "software"), z, K64)
     with mappedram.open_file(z) as mf, pytest.raises(UsageError) as err:
         restore_guest(mf, mode="map")
-    assert "map mode" in str(err.value) and "mapped-ram+zstd" in str(err.value) and "'lazy' or 'eager'" in str(err.value)
+    assert "map mode" in str(err.value) and "compressed file" in str(err.value) and "'lazy' or 'eager'" in str(err.value)
     proc = subprocess.run([sys.executable, "-m", "mappedram", "vm", "restore", os.fspath(z), "--mode", "map"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "map mode" in proc.stderr, proc.stderr
+
+
+def test_a_level_zstd_does_not_have_is_refused_up_front(tmp_path: Path) -> None:
+    src = tmp_path / "s.mig"
+    ops.save(src, {"pc.ram": random_pages(8, 0.5, 3)})
+    for level in (23, -(1 << 20)):
+        with pytest.raises(UsageError, match="zstd level"):
+            ops.compress(src, tmp_path / "z.mig", compression=ops.CompressOptions(level=level))
+    assert not (tmp_path / "z.mig").exists()
+
+
+def test_a_cut_compressed_region_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "s.mig"
+    ops.save(src, {"pc.ram": random_pages(64, 0.5, 4)})
+    z = tmp_path / "z.mig"
+    ops.compress(src, z, compression=ops.CompressOptions(frame_bytes=8192))
+    with mappedram.open_file(z) as mf:
+        lay = mf.blocks[0].layout
+        assert lay is not None
+        cut = lay.pages_offset + lay.region_length // 2
+    data = z.read_bytes()[:cut]
+    z.write_bytes(data)
+    with pytest.raises(mappedram.TruncatedError) as err:
+        mappedram.open_file(z)
+    assert "compressed page region of block 'pc.ram'" in str(err.value) and f"{cut:,}" in str(err.value)

@@ -19,6 +19,7 @@ take, never more: a frame that claims more, less, or does not decompress is a
 from __future__ import annotations
 
 import errno
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -29,11 +30,12 @@ import zstandard
 from mappedram.errors import FormatError, IOEngineError
 
 from .copy import gather_pages
-from .fileio import close_fd, open_read, pread_upto
+from .fileio import close_fd, close_quiet, open_read, pread_upto
 
 __all__ = [
     "SOURCE_SHIFT",
     "LOCAL_MASK",
+    "MAX_SOURCES",
     "ZstdFrames",
     "StoreSpec",
     "Store",
@@ -43,6 +45,8 @@ __all__ = [
 
 SOURCE_SHIFT = 52
 LOCAL_MASK = (1 << SOURCE_SHIFT) - 1
+#: Sources one spec can name (the index must stay positive in an int64 source offset).
+MAX_SOURCES = (1 << (63 - SOURCE_SHIFT)) - 1
 #: Decompressed frames one store keeps (a fault, a prefetch and a scan share their neighbours).
 CACHED_FRAMES = 4
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -72,6 +76,9 @@ class StoreSpec:
 
     sources: tuple[Source, ...]
     path: str = field(default="")  # the file named in errors
+    # (path, st_dev, st_ino) of each file as it was opened and checked: a store that opens
+    # one by its path refuses another file put there since
+    identities: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -90,6 +97,7 @@ class Store:
     def __init__(self, spec: str | StoreSpec) -> None:
         self.spec = spec
         self.sources: tuple[Source, ...] = (spec,) if isinstance(spec, str) else spec.sources
+        self.identities = {} if isinstance(spec, str) else {p: (dev, ino) for p, dev, ino in spec.identities}
         self.fds: dict[str, int] = {}
         self.frames: OrderedDict[tuple[int, int], npt.NDArray[np.uint8]] = OrderedDict()
         self.dctx: zstandard.ZstdDecompressor | None = None
@@ -99,7 +107,15 @@ class Store:
     def fd(self, path: str) -> int:
         fd = self.fds.get(path)
         if fd is None:
-            fd = self.fds[path] = open_read(path)
+            fd = open_read(path)
+            want = self.identities.get(path)
+            if want is not None:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != want:
+                    close_quiet(fd)
+                    raise IOEngineError("was replaced since it was opened and checked: not reading another file",
+                                        path=path)  # fmt: skip
+            self.fds[path] = fd
         return fd
 
     def gather(self, src: npt.NDArray[np.int64], page_size: int, out: memoryview) -> npt.NDArray[np.bool_]:

@@ -101,7 +101,7 @@ from .events import (
     SectionType,
 )
 from .structs import BE16, BE32, BE64, MappedRamHeader, ZstdRegionHeader
-from .zstdseek import MAX_FRAME_PAGES, MIN_FRAME_SIZE, seek_table_size
+from .zstdseek import MAX_FRAME_BYTES, MAX_FRAME_PAGES, MIN_FRAME_SIZE, seek_table_size
 
 __all__ = ["Decoder", "MAX_MACHINE_NAME", "MAX_CAPABILITIES"]
 
@@ -796,10 +796,13 @@ class Decoder:
     def _check_zstd(self, z: ZstdRegionHeader, header: MappedRamHeader, num_pages: int, at: int, idstr: str) -> None:
         """A compressed block's region header: a sane frame size, one frame per run of
         ``frame_pages`` pages, and a region that can hold the seek table and lies in the file."""
-        if not (1 <= z.frame_pages <= MAX_FRAME_PAGES and z.frame_pages & (z.frame_pages - 1) == 0):
+        ps = header.page_size
+        if not (1 <= z.frame_pages <= MAX_FRAME_PAGES and z.frame_pages & (z.frame_pages - 1) == 0
+                and z.frame_pages * ps <= MAX_FRAME_BYTES):  # fmt: skip
             raise LayoutError(
-                "zstd frame size is not a power of two of at most 16384 pages",
-                offset=at + 8, field="frame_pages", expected=f"1..{MAX_FRAME_PAGES}, a power of two",
+                f"zstd frame size is not a power of two of at most {MAX_FRAME_PAGES} pages and 64 MiB",
+                offset=at + 8, field="frame_pages",
+                expected=f"1..{min(MAX_FRAME_PAGES, MAX_FRAME_BYTES // ps)}, a power of two",
                 actual=z.frame_pages, block=idstr,
             )  # fmt: skip
         want = -(-num_pages // z.frame_pages)

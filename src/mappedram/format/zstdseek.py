@@ -31,6 +31,7 @@ __all__ = [
     "SEEKABLE_MAGIC",
     "ZSTD_FRAME_MAGIC",
     "MAX_FRAME_PAGES",
+    "MAX_FRAME_BYTES",
     "MIN_FRAME_SIZE",
     "compress_bound",
     "frame_lengths",
@@ -44,6 +45,8 @@ SEEKABLE_MAGIC = 0x8F92EAB1
 ZSTD_FRAME_MAGIC = 0xFD2FB528
 #: 64 MiB frames of 4 KiB pages at most: a frame is decompressed whole into memory.
 MAX_FRAME_PAGES = 16384
+#: ... and 64 MiB whatever the page size (a target may have pages of up to 1 MiB).
+MAX_FRAME_BYTES = 64 << 20
 #: The smallest zstd frame: magic, a 2-byte frame header, one empty block's 3-byte header.
 MIN_FRAME_SIZE = 9
 _FOOTER = struct.Struct("<IBI")

@@ -28,7 +28,7 @@ from mappedram.layout import plan_mapped_ram
 from .chain import ChildReport, parent_ref
 from .chain import write_child as write_child_file
 from .options import DEFAULTS, EngineOptions
-from .protocol import CHUNK_PAGES
+from .protocol import CHUNK_PAGES, refuse_chain_file
 from .relay import spec_from
 from .seal import SEAL_CHECK, SealCheck, SealInfo, SealOptions, check_chain, content_digest, seal_info, verify_seal
 
@@ -349,6 +349,8 @@ def verify(
         _check_device_ids(mf, problems)
         _check_trailer(mf, problems)
         if mf.compressed:
+            checks = [c.replace("mapped-ram headers: version 1", "mapped-ram headers: version 0x5a000001 (compressed)")
+                      for c in checks]  # fmt: skip
             checks.append("compressed page regions: the region header (frame size, one frame per run of pages), "
                           "the zstd seek table (frame count, each frame's sizes against its pages and zstd's "
                           "bound, frames and table filling the region)")  # fmt: skip
@@ -583,6 +585,8 @@ def diff(
         same_blocks = [(x.idstr, x.used_length) for x in fa.blocks] == [(x.idstr, x.used_length) for x in fb.blocks]
         if write_child is not None and not same_blocks:
             raise UsageError(f"{fb.path}: holds other RAM blocks than {fa.path}: a child holds its parent's blocks")
+        if write_child is not None:
+            refuse_chain_file(fb, write_child, "write a child")
         ref = parent_ref(fa, os.fspath(write_child), options) if write_child is not None else None
         names_b = {blk.idstr for blk in fb.blocks}
         names_a = {blk.idstr for blk in fa.blocks}

@@ -441,7 +441,7 @@ def check_chain(mf: MigrationFile, options: EngineOptions = DEFAULTS) -> int:
     """Raise IntegrityError unless every parent of a chain is the file its child recorded
     (its RAM digest); nothing for a whole file. Returns the bytes read."""
     read = 0
-    for child in mf.chain[:-1]:
+    for child in reversed(mf.chain[:-1]):  # oldest first: a changed file is named, not its children
         assert child.parent is not None and child.parent_ref is not None
         digest, n = content_digest(child.parent, options)
         read += n

@@ -21,7 +21,7 @@ from mappedram.errors import UsageError
 from mappedram.format.bitmap import encode_bitmap
 from mappedram.format.constants import CAP_MAPPEDRAM_ZSTD, TARGET_PAGE_SIZE
 from mappedram.format.structs import ZstdRegionHeader
-from mappedram.format.zstdseek import MAX_FRAME_PAGES, encode_seek_table, frame_lengths
+from mappedram.format.zstdseek import MAX_FRAME_BYTES, MAX_FRAME_PAGES, encode_seek_table, frame_lengths
 from mappedram.image import MigrationFile, open_file
 from mappedram.layout import FilePlan, StreamSpec, plan_file
 
@@ -36,6 +36,8 @@ __all__ = ["CompressOptions", "CompressReport", "compress", "decompress", "DEFAU
 #: 2 MiB frames: a random read decompresses 2 MiB at most (what E2B and BuildBuddy settled on).
 DEFAULT_FRAME_BYTES = 2 << 20
 DEFAULT_LEVEL = 3
+#: zstd's levels: 1..22, and the negative "fast" levels down to ZSTD_minCLevel.
+MIN_LEVEL, MAX_LEVEL = -(1 << 17), 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +110,11 @@ def compress(
         check_chain(mf, options.replace(progress=None, on_start=None))
         ps = mf.page_size
         fp = fb // ps
-        if fb % ps or not 1 <= fp <= MAX_FRAME_PAGES or fp & (fp - 1):
-            raise UsageError(f"frame size {fb} is not a power of two from {ps} to {MAX_FRAME_PAGES * ps} bytes")
+        most = min(MAX_FRAME_PAGES * ps, MAX_FRAME_BYTES)
+        if fb % ps or not 1 <= fp <= MAX_FRAME_PAGES or fp & (fp - 1) or fb > most:
+            raise UsageError(f"frame size {fb} is not a power of two from {ps} to {most} bytes")
+        if not MIN_LEVEL <= compression.level <= MAX_LEVEL:
+            raise UsageError(f"zstd level {compression.level} is not within {MIN_LEVEL}..{MAX_LEVEL}")
         base = spec_from(mf)
         spec = StreamSpec(
             machine_type=base.machine_type, capabilities=(*base.capabilities, CAP_MAPPEDRAM_ZSTD),
@@ -136,6 +141,9 @@ def compress(
                            seconds={"frames": t1 - t0, "finalize": time.perf_counter() - t1},
                            machine_type=spec.machine_type)  # fmt: skip
 
+        if mf.libvirt is not None:
+            notes.append(f"{mf.path} is a libvirt save image: {target} holds its QEMU stream alone, without "
+                         "libvirt's header and domain XML")  # fmt: skip
         written = commit(target, None, options.durable, notes, sealed_body(body, seal, 0, options))
         return CompressReport(
             path=target, source=mf.path, source_format=mf.format_name,

@@ -155,8 +155,9 @@ def _restore_guest(mf: MigrationFile, mode: str, rate: float | None, dirty_log: 
     if mode == "lazy":
         return _lazy(mf, cpu, block, mem_mib, t0, rate=rate, dirty_log=dirty_log, lazy=lazy)
     if not block.slots:
-        raise UsageError(f"{mf.path}: map mode maps the file's page slots, and this {mf.format_name} file has "
-                         "none to map: restore it with mode 'lazy' or 'eager'")  # fmt: skip
+        what = "compressed file" if block.compressed else "child of a chain (its parents hold pages)"
+        raise UsageError(f"{mf.path}: map mode maps the file's page slots, and this {what} has none to map: "
+                         "restore it with mode 'lazy' or 'eager'")  # fmt: skip
     stale = stale_slots(mf, block)
     memory = file_memory(mf.path, lay.pages_offset, block.used_length, identity=mf.file_id)
     notes = []

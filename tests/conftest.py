@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.patterns import qemu_vector_pattern
 from tests.helpers.vectors import INDEX, QEMU_DATA, VECTORS, unzstd_sparse, vector_meta
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _direct_io_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``--direct-io auto`` keeps its probe results in the session's own cache directory
+    (in this process and the CLI processes tests start), never in the user's."""
+    before = os.environ.get("MAPPEDRAM_CACHE_DIR")
+    os.environ["MAPPEDRAM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("MAPPEDRAM_CACHE_DIR", None)
+    else:
+        os.environ["MAPPEDRAM_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

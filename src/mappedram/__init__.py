@@ -7,6 +7,8 @@ public API; every other module name is an implementation detail.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from mappedram.errors import (
     BadMagicError as BadMagicError,
 )
@@ -40,9 +42,11 @@ from mappedram.errors import (
 from mappedram.errors import (
     UsageError as UsageError,
 )
-from mappedram.image import MigrationFile as MigrationFile
-from mappedram.image import RamBlock as RamBlock
-from mappedram.image import open_file as open_file
+
+if TYPE_CHECKING:
+    from mappedram.image import MigrationFile as MigrationFile
+    from mappedram.image import RamBlock as RamBlock
+    from mappedram.image import open_file as open_file
 
 __version__ = "0.1.0"
 
@@ -63,3 +67,15 @@ __all__ = [
     "open_file",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The reader is imported on first use (PEP 562): ``import mappedram.errors`` and the
+    # CLI's start-up do not pay for the whole package.
+    if name in ("MigrationFile", "RamBlock", "open_file"):
+        from mappedram import image
+
+        value = getattr(image, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

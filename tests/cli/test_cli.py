@@ -143,3 +143,25 @@ def test_save_bad_block_argument(tmp_path):
     assert proc.returncode == 2 and "NAME=PATH" in proc.stderr
     proc = run("save", "--block", f"m0={tmp_path / 'missing.raw'}", "-o", str(tmp_path / "x.mig"), check=False)
     assert proc.returncode == 1 and "missing.raw" in proc.stderr
+
+
+@pytest.mark.parametrize(("given", "mode"), [((), "auto"), (("--direct-io",), "on"), (("--direct-io", "off"), "off"),
+                                             (("--direct-io", "auto"), "auto"), (("--direct-io=on",), "on")])  # fmt: skip
+def test_direct_io_modes_and_the_reason_in_the_report(tmp_path, given, mode):
+    ram = tmp_path / "ram.img"
+    ram.write_bytes(os.urandom(1 << 20) + bytes(1 << 20))
+    out, back = tmp_path / "out.mig", tmp_path / "back.img"
+    saved = json.loads(run("save", "--block", f"pc.ram={ram}", "-o", str(out), *given, "--output", "json").stdout)
+    restored = json.loads(run("restore", str(out), "--block", f"pc.ram={back}", *given, "--output", "json").stdout)
+    for report in (saved, restored):
+        assert report["direct_io_reason"].startswith(mode + ":")
+        if mode != "auto":
+            assert report["direct_io"] is (mode == "on")
+    assert back.read_bytes() == ram.read_bytes()
+    human = run("save", "--block", f"pc.ram={ram}", "-o", str(out), *given).stdout
+    assert f"direct-io {mode}:" in human
+
+
+def test_direct_io_mode_refused(tmp_path):
+    r = run("save", "--block", f"pc.ram={tmp_path}/x", "-o", str(tmp_path / "o"), "--direct-io", "fast", check=False)
+    assert r.returncode == 2 and "invalid choice: 'fast'" in r.stderr

@@ -46,9 +46,10 @@ def test_short_writes_and_reads_and_eintr_are_absorbed(tmp_path):
 
     target = tmp_path / "s.mig"
     with inject(choppy):
-        save(target, {"pc.ram": data}, options=EngineOptions(channels=3))
+        # through the page cache: O_DIRECT would refuse the unaligned rest of a short transfer
+        save(target, {"pc.ram": data}, options=EngineOptions(channels=3, direct_io="off"))
         dest = np.zeros_like(data)
-        restore(target, {"pc.ram": dest}, options=EngineOptions(channels=3))
+        restore(target, {"pc.ram": dest}, options=EngineOptions(channels=3, direct_io="off"))
     assert np.array_equal(dest, data)
     assert ops.verify(target).ok
 

@@ -166,8 +166,9 @@ class Pair:
 
 def _save(path: Path, ram: npt.NDArray[np.uint8]) -> Path:
     state, trailer = device_state()
+    # through the page cache, every zero page a hole (O_DIRECT writes merged extents, zeros included)
     ops.save(path, [("pc.ram", ram.reshape(-1)), ("pc.bios", BIOS)], device_state=state, vmdesc=trailer[5:],
-             ram_section_id=1)  # fmt: skip
+             ram_section_id=1, options=ops.EngineOptions(direct_io="off"))  # fmt: skip
     return path
 
 

@@ -43,7 +43,7 @@ from mappedram.format.postcopy import (
 from mappedram.image import open_file
 from mappedram.layout import PING_OPENED, PING_PACKAGE, PING_RUN, PING_STARTED, StreamPlan, plan_stream
 from mappedram.ops import EngineOptions, ServeOptions, ServeReport, save, serve
-from mappedram.ops.serve import live_spec
+from mappedram.ops.server import live_spec
 from tests.helpers.streams import device_state
 
 #: The longest any wait here may take.

@@ -9,10 +9,14 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mappedram import ops
 from mappedram.errors import UsageError
-from mappedram.ops import DEFAULT_CHANNELS, NO_CHECK, EngineOptions, OnStart, Progress, SealOptions, load_key
+from mappedram.ops.options import DEFAULT_CHANNELS, DIRECT_IO_MODES, EngineOptions, OnStart, Progress
+
+if TYPE_CHECKING:
+    from mappedram.ops import SealOptions
 
 __all__ = [
     "parse_size",
@@ -91,11 +95,20 @@ def add_engine(p: argparse.ArgumentParser, *, direct_io: bool = True) -> None:
     """``--channels`` and, for commands that write or read pages in bulk, the O_DIRECT options."""
     add_channels(p)
     if direct_io:
-        p.add_argument("--direct-io", action="store_true", help="page I/O with O_DIRECT, bypassing the page cache")
+        p.add_argument(
+            "--direct-io",
+            nargs="?",
+            choices=DIRECT_IO_MODES,
+            const="on",
+            default="auto",
+            metavar="auto|on|off",
+            help="page I/O with O_DIRECT, bypassing the page cache: auto (the default) where the filesystem "
+            "takes it and a probe (once per filesystem) found it faster there; on (--direct-io alone); off",
+        )
         p.add_argument(
             "--direct-io-fallback",
             action="store_true",
-            help="with --direct-io: use the page cache where the filesystem refuses O_DIRECT",
+            help="with --direct-io on: use the page cache where the filesystem refuses O_DIRECT",
         )
 
 
@@ -125,7 +138,7 @@ def seal_writer_options(args: argparse.Namespace) -> SealOptions | None:
     key = getattr(args, "key", None)
     if not getattr(args, "seal", False) and key is None:
         return None
-    return SealOptions(key=None if key is None else load_key(key))
+    return ops.SealOptions(key=None if key is None else ops.load_key(key))
 
 
 def seal_reader_options(args: argparse.Namespace) -> SealOptions:
@@ -134,8 +147,8 @@ def seal_reader_options(args: argparse.Namespace) -> SealOptions:
     if getattr(args, "no_verify_seal", False):
         if key is not None:
             raise UsageError("--key checks the seal, --no-verify-seal skips it: give one of them")
-        return NO_CHECK
-    return SealOptions(key=None if key is None else load_key(key))
+        return ops.NO_CHECK
+    return ops.SealOptions(key=None if key is None else ops.load_key(key))
 
 
 def engine_options(
@@ -147,7 +160,7 @@ def engine_options(
         raise UsageError(f"--channels must be at least 1, got {channels}")
     settings: dict[str, Any] = dict(
         channels=channels,
-        direct_io=getattr(args, "direct_io", False),
+        direct_io=getattr(args, "direct_io", "auto"),
         direct_io_fallback=getattr(args, "direct_io_fallback", False),
         progress=progress,
         on_start=on_start,

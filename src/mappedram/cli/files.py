@@ -35,6 +35,11 @@ from .args import (
 __all__ = ["add_commands"]
 
 
+def _compression(args: argparse.Namespace) -> ops.CompressOptions:
+    given = {"level": args.level, "frame_bytes": args.frame_size}
+    return ops.CompressOptions(**{k: v for k, v in given.items() if v is not None})
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     path, offset = parse_target(args.file, args.offset)
     with progress_bar(show_progress(args), "info") as (update, start):
@@ -162,7 +167,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     threads = args.threads or len(os.sched_getaffinity(0))
     with progress_bar(show_progress(args), "compress") as (update, start):
         report = ops.compress(path, args.out, source_offset=offset,
-                              compression=ops.CompressOptions(level=args.level, frame_bytes=args.frame_size),
+                              compression=_compression(args),
                               options=engine_options(args, update, start, channels=threads),
                               seal=seal_writer_options(args))  # fmt: skip
     emit(args, report, render.render_compress)
@@ -331,9 +336,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("compress", help="compress a file with random access kept: zstd frames and a seek table")
     source(p, "input", "IN")
     p.add_argument("out", metavar="OUT", help="the compressed file to write (QEMU does not load it)")
-    p.add_argument("--level", type=int, default=ops.zstd.DEFAULT_LEVEL, help="zstd level (default 3; 1..19)")
+    p.add_argument("--level", type=int, default=None, help="zstd level (default 3; 1..19)")
     p.add_argument("--threads", type=int, default=0, help="compression threads (default: one per CPU)")
-    p.add_argument("--frame-size", type=parse_size, default=ops.zstd.DEFAULT_FRAME_BYTES,
+    p.add_argument("--frame-size", type=parse_size, default=None,
                    help="RAM per zstd frame, a power of two (default 2M): what a random read decompresses")  # fmt: skip
     add_seal_writer(p)
     add_output(p)

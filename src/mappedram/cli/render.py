@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mappedram import ops
-from mappedram.ops import LiveSaveReport, PassStats
-from mappedram.vm import ops as vmops
+if TYPE_CHECKING:
+    from mappedram import ops
+    from mappedram.ops import LiveSaveReport, PassStats
+    from mappedram.vm import ops as vmops
 
 __all__ = [
     "render_info",
@@ -160,6 +161,10 @@ def render_seal(r: ops.SealReport) -> str:
     return "\n".join(lines)
 
 
+def _direct_line(reason: str) -> list[str]:
+    return [f"direct-io {reason}"] if reason else []
+
+
 def _sealed_line(seal: ops.SealReport | None) -> list[str]:
     if seal is None:
         return []
@@ -232,6 +237,7 @@ def render_save(r: ops.SaveReport) -> str:
         f"file size {_human(r.file_size)}; {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}",
         f"{r.total_seconds:.2f} s ({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
     ]
+    lines += _direct_line(r.direct_io_reason)
     lines += _sealed_line(r.seal)
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
@@ -286,6 +292,7 @@ def render_restore(r: ops.RestoreReport) -> str:
         f"{r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'}; {r.total_seconds:.2f} s "
         f"({r.gbps:.2f} GB/s): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()),
     ]
+    lines += _direct_line(r.direct_io_reason)
     if r.skipped_blocks:
         lines.append(f"not restored (no destination given): {', '.join(r.skipped_blocks)}")
     lines += _checked_line(r.seal)
@@ -374,6 +381,7 @@ def render_live(r: LiveSaveReport, title: str = "live save", *, judged: bool = T
         f" {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'};"
         f" {r.total_seconds:.2f} s in all",
     ]
+    lines += [f"  {line}" for line in _direct_line(r.direct_io_reason)]
     lines += [f"  {line}" for line in _sealed_line(r.seal)]
     lines += [f"  note: {n}" for n in r.notes]
     return "\n".join(lines)

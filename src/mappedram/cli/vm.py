@@ -13,11 +13,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mappedram import ops
 from mappedram.ops import FORMATS, AutoConverge, LiveOptions, PassStats, Progress
-from mappedram.vm import ops as vmops
+from mappedram.vm import config
+
+if TYPE_CHECKING:
+    from mappedram.vm import ops as vmops
 
 from . import render
 from .args import (
@@ -59,6 +62,8 @@ def _live_progress(enabled: bool) -> Iterator[tuple[Progress | None, Callable[[P
 
 
 def _guest(args: argparse.Namespace) -> vmops.GuestConfig:
+    from mappedram.vm import ops as vmops
+
     return vmops.GuestConfig(
         kind=args.guest, mem_mib=args.mem, seed=args.seed, fill_fraction=args.fill, rate=args.rate, batch=args.batch
     )
@@ -85,6 +90,8 @@ def _live(args: argparse.Namespace, on_pass: Callable[[PassStats], None] | None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mappedram.vm import ops as vmops
+
     workdir = args.dir or tempfile.mkdtemp(prefix=".mappedram-demo-", dir=os.getcwd())
     os.makedirs(workdir, exist_ok=True)
     show = show_progress(args)
@@ -99,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 run_iterations=args.run_iterations,
                 step_batches=args.step_batches,
                 live=_live(args, on_pass),
-                options=engine_options(args, update, direct_io=not args.no_direct_io, direct_io_fallback=True),
+                options=engine_options(args, update, direct_io="off" if args.no_direct_io else "auto"),
                 on_phase=(lambda text: print(f"== {text}", file=sys.stderr)) if show else None,
                 seal=ops.SealOptions() if args.seal else None,
             )
@@ -113,12 +120,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_run(args: argparse.Namespace) -> int:
+    from mappedram.vm import ops as vmops
+
     report = vmops.vm_run(_guest(args), seconds=args.seconds, iterations=args.iterations)
     emit(args, report, render.render_vm_run)
     return 0 if report.ok else 1
 
 
 def cmd_vm_save(args: argparse.Namespace) -> int:
+    from mappedram.vm import ops as vmops
+
     if args.parent is not None:
         with progress_bar(show_progress(args), "child") as (update, start):
             child = vmops.vm_save_child(args.out, args.parent, warmup=args.warmup,
@@ -144,6 +155,8 @@ def cmd_vm_save(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_restore(args: argparse.Namespace) -> int:
+    from mappedram.vm import ops as vmops
+
     with progress_bar(show_progress(args), "restore") as (update, start):
         report = vmops.vm_restore(
             args.file, mode=args.mode, run=args.run, run_iterations=args.run_iterations, rate=args.rate,
@@ -156,7 +169,7 @@ def cmd_vm_restore(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Add ``demo`` and ``vm`` to the CLI's subcommands."""
-    defaults = vmops.VM_LIVE_DEFAULTS
+    defaults = config.VM_LIVE_DEFAULTS
     auto = AutoConverge()
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -168,7 +181,7 @@ def add_commands(sub: Any) -> None:
 
     def guest_opts(p: argparse.ArgumentParser, mem: int) -> None:
         p.add_argument("--mem", type=int, default=mem, metavar="MIB", help=f"guest RAM in MiB (default {mem})")
-        p.add_argument("--guest", choices=vmops.GUEST_KINDS, default="auto",
+        p.add_argument("--guest", choices=config.GUEST_KINDS, default="auto",
                        help="kvm (the micro-VM on /dev/kvm), software, or auto: kvm where it works")  # fmt: skip
         rate_opt(p)
         p.add_argument("--fill", type=float, default=0.5, metavar="F", help="share of RAM the guest fills")
@@ -184,8 +197,13 @@ def add_commands(sub: Any) -> None:
                             "is paused otherwise (deterministic passes)")  # fmt: skip
 
     def live_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-passes", type=int, default=defaults.max_passes, metavar="N",
-                       help=f"live passes at most before the guest is stopped (default {defaults.max_passes})")
+        p.add_argument(
+            "--max-passes",
+            type=int,
+            default=defaults.max_passes,
+            metavar="N",
+            help=f"live passes at most before the guest is stopped (default {defaults.max_passes})",
+        )
         p.add_argument("--downtime-limit", type=float, default=defaults.downtime_limit, metavar="S",
                        help="stop iterating when the rest fits this many seconds"
                             f" (default {defaults.downtime_limit:g})")  # fmt: skip
@@ -251,13 +269,16 @@ def add_commands(sub: Any) -> None:
 
     p = vsub.add_parser("restore", help="restore a saved guest into a fresh VM, check it, resume it, check again")
     p.add_argument("file", metavar="FILE", help="a file saved by `vm save` or the demo")
-    p.add_argument("--mode", choices=vmops.RESTORE_MODES, default="eager",
+    p.add_argument("--mode", choices=config.RESTORE_MODES, default="eager",
                    help="eager: read all RAM first; map: the RAM is a private mapping of the file, the guest"
                         " runs at once and reads each page on first touch; lazy (KVM guest): the guest runs"
                         " at once, userfaultfd serves each page it touches while prefetch threads fill the rest",
                    )  # fmt: skip
-    p.add_argument("--fallback-eager", action="store_true",
-                   help="with --mode lazy: restore eagerly where userfaultfd cannot be used (else that is an error)")
+    p.add_argument(
+        "--fallback-eager",
+        action="store_true",
+        help="with --mode lazy: restore eagerly where userfaultfd cannot be used (else that is an error)",
+    )
     run_opts(p)
     rate_opt(p)
     add_engine(p)

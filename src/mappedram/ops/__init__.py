@@ -15,47 +15,51 @@ This package is the CLI's one door to the library:
 
 from __future__ import annotations
 
-from .blockimage import ExtractedBlock, ExtractReport, extract, safe_filename
-from .chain import ChildReport, flatten, write_child
-from .converge import AutoConverge, CpuThrottle
-from .guestphys import EXPORT_FORMATS, ExportReport, ExportSegment, export
-from .inspect import (
-    BlockDiff,
-    BlockInfo,
-    DeviceInfo,
-    DiffReport,
-    InfoReport,
-    LibvirtInfo,
-    Problem,
-    VerifyReport,
-    diff,
-    info,
-    verify,
-)
-from .live import FORMATS, LIVE_DEFAULTS, LiveOptions, LiveSaveReport, PassStats, live_save
-from .loader import RestoreReport, restore, restore_files
-from .options import DEFAULT_CHANNELS, DEFAULTS, EngineOptions, OnStart, Progress
-from .protocol import TEMP_MARKER
-from .relay import CONVERT_FORMATS, convert, rewrite
-from .seal import (
-    NO_CHECK,
-    SEAL_ALGORITHMS,
-    SEAL_CHECK,
-    SealCheck,
-    SealInfo,
-    SealKey,
-    SealMismatch,
-    SealOptions,
-    SealReport,
-    check_seal,
-    load_key,
-    seal_file,
-    verify_seal,
-)
-from .serve import ServeOptions, ServeReport, serve, serve_qemu
-from .trackers import CallbackTracker, CompareTracker, DirtyTracker, OwnerTracker
-from .writer import DEFAULT_MACHINE, SaveReport, save, save_files
-from .zstd import CompressOptions, CompressReport, compress, decompress
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .blockimage import ExtractedBlock, ExtractReport, extract, safe_filename
+    from .chain import ChildReport, flatten, write_child
+    from .converge import AutoConverge, CpuThrottle
+    from .guestphys import EXPORT_FORMATS, ExportReport, ExportSegment, export
+    from .inspect import (
+        BlockDiff,
+        BlockInfo,
+        DeviceInfo,
+        DiffReport,
+        InfoReport,
+        LibvirtInfo,
+        Problem,
+        VerifyReport,
+        diff,
+        info,
+        verify,
+    )
+    from .live import FORMATS, LIVE_DEFAULTS, LiveOptions, LiveSaveReport, PassStats, live_save
+    from .loader import RestoreReport, restore, restore_files
+    from .options import DEFAULT_CHANNELS, DEFAULTS, EngineOptions, OnStart, Progress
+    from .protocol import TEMP_MARKER
+    from .relay import CONVERT_FORMATS, convert, rewrite
+    from .seal import (
+        NO_CHECK,
+        SEAL_ALGORITHMS,
+        SEAL_CHECK,
+        SealCheck,
+        SealInfo,
+        SealKey,
+        SealMismatch,
+        SealOptions,
+        SealReport,
+        check_seal,
+        load_key,
+        seal_file,
+        verify_seal,
+    )
+    from .server import ServeOptions, ServeReport, serve, serve_qemu
+    from .trackers import CallbackTracker, CompareTracker, DirtyTracker, OwnerTracker
+    from .writer import DEFAULT_MACHINE, SaveReport, save, save_files
+    from .zstd import CompressOptions, CompressReport, compress, decompress
 
 __all__ = [
     "AutoConverge",
@@ -130,3 +134,92 @@ __all__ = [
     "verify_seal",
     "write_child",
 ]
+
+#: Where each public name lives: the submodule is imported on first use (PEP 562), so a
+#: command imports only what it runs (the CLI's start-up is part of every save it times).
+_WHERE = {
+    "AutoConverge": "converge",
+    "BlockDiff": "inspect",
+    "BlockInfo": "inspect",
+    "CONVERT_FORMATS": "options",
+    "CallbackTracker": "trackers",
+    "ChildReport": "chain",
+    "CompareTracker": "trackers",
+    "CompressOptions": "zstd",
+    "CompressReport": "zstd",
+    "CpuThrottle": "converge",
+    "DEFAULTS": "options",
+    "DEFAULT_CHANNELS": "options",
+    "DEFAULT_MACHINE": "options",
+    "DeviceInfo": "inspect",
+    "DiffReport": "inspect",
+    "DirtyTracker": "trackers",
+    "EXPORT_FORMATS": "options",
+    "EngineOptions": "options",
+    "ExportReport": "guestphys",
+    "ExportSegment": "guestphys",
+    "ExtractReport": "blockimage",
+    "ExtractedBlock": "blockimage",
+    "FORMATS": "options",
+    "InfoReport": "inspect",
+    "LIVE_DEFAULTS": "options",
+    "LibvirtInfo": "inspect",
+    "LiveOptions": "options",
+    "LiveSaveReport": "live",
+    "NO_CHECK": "seal",
+    "OnStart": "options",
+    "OwnerTracker": "trackers",
+    "PassStats": "options",
+    "Problem": "inspect",
+    "Progress": "options",
+    "RestoreReport": "loader",
+    "SEAL_ALGORITHMS": "options",
+    "SEAL_CHECK": "seal",
+    "SaveReport": "writer",
+    "SealCheck": "seal",
+    "SealInfo": "seal",
+    "SealKey": "seal",
+    "SealMismatch": "seal",
+    "SealOptions": "seal",
+    "SealReport": "seal",
+    "ServeOptions": "server",
+    "ServeReport": "server",
+    "TEMP_MARKER": "protocol",
+    "VerifyReport": "inspect",
+    "check_seal": "seal",
+    "compress": "zstd",
+    "convert": "relay",
+    "decompress": "zstd",
+    "diff": "inspect",
+    "export": "guestphys",
+    "extract": "blockimage",
+    "flatten": "chain",
+    "info": "inspect",
+    "live_save": "live",
+    "load_key": "seal",
+    "restore": "loader",
+    "restore_files": "loader",
+    "rewrite": "relay",
+    "safe_filename": "blockimage",
+    "save": "writer",
+    "save_files": "writer",
+    "seal_file": "seal",
+    "serve": "server",
+    "serve_qemu": "server",
+    "verify": "inspect",
+    "verify_seal": "seal",
+    "write_child": "chain",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -48,7 +48,7 @@ from mappedram.format.x86map import (
 )
 from mappedram.image import MigrationFile, open_file
 
-from .options import DEFAULTS, EngineOptions
+from .options import DEFAULTS, EXPORT_FORMATS, EngineOptions
 from .pcimap import legacy_vga, pci_devices, place_bars, section_bodies
 from .protocol import CHUNK_PAGES, refuse_chain_file, refuse_same_file, refuse_symlink
 from .seal import SEAL_CHECK, SealCheck, SealOptions, checked
@@ -63,7 +63,6 @@ __all__ = [
     "export",
 ]
 
-EXPORT_FORMATS = ("elf", "raw")
 
 
 _HOST_BRIDGE_VMSD = {FAMILY_I440FX: "I440FX", FAMILY_Q35: "mch"}

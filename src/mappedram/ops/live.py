@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mappedram.engine.autodirect import DirectChoice
 from mappedram.engine.executor import Throttle, run_tasks
 from mappedram.engine.fileio import allocated_bytes, file_size, pwrite_full
 from mappedram.engine.pages import MemoryPages, PageSource, PageWriteChannel, WriteTask
@@ -55,8 +56,8 @@ from mappedram.format.constants import TARGET_PAGE_SIZE
 from mappedram.format.vmstate import DeviceRecord, encode_device_state, encode_vmdesc_json
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
-from .converge import AutoConverge, CpuThrottle, ThrottleController
-from .options import DEFAULTS, EngineOptions, Progress
+from .converge import CpuThrottle, ThrottleController
+from .options import DEFAULTS, FORMATS, LIVE_DEFAULTS, EngineOptions, LiveOptions, PassStats, Progress
 from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
 from .seal import SealOptions, SealReport, sealed_body
 from .trackers import DirtyTracker
@@ -64,61 +65,10 @@ from .writer import DEFAULT_MACHINE, LEGACY_STAGING, TimedReport, append_records
 
 __all__ = ["FORMATS", "LiveOptions", "LIVE_DEFAULTS", "PassStats", "LiveSaveReport", "live_save", "StopGuest"]
 
-FORMATS = ("mapped-ram", "legacy")
 #: Writers of a pass of scattered dirty pages (page-cache writes; see _mapped_body).
 DIRTY_PASS_CHANNELS = 1
 Bits = npt.NDArray[np.bool_]
 StopGuest = Callable[[], Sequence[DeviceRecord]]
-
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LiveOptions:
-    """How a live save iterates (QEMU's migration parameters of the same names).
-
-    Args:
-        max_passes: live passes at most before the guest is stopped whatever is left.
-        downtime_limit: seconds the final pass (guest stopped) may take: iteration stops
-            once the pages left fit it at the bandwidth measured (QEMU's downtime-limit).
-        bandwidth_limit: bytes per second written at most (QEMU's max-bandwidth); None: no cap.
-        downtime_margin: the share of ``downtime_limit`` the estimated final pass may fill
-            (pages left / bandwidth of the last dirty passes). The final pass also writes the
-            pages dirtied until the guest stops, the bitmaps and the tail, and a pass's
-            bandwidth varies from one to the next: 1.0 is QEMU's rule, the default leaves room.
-        auto_converge: throttle the guest when it dirties pages faster than they are sent
-            (QEMU's auto-converge capability and its parameters); None: never throttle.
-        on_pass: called with each pass's statistics as it ends.
-    """
-
-    max_passes: int = 10
-    downtime_limit: float = 0.3
-    downtime_margin: float = 0.5
-    bandwidth_limit: float | None = None
-    auto_converge: AutoConverge | None = None
-    on_pass: Callable[[PassStats], None] | None = None
-
-    def replace(self, **changes: Any) -> LiveOptions:
-        return dataclasses.replace(self, **changes)
-
-
-LIVE_DEFAULTS = LiveOptions()
-
-
-@dataclass(frozen=True, slots=True)
-class PassStats:
-    """One pass of a live save."""
-
-    index: int  # 1-based
-    stopped: bool  # the final pass, sent with the guest stopped
-    pages_sent: int  # pages this pass covered: every page in pass 1, the dirty ones after
-    pages_written: int  # of those, non-zero pages written (PAGE records in legacy)
-    pages_zero: int  # of those, zero pages (bit cleared / ZERO records)
-    bytes_written: int  # bytes this pass added to the file (page data and records)
-    seconds: float
-    throttle: int  # percent of the guest's time spent asleep (auto-converge) while this pass ran
-    pages_dirtied: int  # pages the guest dirtied while this pass ran (0 for the stopped pass)
-    run_seconds: float  # seconds the guest ran while this pass ran (throttle sleeps excluded)
-    dirty_rate: float  # pages_dirtied per second of guest run time (0 when it did not run)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +93,7 @@ class LiveSaveReport(TimedReport):
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     seal: SealReport | None = None  # sealed before it got its name
+    direct_io_reason: str = ""  # what chose direct_io for pass 1, and why (ops/protocol.py resolve_direct)
 
     @property
     def growth(self) -> float:
@@ -207,7 +158,13 @@ class _Loop:
         return dirty, sum(int(np.count_nonzero(d)) for d in dirty), ran
 
     def _record(
-        self, stopped: bool, sent: int, result: tuple[int, int, int], seconds: float, throttle: int, dirtied: int,
+        self,
+        stopped: bool,
+        sent: int,
+        result: tuple[int, int, int],
+        seconds: float,
+        throttle: int,
+        dirtied: int,
         ran: float,
     ) -> PassStats:
         written, zero, nbytes = result
@@ -340,12 +297,10 @@ def live_save(
     notes: list[str] = []
     planned: list[int] = []
     if format == "mapped-ram":
-        direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
-        body = _mapped_body(views, layout, spec, loop, stop, options.channels, direct, planned)
+        choice = resolve_direct(target, options, "write")
+        body = _mapped_body(views, layout, spec, loop, stop, options.channels, choice.direct, planned)
     else:
-        direct = False
-        if options.direct_io:
-            notes.append("legacy stream: written through the page cache (its records are not aligned)")
+        choice = DirectChoice(False, "legacy stream: the page cache (its records are not aligned)")
         body = _legacy_body(views, layout, spec, loop, stop)
     written = commit(target, None, options.durable, notes, sealed_body(body, seal, 0, options))
     return LiveSaveReport(
@@ -357,7 +312,8 @@ def live_save(
         machine_type=machine_type,
         ram_bytes=written.pages * ps,
         channels=written.channels,
-        direct_io=direct,
+        direct_io=choice.direct,
+        direct_io_reason=choice.reason,
         passes=loop.passes,
         stop_reason=loop.stop_reason,
         downtime=loop.downtime,

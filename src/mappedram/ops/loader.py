@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mappedram.engine.autodirect import DirectChoice
 from mappedram.engine.executor import run_tasks
 from mappedram.engine.fileio import map_file
 from mappedram.engine.pages import PageReadChannel, ReadTask
@@ -56,6 +57,7 @@ class RestoreReport(TimedReport):
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     seal: SealCheck | None = None  # the seal checked before the first destination byte (None: not checked)
+    direct_io_reason: str = ""  # what chose direct_io, and why (ops/protocol.py resolve_direct)
 
 
 @contextmanager
@@ -103,10 +105,11 @@ def restore(
             chosen.append(b)
             del view
         check = checked(mf, seal, options)
-        direct = resolve_direct(mf.path, options.direct_io, options.direct_io_fallback, notes)
-        if direct and not mf.mapped_ram:
-            notes.append("legacy file: read through the page cache (its pages are not aligned)")
-            direct = False
+        if mf.mapped_ram:
+            choice = resolve_direct(mf.path, options, "read")
+        else:
+            choice = DirectChoice(False, "legacy file: the page cache (its pages are not aligned)")
+        direct = choice.direct
         tasks = [
             ReadTask(i, first, b.sources(first, min(CHUNK_PAGES, b.num_pages - first)), zero_absent)
             for i, b in enumerate(chosen)
@@ -152,6 +155,7 @@ def restore(
             pages_absent=pages - read,
             channels=len(made),
             direct_io=direct,
+            direct_io_reason=choice.reason,
             zero_absent=zero_absent,
             seconds={"validate": t1 - t0, "pages": t2 - t1},
             notes=notes,

@@ -10,14 +10,58 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["EngineOptions", "DEFAULTS", "DEFAULT_CHANNELS", "Progress", "OnStart"]
+from .converge import AutoConverge
+
+__all__ = [
+    "EngineOptions",
+    "DEFAULTS",
+    "DEFAULT_CHANNELS",
+    "Progress",
+    "OnStart",
+    "FORMATS",
+    "LiveOptions",
+    "LIVE_DEFAULTS",
+    "PassStats",
+    "DirectIo",
+    "DIRECT_IO_MODES",
+    "direct_mode",
+    "CONVERT_FORMATS",
+    "EXPORT_FORMATS",
+    "DEFAULT_MACHINE",
+    "SEAL_ALGORITHMS",
+]
 
 #: Called with the bytes of RAM each finished piece of work covered.
 Progress = Callable[[int], None]
 #: Called once, before the first page moves, with the total bytes the operation will cover.
 OnStart = Callable[[int], None]
+
+#: The choices the operations offer, here so the CLI lists them without loading the operations.
+#: Formats ``convert`` writes.
+CONVERT_FORMATS = ("mapped-ram", "legacy")
+#: Formats ``export`` writes.
+EXPORT_FORMATS = ("elf", "raw")
+#: The machine type a save writes unless told otherwise.
+DEFAULT_MACHINE = "pc-q35-10.0"
+#: A seal's digests, the default first (format/seal.py ALGORITHMS, which tests hold equal).
+SEAL_ALGORITHMS = ("blake3", "sha256")
+
+#: How page I/O meets the page cache: "auto" (O_DIRECT where the filesystem takes it and it
+#: is faster there), "on" or "off"; True and False mean "on" and "off".
+DirectIo = Literal["auto", "on", "off"] | bool
+DIRECT_IO_MODES = ("auto", "on", "off")
+
+
+def direct_mode(value: DirectIo) -> str:
+    """``value`` as one of :data:`DIRECT_IO_MODES`."""
+    if value is True or value is False:
+        return "on" if value else "off"
+    if value not in DIRECT_IO_MODES:
+        raise ValueError(f"direct_io must be one of {', '.join(DIRECT_IO_MODES)} (or a bool), got {value!r}")
+    return value
+
 
 #: Parallel channels (threads, each with its own file descriptors) unless told otherwise.
 DEFAULT_CHANNELS = 4
@@ -29,8 +73,10 @@ class EngineOptions:
 
     Args:
         channels: parallel channels (threads with their own descriptors and buffers).
-        direct_io: page I/O with O_DIRECT, bypassing the page cache.
-        direct_io_fallback: with ``direct_io``, use the page cache where the filesystem
+        direct_io: page I/O with O_DIRECT, bypassing the page cache: "auto" (the default:
+            where the filesystem takes it and a probe found it faster there), "on" or "off"
+            (or True, False). Reports say what was chosen and why.
+        direct_io_fallback: with ``direct_io`` "on", use the page cache where the filesystem
             refuses O_DIRECT (the report says so) instead of failing.
         durable: fsync the file and its directory before a save reports success.
         progress: called with the RAM bytes each finished piece of work covered.
@@ -38,7 +84,7 @@ class EngineOptions:
     """
 
     channels: int = DEFAULT_CHANNELS
-    direct_io: bool = False
+    direct_io: DirectIo = "auto"
     direct_io_fallback: bool = False
     durable: bool = True
     progress: Progress | None = None
@@ -54,3 +100,55 @@ class EngineOptions:
 
 
 DEFAULTS = EngineOptions()
+
+#: The formats a live save writes.
+FORMATS = ("mapped-ram", "legacy")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveOptions:
+    """How a live save iterates (QEMU's migration parameters of the same names).
+
+    Args:
+        max_passes: live passes at most before the guest is stopped whatever is left.
+        downtime_limit: seconds the final pass (guest stopped) may take: iteration stops
+            once the pages left fit it at the bandwidth measured (QEMU's downtime-limit).
+        bandwidth_limit: bytes per second written at most (QEMU's max-bandwidth); None: no cap.
+        downtime_margin: the share of ``downtime_limit`` the estimated final pass may fill
+            (pages left / bandwidth of the last dirty passes). The final pass also writes the
+            pages dirtied until the guest stops, the bitmaps and the tail, and a pass's
+            bandwidth varies from one to the next: 1.0 is QEMU's rule, the default leaves room.
+        auto_converge: throttle the guest when it dirties pages faster than they are sent
+            (QEMU's auto-converge capability and its parameters); None: never throttle.
+        on_pass: called with each pass's statistics as it ends.
+    """
+
+    max_passes: int = 10
+    downtime_limit: float = 0.3
+    downtime_margin: float = 0.5
+    bandwidth_limit: float | None = None
+    auto_converge: AutoConverge | None = None
+    on_pass: Callable[[PassStats], None] | None = None
+
+    def replace(self, **changes: Any) -> LiveOptions:
+        return dataclasses.replace(self, **changes)
+
+
+LIVE_DEFAULTS = LiveOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class PassStats:
+    """One pass of a live save."""
+
+    index: int  # 1-based
+    stopped: bool  # the final pass, sent with the guest stopped
+    pages_sent: int  # pages this pass covered: every page in pass 1, the dirty ones after
+    pages_written: int  # of those, non-zero pages written (PAGE records in legacy)
+    pages_zero: int  # of those, zero pages (bit cleared / ZERO records)
+    bytes_written: int  # bytes this pass added to the file (page data and records)
+    seconds: float
+    throttle: int  # percent of the guest's time spent asleep (auto-converge) while this pass ran
+    pages_dirtied: int  # pages the guest dirtied while this pass ran (0 for the stopped pass)
+    run_seconds: float  # seconds the guest ran while this pass ran (throttle sleeps excluded)
+    dirty_rate: float  # pages_dirtied per second of guest run time (0 when it did not run)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mappedram.engine.autodirect import DirectChoice, Purpose, choose_direct_io
 from mappedram.engine.directio import probe_direct_io
 from mappedram.engine.fileio import (
     close_fd,
@@ -45,6 +46,8 @@ from mappedram.engine.fileio import (
     unlock_remove,
 )
 from mappedram.errors import IOEngineError, UsageError
+
+from .options import EngineOptions, direct_mode
 
 if TYPE_CHECKING:
     from mappedram.image import MigrationFile
@@ -90,18 +93,25 @@ class Written:
 Body = Callable[[int, str], Written]
 
 
-def resolve_direct(path: str, direct_io: bool, fallback: bool, notes: list[str]) -> bool:
-    """Whether page I/O of a file at ``path`` uses O_DIRECT: asked for, and the filesystem takes it
-    (else, with ``fallback``, a note and the page cache; without it, an error)."""
-    if not direct_io:
-        return False
-    reason = probe_direct_io(os.path.dirname(os.path.abspath(path)) or ".")
+def resolve_direct(path: str, options: EngineOptions, purpose: Purpose) -> DirectChoice:
+    """Whether page I/O of a file at ``path`` (``purpose``: written or read) uses O_DIRECT.
+
+    ``options.direct_io``: "off" (or False), the page cache; "on" (or True), O_DIRECT where the
+    filesystem takes it, else with ``direct_io_fallback`` the page cache, without it an error;
+    "auto", O_DIRECT where the filesystem takes it and a probe found it faster there
+    (engine/autodirect.py). The choice says why."""
+    mode = direct_mode(options.direct_io)
+    if mode == "off":
+        return DirectChoice(False, "off: the page cache, as asked")
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if mode == "auto":
+        return choose_direct_io(directory, purpose)
+    reason = probe_direct_io(directory)
     if reason is None:
-        return True
-    if fallback:
-        notes.append(f"{reason}: wrote through the page cache instead")
-        return False
-    raise IOEngineError(f"{reason} (use buffered I/O, or allow the fallback)", path=path)
+        return DirectChoice(True, "on: O_DIRECT, as asked")
+    if options.direct_io_fallback:
+        return DirectChoice(False, f"on, with the fallback: {reason}: the page cache instead")
+    raise IOEngineError(f"{reason} (use --direct-io off or auto, or allow the fallback)", path=path)
 
 
 def commit(target: str, offset: int | None, durable: bool, notes: list[str], body: Body) -> Written:

@@ -1,4 +1,4 @@
-"""A QEMU destination for :func:`mappedram.ops.serve.serve`: started here, or reached over QMP.
+"""A QEMU destination for :func:`mappedram.ops.server.serve`: started here, or reached over QMP.
 
 :class:`Qmp` is a synchronous client of QEMU's QMP socket (through ``qemu.qmp``), with a
 time limit on every command. :class:`QemuDestination` starts ``qemu-system-*`` with the

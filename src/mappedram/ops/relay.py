@@ -30,7 +30,7 @@ from mappedram.format.events import Configuration
 from mappedram.image import MigrationFile, RamBlock, open_file, read_configuration
 from mappedram.layout import FilePlan, StreamSpec, plan_file
 
-from .options import DEFAULTS, EngineOptions, Progress
+from .options import CONVERT_FORMATS, DEFAULTS, EngineOptions, Progress
 from .protocol import (
     CHUNK_PAGES,
     Written,
@@ -45,7 +45,6 @@ from .writer import SaveReport, Source, check_sources, save_legacy_sources, save
 
 __all__ = ["CONVERT_FORMATS", "rewrite", "convert", "spec_from", "streamed_spec", "SlotWriter"]
 
-CONVERT_FORMATS = ("mapped-ram", "legacy")
 
 
 def rewrite(
@@ -189,7 +188,8 @@ def _rewrite_legacy(
     """
     check_sources(target, [("", 0, FilePages(source, _no_offsets))])
     notes: list[str] = []
-    direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
+    choice = resolve_direct(target, options, "write")
+    direct = choice.direct
 
     def body(fd: int, work: str) -> Written:
         t0 = time.perf_counter()
@@ -205,7 +205,7 @@ def _rewrite_legacy(
         return written
 
     written = commit(target, offset, options.durable, notes, sealed_body(body, seal, offset or 0, options))
-    return save_report(target, offset, written, "", direct, notes, "mapped-ram")
+    return save_report(target, offset, written, "", choice, notes, "mapped-ram")
 
 
 def _no_offsets(first: int, count: int) -> npt.NDArray[np.int64]:

@@ -47,7 +47,6 @@ from mappedram.errors import IntegrityError, IOEngineError, UsageError
 from mappedram.format.chain import ROOT_ALGORITHM, content_root
 from mappedram.format.constants import QEMU_VM_VMDESCRIPTION
 from mappedram.format.seal import (
-    ALGORITHMS,
     DEFAULT_ALGORITHM,
     MAX_KEY_BYTES,
     BlockDigests,
@@ -61,7 +60,7 @@ from mappedram.format.seal import (
 )
 from mappedram.image import MigrationFile, RamBlock, open_file
 
-from .options import DEFAULTS, EngineOptions
+from .options import DEFAULTS, SEAL_ALGORITHMS, EngineOptions
 from .protocol import CHUNK_PAGES, Body, Written, lock_name, refuse_symlink
 
 __all__ = [
@@ -86,7 +85,6 @@ __all__ = [
     "sealed_body",
 ]
 
-SEAL_ALGORITHMS = ALGORITHMS
 #: A byte that is no section type: written over the trailer's 0x06 while the trailer is replaced.
 _INVALID_MARK = b"\xff"
 

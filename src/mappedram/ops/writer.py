@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mappedram.engine.autodirect import DirectChoice
 from mappedram.engine.copy import nonzero_pages
 from mappedram.engine.directio import DIRECT_ALIGN
 from mappedram.engine.executor import run_tasks
@@ -35,7 +36,7 @@ from mappedram.format.constants import TARGET_PAGE_SIZE
 from mappedram.format.encoder import encode_page_records_into, page_records_size
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
-from .options import DEFAULTS, EngineOptions
+from .options import DEFAULT_MACHINE, DEFAULTS, EngineOptions
 from .protocol import CHUNK_PAGES, Written, commit, refuse_same_file, refuse_symlink, resolve_direct
 from .seal import SealOptions, SealReport, sealed_body
 
@@ -58,7 +59,6 @@ __all__ = [
     "append_records",
 ]
 
-DEFAULT_MACHINE = "pc-q35-10.0"
 #: Aliases QEMU resolves before writing the stream; a file must carry the resolved name.
 MACHINE_ALIASES = {"pc": "pc-i440fx-10.0", "q35": "pc-q35-10.0"}
 #: One RAM block to save: its idstr, its size in bytes, and where its pages come from.
@@ -107,6 +107,7 @@ class SaveReport(TimedReport):
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     format: str = "mapped-ram"
+    direct_io_reason: str = ""  # what chose direct_io, and why (ops/protocol.py resolve_direct)
     seal: SealReport | None = None  # sealed before it got its name
 
 
@@ -213,7 +214,8 @@ def save_sources(
     """A mapped-ram save: pages by N channels at their slots, then bitmaps, then the tail."""
     check_sources(target, sources)
     notes: list[str] = []
-    direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
+    choice = resolve_direct(target, options, "write")
+    direct = choice.direct
     start = offset or 0
     plan = plan_file([(n, size) for n, size, _ in sources], spec, start=start)
     ps = TARGET_PAGE_SIZE
@@ -256,7 +258,7 @@ def save_sources(
         )
 
     written = commit(target, offset, options.durable, notes, sealed_body(body, seal, start, options))
-    return save_report(target, offset, written, spec.machine_type, direct, notes, "mapped-ram")
+    return save_report(target, offset, written, spec.machine_type, choice, notes, "mapped-ram")
 
 
 def save_legacy_sources(
@@ -271,11 +273,11 @@ def save_legacy_sources(
     """
     check_sources(target, sources)
     notes: list[str] = []
-    direct = resolve_direct(target, options.direct_io, options.direct_io_fallback, notes)
+    choice = resolve_direct(target, options, "write")
     start = offset or 0
-    if direct and start % DIRECT_ALIGN:
-        notes.append(f"offset {start:#x} is not {DIRECT_ALIGN}-aligned: wrote through the page cache")
-        direct = False
+    if choice.direct and start % DIRECT_ALIGN:
+        choice = DirectChoice(False, f"offset {start:#x} is not {DIRECT_ALIGN}-aligned: the page cache")
+    direct = choice.direct
     plan = plan_legacy([(n, size) for n, size, _ in sources], spec, start=start)
     ps = TARGET_PAGE_SIZE
     chunks = [(i, first, min(CHUNK_PAGES, size // ps - first))
@@ -327,11 +329,12 @@ def save_legacy_sources(
         )
 
     written = commit(target, offset, options.durable, notes, sealed_body(body, seal, start, options))
-    return save_report(target, offset, written, spec.machine_type, direct, notes, "legacy")
+    return save_report(target, offset, written, spec.machine_type, choice, notes, "legacy")
 
 
 def save_report(
-    target: str, offset: int | None, result: Written, machine_type: str, direct: bool, notes: list[str], fmt: str
+    target: str, offset: int | None, result: Written, machine_type: str, choice: DirectChoice, notes: list[str],
+    fmt: str,
 ) -> SaveReport:
     """The report of a save whose body reported ``result``."""
     return SaveReport(
@@ -344,7 +347,8 @@ def save_report(
         pages_zero=result.pages - result.pages_written,
         bytes_written=result.bytes_written,
         channels=result.channels,
-        direct_io=direct,
+        direct_io=choice.direct,
+        direct_io_reason=choice.reason,
         seconds=result.seconds,
         notes=notes,
         format=fmt,

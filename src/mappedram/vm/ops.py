@@ -31,17 +31,17 @@ import numpy.typing as npt
 from mappedram.errors import KvmError, UsageError
 from mappedram.format.vmstate import DeviceRecord
 from mappedram.image import open_file
-from mappedram.ops.converge import AutoConverge
 from mappedram.ops.live import LiveOptions, LiveSaveReport, PassStats, live_save
 from mappedram.ops.options import DEFAULTS, EngineOptions
 from mappedram.ops.seal import SEAL_CHECK, SealOptions
 from mappedram.ops.trackers import DirtyTracker
 
 from .child import VmChildReport, vm_save_child
+from .config import DEMO_OPTIONS, GUEST_KINDS, RESTORE_MODES, VM_LIVE_DEFAULTS
 from .guest import Guest, GuestCpu
 from .kvm import kvm_available
 from .microvm import MicroVM
-from .restore import RESTORE_MODES, GuestRestoreReport, RestoreLoop, restore_guest
+from .restore import GuestRestoreReport, RestoreLoop, restore_guest
 from .softvm import SoftVM
 from .statecodec import read_guest_state
 from .uffd import UserfaultfdUnavailable, userfaultfd_problem
@@ -70,14 +70,8 @@ __all__ = [
     "demo",
 ]
 
-GUEST_KINDS = ("auto", "kvm", "software")
 #: How long the fill may take (a 16 GiB guest on a slow, nested host).
 FILL_TIMEOUT = 600.0
-#: How a live save of the built-in guest iterates by default: auto-converge on, and
-#: enough passes for QEMU's throttle ramp (20 % + 10 % every second high pass) to reach 99 %.
-VM_LIVE_DEFAULTS = LiveOptions(max_passes=30, downtime_limit=0.3, auto_converge=AutoConverge())
-#: The demo's page I/O: O_DIRECT where the filesystem takes it, the page cache elsewhere.
-DEMO_OPTIONS = EngineOptions(direct_io=True, direct_io_fallback=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

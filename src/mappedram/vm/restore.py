@@ -46,6 +46,7 @@ from mappedram.ops.mapping import stale_slots
 from mappedram.ops.options import DEFAULTS, EngineOptions
 from mappedram.ops.seal import NO_CHECK, SEAL_CHECK, SealCheck, SealOptions, checked
 
+from .config import RESTORE_MODES
 from .cpustate import CpuState
 from .guest import PAGE_SIZE, PARAMS_ADDR, STATUS_PAGE, Guest, GuestCpu
 from .kvm import file_memory, kvm_available
@@ -56,7 +57,6 @@ from .statecodec import read_guest_state
 
 __all__ = ["RESTORE_MODES", "GuestRestoreReport", "ResetReport", "RestoreLoop", "restore_guest"]
 
-RESTORE_MODES = ("eager", "map", "lazy")
 _RESET_CHUNK = 8192  # pages gathered at a time by a repeat restore
 
 

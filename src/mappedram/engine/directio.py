@@ -16,9 +16,20 @@ import numpy as np
 
 from mappedram.errors import IOEngineError
 
-__all__ = ["DIRECT_ALIGN", "aligned_buffer", "address_of", "is_aligned", "probe_direct_io", "require_direct_io"]
+__all__ = [
+    "DIRECT_ALIGN",
+    "HUGE_PAGE",
+    "HugeBuffer",
+    "aligned_buffer",
+    "address_of",
+    "is_aligned",
+    "probe_direct_io",
+    "require_direct_io",
+]
 
 DIRECT_ALIGN = 4096
+#: A transparent huge page on x86-64.
+HUGE_PAGE = 2 << 20
 
 
 def aligned_buffer(size: int) -> mmap.mmap:
@@ -27,6 +38,32 @@ def aligned_buffer(size: int) -> mmap.mmap:
     MAP_SHARED keeps direct I/O safe if another thread forks while it is in flight.
     """
     return mmap.mmap(-1, max(size, mmap.PAGESIZE), mmap.MAP_SHARED)
+
+
+class HugeBuffer:
+    """An anonymous buffer aligned to :data:`HUGE_PAGE`, with transparent huge pages asked for
+    (``MADV_HUGEPAGE``; where the kernel gives none it is still page-aligned).
+
+    O_DIRECT from memory made of scattered 4 KiB pages (a guest's RAM, a tmpfs file) takes one
+    block-layer segment per page, so the device sees many small requests; from huge pages it
+    takes one per 2 MiB. Copying an extent here first costs a memcpy and made saves 1.2 to 1.6
+    times faster on this machine's virtio disk (bench/README.md). Private memory: a fork while
+    I/O is in flight keeps the pinned pages with this process (Linux >= 5.8)."""
+
+    def __init__(self, size: int) -> None:
+        self._map = mmap.mmap(-1, size + HUGE_PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass
+        self._whole = memoryview(self._map)
+        start = -address_of(self._whole) % HUGE_PAGE
+        self.view = self._whole[start : start + size]
+
+    def close(self) -> None:
+        self.view.release()
+        self._whole.release()
+        self._map.close()
 
 
 def address_of(view: memoryview) -> int:

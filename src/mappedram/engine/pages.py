@@ -6,13 +6,15 @@ numpy, records which pages it wrote in the task's ``bits`` view, and writes the
 non-zero runs with ``os.pwrite`` straight from the source memory. Buffered, every zero
 page stays a hole. With O_DIRECT it writes whole extents instead (runs merged across
 gaps of up to ``merge_gap`` pages, zero pages included: a slot whose bit is 0 may hold
-anything), from page-aligned memory or through an aligned bounce buffer.
+anything), each copied first into a buffer of huge pages (directio.HugeBuffer: few
+block-layer segments per request, where the source's own pages would give one per page).
 
 Read side (:class:`PageReadChannel`): a task names a destination range and the file
 offset of each page (-1 for a page that reads as zeros). When the pages sit in
 consecutive slots (mapped-ram) one ``os.preadv`` reads an extent with one iovec per
 run: present runs land in the destination, absent runs in a scratch buffer, so the
-destination never receives a stale slot. Absent pages are left untouched, or zeroed.
+destination never receives a stale slot. With O_DIRECT an extent is read into a buffer of
+huge pages instead and its present pages copied over. Absent pages are left untouched, or zeroed.
 
 The channels know nothing of RAM blocks or QEMU; the caller plans the tasks.
 """
@@ -29,7 +31,7 @@ import numpy.typing as npt
 from mappedram._runs import bit_runs
 
 from .copy import gather_pages, nonzero_pages, nonzero_pages_at
-from .directio import DIRECT_ALIGN, aligned_buffer, is_aligned
+from .directio import HugeBuffer, aligned_buffer
 from .fileio import close_fd, open_read, open_write, preadv_exact, prefetch, punch_hole, pwrite_full
 from .store import Store, StoreSpec, open_store, spec_path
 
@@ -188,6 +190,7 @@ class PageWriteChannel:
         self.reader = PageReader(sources, page_size, max_pages)
         self.buffer = self.reader.buffer
         self._buffered = -1  # a page-cache descriptor for sparse dirty sets, opened when needed
+        self._huge: HugeBuffer | None = None  # what O_DIRECT writes from, made when first needed
         self.pages_written = 0
         self.bytes_written = 0
         self.pages_punched = 0  # slots of pages that became zero, made to read as zeros again
@@ -219,11 +222,10 @@ class PageWriteChannel:
             starts, lengths = merge_runs(starts, lengths, self.merge_gap)
         for s, n in zip(starts.tolist(), lengths.tolist()):
             data = view[s * ps : (s + n) * ps]
-            if direct and not is_aligned(data, DIRECT_ALIGN):
-                # slow path: O_DIRECT needs aligned memory; copy through the bounce buffer
-                bounce = memoryview(self.buffer)[: n * ps]
-                if data.obj is not self.buffer:
-                    bounce[:] = data
+            if direct:
+                # O_DIRECT from huge pages, not from the source's scattered pages (HugeBuffer)
+                bounce = self._bounce().view[: n * ps]
+                bounce[:] = data
                 data = bounce
             pwrite_full(fd, data, task.file_offset + s * ps, self.path)
             self.bytes_written += n * ps
@@ -231,6 +233,11 @@ class PageWriteChannel:
                 self.on_write(n * ps)
         self.pages_written += int(np.count_nonzero(keep))
         return (task.npages if task.mask is None else len(chosen)) * ps  # RAM bytes this task covered
+
+    def _bounce(self) -> HugeBuffer:
+        if self._huge is None:
+            self._huge = HugeBuffer(len(self.buffer))
+        return self._huge
 
     def _punch(self, gone: npt.NDArray[np.bool_], file_offset: int) -> None:
         ps = self.page_size
@@ -252,6 +259,8 @@ class PageWriteChannel:
             if self._buffered >= 0:
                 close_fd(self._buffered, self.path)
         finally:
+            if self._huge is not None:
+                self._huge.close()
             self.reader.close()
 
 
@@ -283,6 +292,7 @@ class PageReadChannel:
         self.direct = direct and self.store is None
         self.fd = open_read(self.path, direct=self.direct)
         self.scratch = aligned_buffer(max_pages * page_size)
+        self._huge: HugeBuffer | None = None
         self.pages_read = 0
 
     def run(self, task: ReadTask) -> int:
@@ -302,8 +312,10 @@ class PageReadChannel:
             return n * ps
         base = int(task.src_offsets[idx[0]]) - int(idx[0]) * ps
         contiguous = np.array_equal(task.src_offsets[idx], base + idx.astype(np.int64) * ps)
-        if contiguous and (not self.direct or is_aligned(dest, DIRECT_ALIGN)):
-            self._read_extents(dest, present, base)  # fast path
+        if contiguous and self.direct:
+            self._read_huge(dest, present, base)  # O_DIRECT into huge pages, then copied
+        elif contiguous:
+            self._read_extents(dest, present, base)  # through the page cache, straight in
         else:
             self._read_bounced(dest, task.src_offsets, present)  # slow path
         self.pages_read += int(idx.size)
@@ -328,6 +340,21 @@ class PageReadChannel:
                 k += 1
             preadv_exact(self.fd, iov, base + es * ps, self.path)
 
+    def _read_huge(self, dest: memoryview, present: npt.NDArray[np.bool_], base: int) -> None:
+        """O_DIRECT: each extent into a buffer of huge pages (few block-layer segments; see
+        directio.HugeBuffer), then its present pages copied to the destination (numpy)."""
+        ps = self.page_size
+        if self._huge is None:
+            self._huge = HugeBuffer(len(self.scratch))
+        p_starts, p_lens = bit_runs(present)
+        e_starts, e_lens = merge_runs(p_starts, p_lens, READ_SPLIT_GAP)
+        out = np.frombuffer(dest, dtype=np.uint8).reshape(-1, ps)
+        buf = np.frombuffer(self._huge.view, dtype=np.uint8).reshape(-1, ps)
+        for es, el in zip(e_starts.tolist(), e_lens.tolist()):
+            preadv_exact(self.fd, [self._huge.view[: el * ps]], base + es * ps, self.path)
+            idx = np.flatnonzero(present[es : es + el])
+            out[es + idx] = buf[idx]
+
     def _read_bounced(self, dest: memoryview, src: npt.NDArray[np.int64], present: npt.NDArray[np.bool_]) -> None:
         ps = self.page_size
         n = len(src)
@@ -346,4 +373,6 @@ class PageReadChannel:
             pass
         if self.store is not None:
             self.store.close()
+        if self._huge is not None:
+            self._huge.close()
         self.scratch.close()

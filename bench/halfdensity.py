@@ -75,9 +75,7 @@ def write_once(ram: memoryview, out: Path, direct: bool, gap: int, prealloc: boo
             return ch
 
         t0 = time.perf_counter()
-        run_tasks(tasks, channel, channels=4)
-        for ch in made:
-            ch.close()
+        run_tasks(tasks, channel, channels=4)  # closes the channels
         os.fsync(fd)
         seconds = time.perf_counter() - t0
         written = sum(ch.bytes_written for ch in made)

@@ -49,6 +49,8 @@ __all__ = [
 
 #: Absent gaps longer than this (pages) split a read extent, so large holes are not read.
 READ_SPLIT_GAP = 256
+#: Pages copied from a huge-page read buffer to the destination at a time.
+_COPY_PAGES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +354,9 @@ class PageReadChannel:
         buf = np.frombuffer(self._huge.view, dtype=np.uint8).reshape(-1, ps)
         for es, el in zip(e_starts.tolist(), e_lens.tolist()):
             preadv_exact(self.fd, [self._huge.view[: el * ps]], base + es * ps, self.path)
-            idx = np.flatnonzero(present[es : es + el])
-            out[es + idx] = buf[idx]
+            for at in range(0, el, _COPY_PAGES):  # numpy's gathered copy is a temporary: keep it small
+                idx = at + np.flatnonzero(present[es + at : es + min(at + _COPY_PAGES, el)])
+                out[es + idx] = buf[idx]
 
     def _read_bounced(self, dest: memoryview, src: npt.NDArray[np.int64], present: npt.NDArray[np.bool_]) -> None:
         ps = self.page_size

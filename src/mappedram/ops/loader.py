@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import traceback
@@ -111,7 +112,7 @@ def restore(
             choice = DirectChoice(False, "legacy file: the page cache (its pages are not aligned)")
         direct = choice.direct
         tasks = [
-            ReadTask(i, first, b.sources(first, min(CHUNK_PAGES, b.num_pages - first)), zero_absent)
+            ReadTask(i, first, functools.partial(b.sources, first, min(CHUNK_PAGES, b.num_pages - first)), zero_absent)
             for i, b in enumerate(chosen)
             for first in range(0, b.num_pages, CHUNK_PAGES)
         ]
@@ -219,7 +220,8 @@ def _incomplete(
     ranges: list[dict[str, Any]] = []
     for i in np.flatnonzero(~done).tolist():
         t = tasks[i]
-        name, first, count = blocks[t.dest].idstr, t.first_page, len(t.src_offsets)
+        name, first = blocks[t.dest].idstr, t.first_page
+        count = min(CHUNK_PAGES, blocks[t.dest].num_pages - first)
         last = ranges[-1] if ranges else None
         if last is not None and last["block"] == name and last["first_page"] + last["pages"] == first:
             last["pages"] += count

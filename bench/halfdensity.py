@@ -15,7 +15,7 @@ in each of these ways:
   between them written (the save's default is 64);
 * ``direct whole extents``: every extent written whole, zero pages and all.
 
-and ``fio`` (O_DIRECT, 1 MiB, iodepth 16) writing the page data's bytes and the RAM's
+and ``fio`` (O_DIRECT, 1 MiB, iodepth 16, then an fsync) writing the page data's bytes and the RAM's
 bytes. Medians of ``--runs`` (default 3). Results go to ``bench-results/halfdensity.json``.
 
 usage: python bench/halfdensity.py [--size-gib 4] [--density 0.5] [--runs 3] [--dir bench-work]

@@ -9,19 +9,21 @@ baselines next to it (the machines are shared and noisy: ratios and medians only
   (a new process; its start-up counted; default options: 4 channels, ``--direct-io auto``)
   from a RAM image in /dev/shm, against QEMU 10 saving the same RAM (a paused guest whose
   ``memory-backend-file`` is that image) in each of ``--qemu-variants``, its best median
-  counting, and against ``fio`` (O_DIRECT, 1 MiB requests, iodepth 16) writing the bytes
-  our file stores (its allocated bytes) and the page data alone;
+  counting, and against ``fio`` (O_DIRECT, 1 MiB requests, iodepth 16, then an fsync)
+  writing the bytes our file stores (its allocated bytes) and the page data alone;
 * **restore**, cold (page cache dropped, the interpreter's own files read back first so
   only the data is cold): ``mappedram restore`` into a fresh /dev/shm file, against QEMU
   restoring its own file of the same variant into a fresh destination, and ``fio`` reading
   the stored bytes and the page data; plus, in-process, what the destination's page faults
   cost: the same restore into memory already faulted in (``MADV_POPULATE_WRITE``, not
   timed), into anonymous memory, and into anonymous memory with ``MADV_HUGEPAGE``;
-* **scale** (``--scale-sizes``, default 1, 4, 16 GiB, half-zero RAM kept sparse in
-  /dev/shm so source and destination fit): save and restore by the CLI, with each
-  process's CPU time (user + system, from ``wait4``) and its peak ``RssAnon`` (its own
-  anonymous memory, not the guest's pages: sampled every 10 ms from /proc/PID/status);
-  time should grow linearly (each size within 15 % of the least-squares line);
+* **scale** (``--scale-sizes``, default 1, 4, 16 GiB, half-zero RAM, the source a sparse
+  file on the disk read into the page cache, the destination in /dev/shm): save and
+  restore by the CLI, with each process's CPU time (user + system, from ``wait4``) and its
+  peak ``RssAnon`` (its own anonymous memory, not the guest's pages: sampled every 10 ms
+  from /proc/PID/status); time should grow linearly (each size within 15 % of the
+  least-squares line). Next to our CPU, the kernel's own cost of moving the same bytes on
+  this machine (``cpu_floors``: dd with O_DIRECT, and faulting in the destination's pages);
 * **live** (``--live-mem``, default 1024 MiB): a live save of the built-in guest (KVM, or
   the software guest) with auto-converge (``vm save``'s defaults) against a static save of
   the same RAM right after (the guest paused), and what the first pass cost with the guest
@@ -394,9 +396,12 @@ def bench_scale(args: argparse.Namespace, work: Path, log: Callable[[str], None]
                 runs.add(f"save {gib:g} GiB", cli_save(src, mig, source_on_disk=True))
                 runs.add(f"restore {gib:g} GiB", cli_restore(mig, dst))
                 unlink(dst)
+            floors = cpu_floors(src, mig, dst, runs.raw[f"save {gib:g} GiB"][-1]["stored_bytes"],
+                                runs.raw[f"restore {gib:g} GiB"][-1]["pages_read"] * PAGE)  # fmt: skip
+            log(f"  CPU floors: save {floors['save']:.2f} s, restore {floors['restore']:.2f} s")
         finally:
-            unlink(src, dst, mig)
-        row: dict[str, Any] = {"gib": gib}
+            unlink(src, dst, mig, work / "floor.out")
+        row: dict[str, Any] = {"gib": gib, "cpu_floor_seconds": floors}
         for op in ("save", "restore"):
             name = f"{op} {gib:g} GiB"
             row[op] = {"seconds": runs.med(name), "cpu_seconds": runs.med(name, "cpu_seconds"),
@@ -414,6 +419,32 @@ def bench_scale(args: argparse.Namespace, work: Path, log: Callable[[str], None]
             for r in rows:
                 r[op]["line"] = {"seconds_per_gib": float(slope), "start_seconds": float(icpt)}
     return {"rows": rows}
+
+
+def cpu_floors(src: Path, mig: Path, dst: Path, stored: int, present: int) -> dict[str, float]:
+    """The kernel's own CPU cost of the bytes a save and a restore move, on this machine: for
+    a save, dd copying ``stored`` bytes of the (cached) source to a file with O_DIRECT; for a
+    restore, dd reading ``stored`` bytes of the file with O_DIRECT, plus faulting in
+    ``present`` bytes of a fresh /dev/shm file (MADV_POPULATE_WRITE)."""
+    out = src.parent / "floor.out"
+    blocks = f"count={-(-stored // (8 << 20))}"
+    unlink(out)
+    cold()
+    warm(src)
+    save = run_measured(["dd", f"if={src}", f"of={out}", "bs=8M", "oflag=direct", "conv=fsync", blocks])
+    unlink(out)
+    cold()
+    read = run_measured(["dd", f"if={mig}", "of=/dev/null", "bs=8M", "iflag=direct", blocks])
+    unlink(dst)
+    fault = run_measured([sys.executable, "-c", (
+        "import mmap, os, resource, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600); os.ftruncate(fd, int(sys.argv[2]))\n"
+        "m = mmap.mmap(fd, int(sys.argv[2])); r0 = resource.getrusage(resource.RUSAGE_SELF)\n"
+        f"m.madvise({MADV_POPULATE_WRITE}); r1 = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)"), str(dst), str(present)])  # fmt: skip
+    unlink(dst)
+    return {"save": save["cpu_seconds"], "restore": read["cpu_seconds"] + float(fault["stdout"]),
+            "restore_read": read["cpu_seconds"], "restore_fault": float(fault["stdout"])}  # fmt: skip
 
 
 def bench_live(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -498,8 +529,11 @@ def table(result: dict[str, Any]) -> list[list[str]]:
                          f"line {o['line']['seconds_per_gib']:.3f} s/GiB" if "line" in o else "-",
                          f"{o.get('deviation_from_line', 0) * 100:.0f}% off", "<= 15%",
                          verdict(o.get("deviation_from_line", 0) <= GOALS["linear_deviation"])])
-            rows.append([f"scale {op} {row['gib']:g} GiB: CPU", f"{o['cpu_seconds']:.2f} s",
-                         f"{o['cpu_per_gib']:.3f} s/GiB", "", "<= 0.15 s/GiB",
+            floor = row.get("cpu_floor_seconds", {}).get(op)
+            rows.append([f"scale {op} {row['gib']:g} GiB: CPU, {o['cpu_per_gib']:.3f} s/GiB",
+                         f"{o['cpu_seconds']:.2f} s",
+                         "-" if floor is None else f"{floor:.2f} s (kernel floor, dd)",
+                         "-" if floor is None else f"{o['cpu_seconds'] / floor:.2f}x", "<= 0.15 s/GiB",
                          verdict(o["cpu_per_gib"] <= GOALS["cpu_per_gib"])])
             rows.append([f"scale {op} {row['gib']:g} GiB: RssAnon peak", f"{o['rss_anon_peak'] / 2**20:.1f} MiB",
                          "", "", "<= 64 MiB", verdict(o["rss_anon_peak"] / 2**20 <= GOALS["rss_anon_mib"])])

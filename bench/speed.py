@@ -466,7 +466,11 @@ def bench_live(args: argparse.Namespace, work: Path, log: Callable[[str], None])
             static = ops.save(work / "static.mig", {vm.ram_idstr: vm.memory})
             static_s = time.perf_counter() - t0
         unlink(work / "live.mig", work / "static.mig")
-        r = {"seconds": live_s, "static_seconds": static_s, "passes": len(live.passes),
+        r = {"seconds": live_s, "static_seconds": static_s, "static_pages_seconds": static.seconds["pages"],
+             "passes": len(live.passes), "bytes_written": sum(p.bytes_written for p in live.passes),
+             "pass_table": [{"pages_sent": p.pages_sent, "seconds": p.seconds, "throttle": p.throttle,
+                             "dirty_rate": p.dirty_rate} for p in live.passes],
+             "sync_seconds": live.seconds.get("sync", 0.0),
              "first_pass_seconds": live.passes[0].seconds, "downtime": live.downtime,
              "stop_reason": live.stop_reason, "ok": live.ok, "throttle_max": max(p.throttle for p in live.passes),
              "direct_io_reason": live.direct_io_reason, "static_direct_io_reason": static.direct_io_reason}  # fmt: skip
@@ -480,7 +484,9 @@ def bench_live(args: argparse.Namespace, work: Path, log: Callable[[str], None])
     return {"guest": choice.kind, "mem_mib": args.live_mem, "seconds": med("seconds"),
             "static_seconds": med("static_seconds"), "first_pass_seconds": med("first_pass_seconds"),
             "live_vs_static": med("seconds") / med("static_seconds"),
-            "first_pass_vs_static": med("first_pass_seconds") / med("static_seconds"),
+            "static_pages_seconds": med("static_pages_seconds"),
+            # both without the closing fsync: a pass's writes against the static save's writes
+            "first_pass_vs_static": med("first_pass_seconds") / med("static_pages_seconds"),
             "all_ok": all(r["ok"] for r in out), "raw": out}  # fmt: skip
 
 
@@ -542,8 +548,9 @@ def table(result: dict[str, Any]) -> list[list[str]]:
         rows.append([f"live save {lv['mem_mib']} MiB {lv['guest']} guest vs static", f"{lv['seconds']:.2f} s",
                      f"{lv['static_seconds']:.2f} s", f"{lv['live_vs_static']:.2f}x", "<= 1.5x",
                      verdict(lv["live_vs_static"] <= GOALS["live_vs_static"] and lv["all_ok"])])
-        rows.append(["live save: first pass, guest running", f"{lv['first_pass_seconds']:.2f} s",
-                     f"{lv['static_seconds']:.2f} s", f"{lv['first_pass_vs_static']:.2f}x", "(report)", "-"])
+        rows.append(["live save: first pass, guest running, vs static's writes (no fsync in either)",
+                     f"{lv['first_pass_seconds']:.2f} s", f"{lv['static_pages_seconds']:.2f} s",
+                     f"{lv['first_pass_vs_static']:.2f}x", "(report)", "-"])
     return rows  # fmt: skip
 
 

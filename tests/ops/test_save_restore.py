@@ -89,6 +89,48 @@ def test_restore_never_copies_stale_slots(tmp_path):
         assert bytes(dest) == data
 
 
+@pytest.mark.parametrize("direct", [False, True] if DIRECT_OK else [False])
+@pytest.mark.parametrize(("zero", "channels"), [(0.1, 1), (0.5, 3), (0.9, 2)])
+def test_restore_files_writes_present_pages_and_keeps_holes(tmp_path, direct, zero, channels):
+    """A raw image destination is written with pwrite (engine/pages.py FileSink): bit-exact,
+    absent pages stay holes, and a stale slot (bit 0) never reaches the file."""
+    from tests.helpers.streams import mapped_ram_stream
+
+    data = random_pages(5000, zero, 7)  # more than one task (CHUNK_PAGES) per block
+    small = random_pages(33, 0.5, 8)
+    path = tmp_path / "f.mig"
+    path.write_bytes(mapped_ram_stream([("pc.ram", data.tobytes()), ("other", small.tobytes())], stale=True))
+    out, other = tmp_path / "ram.raw", tmp_path / "other.raw"
+    r = ops.restore_files(path, [("pc.ram", os.fspath(out)), ("other", os.fspath(other))],
+                          options=EngineOptions(channels=channels, direct_io=direct))  # fmt: skip
+    present = int(data.reshape(-1, 4096).any(axis=1).sum()) + int(small.reshape(-1, 4096).any(axis=1).sum())
+    assert r.pages_read == present and r.direct_io == direct
+    assert out.read_bytes() == data.tobytes() and other.read_bytes() == small.tobytes()
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    assert os.stat(out).st_blocks * 512 <= (int(data.reshape(-1, 4096).any(axis=1).sum()) + 16) * 4096
+
+
+@pytest.mark.parametrize("direct", [False, True] if DIRECT_OK else [False])
+def test_restore_files_into_an_existing_file_leaves_or_zeroes_absent_pages(tmp_path, direct):
+    data = random_pages(3000, 0.5, 3)
+    path = tmp_path / "f.mig"
+    save(path, {"pc.ram": data})
+    out = tmp_path / "old.raw"
+    out.write_bytes(b"\xab" * (len(data) + 8192))  # longer than the block: the rest is kept
+    out.chmod(0o640)
+    opts = EngineOptions(direct_io=direct)
+    r = ops.restore_files(path, [("pc.ram", os.fspath(out))], options=opts)
+    got = np.frombuffer(out.read_bytes(), dtype=np.uint8)
+    pages, want = got[: len(data)].reshape(-1, 4096), data.reshape(-1, 4096)
+    zero = ~want.any(axis=1)
+    assert (pages[zero] == 0xAB).all() and np.array_equal(pages[~zero], want[~zero])
+    assert (got[len(data) :] == 0xAB).all() and any("existing file" in n for n in r.notes)
+    ops.restore_files(path, [("pc.ram", os.fspath(out))], zero_absent=True, options=opts)
+    got = np.frombuffer(out.read_bytes(), dtype=np.uint8)
+    assert np.array_equal(got[: len(data)], data) and (got[len(data) :] == 0xAB).all()
+    assert os.stat(out).st_mode & 0o777 == 0o640
+
+
 def test_restore_validates_before_writing(tmp_path):
     data = random_pages(64, 0.3, 3)
     path = tmp_path / "f.mig"

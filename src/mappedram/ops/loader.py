@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import os
 import time
-import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +26,8 @@ import numpy.typing as npt
 
 from mappedram.engine.autodirect import DirectChoice
 from mappedram.engine.executor import run_tasks
-from mappedram.engine.fileio import map_file
-from mappedram.engine.pages import PageReadChannel, ReadTask
+from mappedram.engine.fileio import close_quiet, fsync, open_write, truncate
+from mappedram.engine.pages import FileSink, PageReadChannel, ReadTask
 from mappedram.errors import IncompleteRestoreError, IOEngineError, UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
@@ -80,7 +79,7 @@ def restore(
     options: EngineOptions = DEFAULTS,
     seal: SealOptions = SEAL_CHECK,
 ) -> RestoreReport:
-    """Read the file's RAM blocks into writable buffers, by name.
+    """Read the file's RAM blocks into writable buffers or :class:`FileSink` files, by name.
 
     ``source`` is a path (with the stream at ``offset``) or an open file. The whole file
     is decoded and checked, and every destination matched and sized,
@@ -93,18 +92,19 @@ def restore(
     notes: list[str] = []
     t0 = time.perf_counter()
     with opened(source, offset) as mf:
-        dests: list[memoryview] = []
+        dests: list[memoryview | FileSink] = []
         chosen = []
         for name, buf in blocks.items():
             b = mf.block(name)
-            view = block_view(buf, writable=True, name=name)
-            if len(view) < b.used_length:
+            dest = buf if isinstance(buf, FileSink) else block_view(buf, writable=True, name=name)
+            size = dest.size if isinstance(dest, FileSink) else len(dest)
+            if size < b.used_length:
                 raise UsageError(
-                    f"destination of block {name!r} holds {len(view)} bytes; the file's block has {b.used_length}"
+                    f"destination of block {name!r} holds {size} bytes; the file's block has {b.used_length}"
                 )
-            dests.append(view)
+            dests.append(dest)
             chosen.append(b)
-            del view
+            del dest
         check = checked(mf, seal, options)
         if mf.mapped_ram:
             choice = resolve_direct(mf.path, options, "read")
@@ -186,31 +186,24 @@ def restore_files(
             if os.path.exists(dest):
                 existing.append(f"{dest}: an existing file, written in place (its owner and mode "
                                 f"{os.stat(dest).st_mode & 0o777:o} kept)")  # fmt: skip
-        sizes = {name: mf.block(name).used_length for name, _ in blocks}
-        maps = {name: map_file(dest, writable=True, size=sizes[name]) for name, dest in blocks}
+        # written with pwrite, not through a mapping: no page faults in the destination
+        # (engine/pages.py FileSink)
+        sinks: dict[str, FileSink] = {}
         try:
-            report = restore(mf, maps, zero_absent=zero_absent, options=options, seal=NO_CHECK)
+            for name, dest in blocks:
+                fd = open_write(dest)
+                sinks[name] = FileSink(fd, dest, mf.block(name).used_length)
+                if os.fstat(fd).st_size < sinks[name].size:
+                    truncate(fd, sinks[name].size, dest)
+            report = restore(mf, sinks, zero_absent=zero_absent, options=options, seal=NO_CHECK)
             report = dataclasses.replace(report, seal=check)
             report.notes.extend(existing)
-            for m in maps.values():
-                m.flush()
+            for sink in sinks.values():
+                fsync(sink.fd, sink.path)
             return report
-        except BaseException as exc:
-            _release(exc)  # its frames hold views of the maps, which could not be closed
-            raise
         finally:
-            for m in maps.values():
-                m.close()
-
-
-def _release(exc: BaseException) -> None:
-    """Clear the locals of the finished frames of ``exc``'s traceback, and of its causes'."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        traceback.clear_frames(cur.__traceback__)
-        cur = cur.__cause__ or cur.__context__
+            for sink in sinks.values():
+                close_quiet(sink.fd)
 
 
 def _incomplete(

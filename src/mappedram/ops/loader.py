@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 import os
 import time
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import numpy.typing as npt
 
 from mappedram.engine.autodirect import DirectChoice
 from mappedram.engine.executor import run_tasks
-from mappedram.engine.fileio import close_quiet, fsync, open_write, truncate
+from mappedram.engine.fileio import close_quiet, fsync, map_file, open_write
 from mappedram.engine.pages import FileSink, PageReadChannel, ReadTask
 from mappedram.errors import IncompleteRestoreError, IOEngineError, UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
@@ -186,24 +188,47 @@ def restore_files(
             if os.path.exists(dest):
                 existing.append(f"{dest}: an existing file, written in place (its owner and mode "
                                 f"{os.stat(dest).st_mode & 0o777:o} kept)")  # fmt: skip
-        # written with pwrite, not through a mapping: no page faults in the destination
-        # (engine/pages.py FileSink)
+        # written with pwrite where runs are long, so the destination takes no page faults,
+        # and through a mapping where they are short (engine/pages.py FileSink)
+        fds: list[int] = []
+        maps: list[mmap.mmap] = []
         sinks: dict[str, FileSink] = {}
         try:
             for name, dest in blocks:
-                fd = open_write(dest)
-                sinks[name] = FileSink(fd, dest, mf.block(name).used_length)
-                if os.fstat(fd).st_size < sinks[name].size:
-                    truncate(fd, sinks[name].size, dest)
+                size = mf.block(name).used_length
+                maps.append(map_file(dest, writable=True, size=size))  # creates or grows it
+                fds.append(open_write(dest, create=False))
+                sinks[name] = FileSink(fds[-1], dest, size, memoryview(maps[-1])[:size])
             report = restore(mf, sinks, zero_absent=zero_absent, options=options, seal=NO_CHECK)
             report = dataclasses.replace(report, seal=check)
             report.notes.extend(existing)
+            for m in maps:
+                m.flush()
             for sink in sinks.values():
                 fsync(sink.fd, sink.path)
             return report
+        except BaseException as exc:
+            _release(exc)  # its frames hold views of the maps, which could not be closed
+            raise
         finally:
             for sink in sinks.values():
-                close_quiet(sink.fd)
+                if sink.view is not None:
+                    sink.view.release()
+            sinks.clear()
+            for m in maps:
+                m.close()
+            for fd in fds:
+                close_quiet(fd)
+
+
+def _release(exc: BaseException) -> None:
+    """Clear the locals of the finished frames of ``exc``'s traceback, and of its causes'."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        traceback.clear_frames(cur.__traceback__)
+        cur = cur.__cause__ or cur.__context__
 
 
 def _incomplete(

@@ -92,8 +92,8 @@ def test_restore_never_copies_stale_slots(tmp_path):
 @pytest.mark.parametrize("direct", [False, True] if DIRECT_OK else [False])
 @pytest.mark.parametrize(("zero", "channels"), [(0.1, 1), (0.5, 3), (0.9, 2)])
 def test_restore_files_writes_present_pages_and_keeps_holes(tmp_path, direct, zero, channels):
-    """A raw image destination is written with pwrite (engine/pages.py FileSink): bit-exact,
-    absent pages stay holes, and a stale slot (bit 0) never reaches the file."""
+    """A raw image destination: bit-exact, absent pages stay holes, and a stale slot (bit 0)
+    never reaches the file."""
     from tests.helpers.streams import mapped_ram_stream
 
     data = random_pages(5000, zero, 7)  # more than one task (CHUNK_PAGES) per block; short and long runs
@@ -113,7 +113,7 @@ def test_restore_files_writes_present_pages_and_keeps_holes(tmp_path, direct, ze
 
 
 @pytest.mark.parametrize("direct", [False, True] if DIRECT_OK else [False])
-@pytest.mark.parametrize("zero", [0.5, 0.05])  # short runs (through the mapping), long runs (pwrite)
+@pytest.mark.parametrize("zero", [0.5, 0.05])  # short runs, long runs
 def test_restore_files_into_an_existing_file_leaves_or_zeroes_absent_pages(tmp_path, direct, zero):
     data = random_pages(3000, zero, 3)
     path = tmp_path / "f.mig"

@@ -15,11 +15,6 @@ consecutive slots (mapped-ram) one ``os.preadv`` reads an extent with one iovec 
 run: present runs land in the destination, absent runs in a scratch buffer, so the
 destination never receives a stale slot. With O_DIRECT an extent is read into a buffer of
 huge pages instead and its present pages copied over. Absent pages are left untouched, or zeroed.
-A destination may also be a file (:class:`FileSink`, a raw image): its present runs are
-written with ``os.pwrite`` from the buffer the extent was read into, so the destination
-takes no page faults, and on tmpfs no page is cleared before it is filled (shmem clears
-only what a write leaves unfilled); a task of short runs goes through the file's mapping
-instead (:data:`SINK_MIN_RUN`). Its absent runs, when zeroed, are punched.
 
 The channels know nothing of RAM blocks or QEMU; the caller plans the tasks.
 """
@@ -48,7 +43,6 @@ __all__ = [
     "WriteTask",
     "PageWriteChannel",
     "ReadTask",
-    "FileSink",
     "PageReadChannel",
     "merge_runs",
 ]
@@ -285,35 +279,13 @@ class ReadTask:
         return self.src_offsets() if callable(self.src_offsets) else self.src_offsets
 
 
-#: A task whose present runs average fewer pages than this goes through the sink's mapping
-#: (one write per run costs more than the page faults it saves: 1 GiB at 0.5 density, runs
-#: of 2 pages, restored in 1.69 s by pwrite and 1.48 s by copy; at 0.9, runs of 10 pages,
-#: in 1.63 s and 2.00 s).
-SINK_MIN_RUN = 4
-
-
-@dataclass(frozen=True, slots=True)
-class FileSink:
-    """A destination written by positioned writes: ``size`` bytes of the file open on ``fd``
-    (the caller opens, sizes and closes it); ``view``, a shared mapping of the same bytes,
-    takes the tasks of short runs (:data:`SINK_MIN_RUN`)."""
-
-    fd: int
-    path: str
-    size: int
-    view: memoryview | None = None
-
-
-Destination = memoryview | FileSink
-
-
 class PageReadChannel:
     """One reader: its own descriptor on the file, a scratch buffer for absent slots."""
 
     def __init__(
         self,
         path: str | StoreSpec,
-        destinations: Sequence[Destination],
+        destinations: Sequence[memoryview],
         page_size: int,
         max_pages: int,
         *,
@@ -334,23 +306,10 @@ class PageReadChannel:
         ps = self.page_size
         src = task.offsets()
         n = len(src)
-        sink = self.dests[task.dest]
+        dest = self.dests[task.dest][task.first_page * ps : (task.first_page + n) * ps]
         present = src >= 0
-        zero = task.zero_absent
-        if isinstance(sink, FileSink):
-            if zero:  # absent pages punched: no page of the destination is filled with zeros
-                starts, lengths = bit_runs(~present)
-                for s, ln in zip(starts.tolist(), lengths.tolist()):
-                    punch_hole(sink.fd, (task.first_page + s) * ps, ln * ps, sink.path)
-                zero = False
-            runs = int(present[0]) + int(np.count_nonzero(present[1:] & ~present[:-1]))
-            if sink.view is None or runs * SINK_MIN_RUN <= int(np.count_nonzero(present)):
-                return self._run_sink(task, sink, src, present)
-            dest = sink.view[task.first_page * ps : (task.first_page + n) * ps]
-        else:
-            dest = sink[task.first_page * ps : (task.first_page + n) * ps]
         idx = np.flatnonzero(present)
-        if zero:
+        if task.zero_absent:
             pages = np.frombuffer(dest, dtype=np.uint8).reshape(n, ps)
             pages[~present] = 0
         if idx.size == 0:
@@ -404,47 +363,6 @@ class PageReadChannel:
             for at in range(0, el, _COPY_PAGES):  # numpy's gathered copy is a temporary: keep it small
                 idx = at + np.flatnonzero(present[es + at : es + min(at + _COPY_PAGES, el)])
                 out[es + idx] = buf[idx]
-
-    def _run_sink(
-        self, task: ReadTask, sink: FileSink, src: npt.NDArray[np.int64], present: npt.NDArray[np.bool_]
-    ) -> int:
-        """A task into a file: each extent read into a buffer (huge pages with O_DIRECT, else
-        the scratch buffer; a task that is not one run of slots gathered into the scratch
-        buffer), then its present runs written at their places."""
-        ps = self.page_size
-        n = len(src)
-        at = task.first_page * ps  # where the task's first page goes in the file
-        idx = np.flatnonzero(present)
-        if idx.size == 0:
-            return n * ps
-        p_starts, p_lens = bit_runs(present)
-        base = int(src[idx[0]]) - int(idx[0]) * ps
-        if self.store is None and np.array_equal(src[idx], base + idx.astype(np.int64) * ps):
-            if self.direct and self._huge is None:
-                self._huge = HugeBuffer(len(self.scratch))
-            buf = self._huge.view if self.direct and self._huge is not None else memoryview(self.scratch)
-            e_starts, e_lens = merge_runs(p_starts, p_lens, READ_SPLIT_GAP)
-            for es, el in zip(e_starts.tolist(), e_lens.tolist()):
-                preadv_exact(self.fd, [buf[: el * ps]], base + es * ps, self.path)
-                lo, hi = np.searchsorted(p_starts, [es, es + el])
-                self._write_runs(sink, buf, es, at, p_starts[lo:hi], p_lens[lo:hi])
-        else:
-            buf = memoryview(self.scratch)[: n * ps]
-            if self.store is not None:
-                self.store.gather(src, ps, buf)
-            else:
-                gather_pages(self.fd, self.path, src, ps, buf)
-            self._write_runs(sink, buf, 0, at, p_starts, p_lens)
-        self.pages_read += int(idx.size)
-        return n * ps
-
-    def _write_runs(self, sink: FileSink, buf: memoryview, first: int, at: int,
-                    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]) -> None:  # fmt: skip
-        """Runs of pages (task-relative; ``buf`` holds the task's pages from page ``first`` on)
-        written to ``sink`` at ``at`` + their place."""
-        ps = self.page_size
-        for s, ln in zip(starts.tolist(), lengths.tolist()):
-            pwrite_full(sink.fd, buf[(s - first) * ps : (s - first + ln) * ps], at + s * ps, sink.path)
 
     def _read_bounced(self, dest: memoryview, src: npt.NDArray[np.int64], present: npt.NDArray[np.bool_]) -> None:
         ps = self.page_size

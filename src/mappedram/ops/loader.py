@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import mmap
 import os
 import time
 import traceback
@@ -28,8 +27,8 @@ import numpy.typing as npt
 
 from mappedram.engine.autodirect import DirectChoice
 from mappedram.engine.executor import run_tasks
-from mappedram.engine.fileio import close_quiet, fsync, map_file, open_write
-from mappedram.engine.pages import FileSink, PageReadChannel, ReadTask
+from mappedram.engine.fileio import map_file
+from mappedram.engine.pages import PageReadChannel, ReadTask
 from mappedram.errors import IncompleteRestoreError, IOEngineError, UsageError
 from mappedram.image import MigrationFile, RamBlock, open_file
 
@@ -81,7 +80,7 @@ def restore(
     options: EngineOptions = DEFAULTS,
     seal: SealOptions = SEAL_CHECK,
 ) -> RestoreReport:
-    """Read the file's RAM blocks into writable buffers or :class:`FileSink` files, by name.
+    """Read the file's RAM blocks into writable buffers, by name.
 
     ``source`` is a path (with the stream at ``offset``) or an open file. The whole file
     is decoded and checked, and every destination matched and sized,
@@ -94,19 +93,18 @@ def restore(
     notes: list[str] = []
     t0 = time.perf_counter()
     with opened(source, offset) as mf:
-        dests: list[memoryview | FileSink] = []
+        dests: list[memoryview] = []
         chosen = []
         for name, buf in blocks.items():
             b = mf.block(name)
-            dest = buf if isinstance(buf, FileSink) else block_view(buf, writable=True, name=name)
-            size = dest.size if isinstance(dest, FileSink) else len(dest)
-            if size < b.used_length:
+            view = block_view(buf, writable=True, name=name)
+            if len(view) < b.used_length:
                 raise UsageError(
-                    f"destination of block {name!r} holds {size} bytes; the file's block has {b.used_length}"
+                    f"destination of block {name!r} holds {len(view)} bytes; the file's block has {b.used_length}"
                 )
-            dests.append(dest)
+            dests.append(view)
             chosen.append(b)
-            del dest
+            del view
         check = checked(mf, seal, options)
         if mf.mapped_ram:
             choice = resolve_direct(mf.path, options, "read")
@@ -188,37 +186,21 @@ def restore_files(
             if os.path.exists(dest):
                 existing.append(f"{dest}: an existing file, written in place (its owner and mode "
                                 f"{os.stat(dest).st_mode & 0o777:o} kept)")  # fmt: skip
-        # written with pwrite where runs are long, so the destination takes no page faults,
-        # and through a mapping where they are short (engine/pages.py FileSink)
-        fds: list[int] = []
-        maps: list[mmap.mmap] = []
-        sinks: dict[str, FileSink] = {}
+        sizes = {name: mf.block(name).used_length for name, _ in blocks}
+        maps = {name: map_file(dest, writable=True, size=sizes[name]) for name, dest in blocks}
         try:
-            for name, dest in blocks:
-                size = mf.block(name).used_length
-                maps.append(map_file(dest, writable=True, size=size))  # creates or grows it
-                fds.append(open_write(dest, create=False))
-                sinks[name] = FileSink(fds[-1], dest, size, memoryview(maps[-1])[:size])
-            report = restore(mf, sinks, zero_absent=zero_absent, options=options, seal=NO_CHECK)
+            report = restore(mf, maps, zero_absent=zero_absent, options=options, seal=NO_CHECK)
             report = dataclasses.replace(report, seal=check)
             report.notes.extend(existing)
-            for m in maps:
+            for m in maps.values():
                 m.flush()
-            for sink in sinks.values():
-                fsync(sink.fd, sink.path)
             return report
         except BaseException as exc:
             _release(exc)  # its frames hold views of the maps, which could not be closed
             raise
         finally:
-            for sink in sinks.values():
-                if sink.view is not None:
-                    sink.view.release()
-            sinks.clear()
-            for m in maps:
+            for m in maps.values():
                 m.close()
-            for fd in fds:
-                close_quiet(fd)
 
 
 def _release(exc: BaseException) -> None:

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -161,51 +161,46 @@ def choose_direct_io(directory: str, purpose: Purpose) -> DirectChoice:
 def _measure(directory: str) -> dict[str, object]:
     """Durable writes and cold reads of PROBE_BYTES both ways, PROBE_RUNS times, alternating."""
     bufs = [aligned_buffer(PROBE_REQUEST) for _ in range(PROBE_THREADS)]
-    views = [memoryview(b) for b in bufs]
-    for i in range(PROBE_THREADS):
-        views[i][:] = os.urandom(PROBE_REQUEST)  # data a device cannot compress or deduplicate
+    for b in bufs:
+        memoryview(b)[:] = os.urandom(PROBE_REQUEST)  # data a device cannot compress or deduplicate
     best: dict[str, float] = {}
-    failed: OSError | None = None
     try:
         for _ in range(PROBE_RUNS):
             for direct in (True, False):
                 fd, path = tempfile.mkstemp(prefix=".mappedram-probe-", dir=directory)
                 os.close(fd)
                 try:
-                    w = _timed(_write_share, path, views, direct)
+                    w = _timed(_write_share, path, bufs, direct)
                     _drop_cache(path)  # the read that follows is cold
-                    r = _timed(_read_share, path, views, direct)
+                    r = _timed(_read_share, path, bufs, direct)
                 finally:
                     os.unlink(path)
                 way = "direct" if direct else "buffered"
                 best[f"write_{way}"] = min(best.get(f"write_{way}", w), w)
                 best[f"read_{way}"] = min(best.get(f"read_{way}", r), r)
-    except OSError as exc:
-        # the traceback's frames hold views of the buffers, which could then not be closed
-        failed = OSError(exc.errno, exc.strerror)
-        traceback.clear_frames(exc.__traceback__)
     finally:
-        del views
         for b in bufs:
-            b.close()
-    if failed is not None:
-        raise failed
+            b.close()  # only the share functions view them, and their views are released
     out: dict[str, object] = {f"{k}_bps": PROBE_BYTES / max(v, 1e-9) for k, v in best.items()}
     out["measured"] = time.time()
     out["probe"] = PROBE_VERSION
     return out
 
 
-def _timed(share: Callable[[str, memoryview, bool, int], None], path: str, views: list[memoryview],
+def _timed(share: Callable[[str, memoryview, bool, int], None], path: str, bufs: list[mmap.mmap],
            direct: bool) -> float:  # fmt: skip
-    """Seconds for PROBE_THREADS threads to each do ``share`` of the file; the first error is raised."""
+    """Seconds for PROBE_THREADS threads to each do ``share`` of the file; the first error is
+    raised (a new OSError: the original's traceback would keep the buffers' views alive)."""
     errors: list[OSError] = []
 
     def run(i: int) -> None:
+        view = memoryview(bufs[i])
         try:
-            share(path, views[i], direct, i)
+            share(path, view, direct, i)
         except OSError as exc:
-            errors.append(exc)
+            errors.append(OSError(exc.errno, exc.strerror or str(exc)))
+        finally:
+            view.release()
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(PROBE_THREADS)]
     t0 = time.perf_counter()
@@ -230,7 +225,8 @@ def _write_share(path: str, view: memoryview, direct: bool, i: int) -> None:
         for at in _share(i):
             done = 0
             while done < len(view):
-                done += os.pwrite(fd, view[done:], at + done)
+                with view[done:] as rest:
+                    done += os.pwrite(fd, rest, at + done)
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -242,7 +238,8 @@ def _read_share(path: str, view: memoryview, direct: bool, i: int) -> None:
         for at in _share(i):
             done = 0
             while done < len(view):
-                n = os.preadv(fd, [view[done:]], at + done)
+                with view[done:] as rest:
+                    n = os.preadv(fd, [rest], at + done)
                 if n <= 0:
                     raise OSError(errno.EIO, f"{path}: short read in the O_DIRECT probe")
                 done += n

@@ -305,3 +305,164 @@ def test_qemu_loads_live_save(tmp_path: Path, fmt: str) -> None:
         qemu_load(vm, out, MULTIFD4 if fmt == "mapped-ram" else LEGACY)
     mismatch = first_mismatch((tmp_path / "dst.ram").read_bytes(), writer.at_stop)
     assert mismatch is None, f"QEMU's RAM after loading the live {fmt} save: {mismatch}"
+
+
+class ScriptedTracker:
+    """Marks what a script writes, one step per sync: the passes see exactly these dirty sets."""
+
+    def __init__(self, buf: mmap.mmap, steps: list[dict[str, np.ndarray]]) -> None:
+        self.words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, PAGE // 8)
+        self.owner = OwnerTracker(len(self.words))
+        self.steps = list(steps)
+        self.syncs = 0
+
+    @property
+    def npages(self) -> int:
+        return self.owner.npages
+
+    def sync(self) -> np.ndarray:
+        self.syncs += 1
+        if self.syncs > 1 and self.steps:  # the first sync starts tracking
+            step = self.steps.pop(0)
+            for page in step.get("write", []):
+                self.words[page] = np.uint64(0xD1D1 << 20 | self.syncs << 32 | int(page))
+            self.words[step.get("zero", [])] = 0
+            for key in ("write", "zero"):
+                self.owner.mark_pages(np.asarray(step.get(key, []), dtype=np.int64))
+        return self.owner.sync()
+
+
+def _zero_slots_hold_zeros(path: Path) -> None:
+    """Every slot whose bit is 0 reads as zeros (the file's clean-zero-slots promise)."""
+    with mappedram.open_file(path) as f:
+        block = f.block("pc.ram")
+        present = np.asarray(block.present)
+        assert block.layout is not None
+        at = block.layout.pages_offset
+    raw = np.fromfile(path, dtype=np.uint8, count=len(present) * PAGE, offset=at).reshape(-1, PAGE)
+    stale = np.flatnonzero(~present & raw.any(axis=1))
+    assert stale.size == 0, f"{stale.size} slots with bit 0 hold bytes, first {stale[:8].tolist()}"
+
+
+def test_dense_dirty_pass_goes_by_o_direct_extents(tmp_path: Path) -> None:
+    npages = 4096
+    buf = _ram(npages * PAGE >> 20, 3000)  # pages 3000.. are zero
+    rng = np.random.default_rng(3)
+    half = np.flatnonzero(rng.random(npages) < 0.5)  # dense: about every other page
+    sparse = np.arange(0, npages, 512)  # 8 pages, far apart
+    became_zero = half[half < 3000][::30][:40]  # spread out
+    steps = [
+        {"write": half, "zero": became_zero[:20]},  # pass 2: dense, some data pages now zero
+        {"write": sparse, "zero": became_zero[20:]},  # pass 3: sparse
+    ]
+    tracker = ScriptedTracker(buf, steps)
+    out = tmp_path / "dense.mig"
+    report = live_save(out, [("pc.ram", buf)], [tracker], stop=list, live=LiveOptions(max_passes=3, downtime_limit=0.0), options=EngineOptions(direct_io="on", durable=False))  # fmt: skip
+    assert [p.direct_io for p in report.passes] == [True, True, False, False], report.passes
+    dense = report.passes[1]
+    assert dense.pages_sent == len(np.union1d(half, became_zero[:20]))
+    assert dense.bytes_written > dense.pages_written * PAGE  # the clean pages between were rewritten
+    _assert_same(_file_ram(out), bytes(buf))
+    _zero_slots_hold_zeros(out)
+    v = ops.verify(out)
+    assert v.ok, v.problems
+
+
+def test_dense_pass_over_stale_slots_writes_zeros(tmp_path: Path) -> None:
+    # The pages region starts as 0xAA (what a reused file held): a dense extent must write
+    # every page whose bit is 0 as zeros, and every clean page as the RAM holds it.
+    from mappedram.engine.pages import MemoryPages, PageWriteChannel, WriteTask
+
+    npages = 256
+    ram = np.zeros((npages, PAGE), dtype=np.uint8)
+    ram[::3] = 7  # pages 0, 3, 6, ... hold data
+    target = tmp_path / "slots"
+    target.write_bytes(b"\xaa" * npages * PAGE)
+    bits = np.zeros(npages, dtype=np.bool_)
+    bits[::3] = True  # as pass 1 left them (the file's bytes do not matter to the channel)
+    mask = np.zeros(npages, dtype=np.bool_)
+    mask[::2] = True  # dirty: every other page
+    ram[10] = 0  # a data page, dirty, now zero: its bit goes to 0
+    ram[::4][ram[::4].any(axis=1) == 0] = 9  # some zero pages, dirty, now data
+    ram[[1, 5, 7]] = 3  # clean zero pages (bit 0) the guest wrote since the sync: the next pass sends them
+    ch = PageWriteChannel(str(target), [MemoryPages(memoryview(ram).cast("B"))], PAGE, npages, direct=True, dense=True, volatile=True)  # fmt: skip
+    try:
+        ch.run(WriteTask(0, 0, npages, 0, bits, mask))
+    finally:
+        ch.close()
+    expect_bits = np.where(mask, ram.any(axis=1), np.arange(npages) % 3 == 0)
+    np.testing.assert_array_equal(bits, expect_bits)
+    got = np.fromfile(target, dtype=np.uint8).reshape(npages, PAGE)
+    covered = np.arange(npages) <= np.flatnonzero(mask)[-1]  # one extent, from the first dirty page to the last
+    np.testing.assert_array_equal(got[covered & bits], ram[covered & bits])
+    assert not got[covered & ~bits].any()
+    assert (got[~covered] == 0xAA).all()  # past the extent: untouched
+
+
+def test_page_written_after_its_scan_is_written_as_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A live source: a page found zero, then written by the guest before the copy, must not
+    # land in a slot whose bit is 0 (the next pass may find it zero again and leave the slot).
+    from mappedram.engine import pages as pages_mod
+
+    npages = 64
+    ram = np.zeros((npages, PAGE), dtype=np.uint8)
+    ram[:32] = 1  # page 40 is zero, inside the extent merged across pages 32..63
+    ram[63] = 1
+    scanned = pages_mod.nonzero_pages
+
+    def scan_then_write(view: memoryview, n: int, ps: int) -> np.ndarray:
+        found = scanned(view, n, ps)
+        ram[40] = 5  # the guest writes it after the scan
+        return found
+
+    monkeypatch.setattr(pages_mod, "nonzero_pages", scan_then_write)
+    target = tmp_path / "slots"
+    target.write_bytes(b"\xaa" * npages * PAGE)
+    bits = np.zeros(npages, dtype=np.bool_)
+    ch = pages_mod.PageWriteChannel(str(target), [pages_mod.MemoryPages(memoryview(ram).cast("B"))], PAGE, npages, direct=True, volatile=True)  # fmt: skip
+    try:
+        ch.run(pages_mod.WriteTask(0, 0, npages, 0, bits))
+    finally:
+        ch.close()
+    assert not bits[40] and bits[:32].all() and bits[63]
+    got = np.fromfile(target, dtype=np.uint8).reshape(npages, PAGE)
+    assert not got[32:63].any()  # page 40 too: as zeros
+    assert (got[:32] == 1).all() and (got[63] == 1).all()
+
+
+def test_pass_costs_choose_the_cheaper_way() -> None:
+    from mappedram.ops.passcost import EXTENTS, RUNS, RUNS_PRIOR, PassCosts, pass_shape
+
+    rng = np.random.default_rng(5)
+    n = 262_144  # 1 GiB of pages
+    half, sixth, rare = (rng.random(n) < f for f in (0.5, 0.16, 0.01))
+    s_half, s_sixth, s_rare = (pass_shape([d], PAGE) for d in (half, sixth, rare))
+    assert s_half.covered_bytes > 0.999 * n * PAGE and s_sixth.covered_bytes > 0.999 * n * PAGE  # no clean gap of 64
+    assert s_rare.dirty_bytes < s_rare.covered_bytes < n * PAGE / 4
+    assert pass_shape([np.zeros(10, np.bool_)], PAGE) == pass_shape([], PAGE)
+
+    fast = PassCosts(direct=True)
+    assert fast.expected(s_half) is None  # nothing measured yet
+    fast.record(RUNS, 1 << 30, 0.5, first=True)  # pass 1 through the page cache: no measure of runs
+    assert fast.rate(RUNS) is None
+    fast.record(EXTENTS, 1 << 30, 0.45, first=True)  # a 2.4 GB/s disk
+    assert fast.choose(s_half, final=False) == EXTENTS
+    assert fast.choose(s_sixth, final=False) == EXTENTS  # runs: the writes, then their writeback
+    assert fast.choose(s_rare, final=False) == RUNS
+    assert fast.expected(s_sixth) == pytest.approx(0.45, rel=1e-3)  # runs unmeasured: extents only
+    assert fast.choose(s_sixth, final=True) == EXTENTS  # as expected() judged it, not by the prior
+
+    slow = PassCosts(direct=True)
+    slow.record(EXTENTS, 1 << 30, 3.5, first=True)  # a 300 MB/s disk
+    assert slow.choose(s_sixth, final=False) == RUNS
+    slow.record(RUNS, s_sixth.dirty_bytes, 0.3)
+    slow.record(RUNS, s_sixth.dirty_bytes, 0.6)
+    assert slow.rate(RUNS) == pytest.approx(s_sixth.dirty_bytes / 0.6)  # the slower of the last two
+    assert slow.expected(s_sixth) == pytest.approx(0.6)
+    assert slow.choose(s_sixth, final=True) == RUNS
+
+    buffered = PassCosts(direct=False)  # no O_DIRECT: runs only, QEMU's rule
+    buffered.record(EXTENTS, 1 << 30, 0.1, first=True)
+    assert buffered.choose(s_half, final=False) == RUNS and buffered.expected(s_half) is None
+    buffered.record(RUNS, int(RUNS_PRIOR), 1.0)
+    assert buffered.expected(s_half) == pytest.approx(s_half.dirty_bytes / RUNS_PRIOR)

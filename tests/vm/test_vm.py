@@ -84,8 +84,10 @@ def test_vm_save_then_restore_resumes_exactly(tmp_path: Path, guest: str) -> Non
 def test_vm_save_that_converges_says_ok(tmp_path: Path, guest: str) -> None:
     out = tmp_path / "guest.mig"
     proc = run("vm", "save", str(out), "--guest", guest, "--mem", "16", *stepped(), "--downtime-limit", ALWAYS)
-    # the first pass of dirty pages (pass 2) gives the bandwidth the stop decision needs
-    assert "converged after 2 live passes" in proc.stdout and "save OK" in proc.stdout, proc.stdout
+    # With O_DIRECT pass 1 measures the speed of extents, which a final pass can take; through
+    # the page cache the first pass of dirty pages (pass 2) gives the bandwidth the stop needs.
+    passes = "1 live pass" if "direct-io on" in proc.stdout else "2 live passes"
+    assert f"converged after {passes} (" in proc.stdout and "save OK" in proc.stdout, proc.stdout
     assert "limit 1000 s: met" in proc.stdout
 
 

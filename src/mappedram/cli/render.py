@@ -342,6 +342,7 @@ def _mb(n: float) -> str:
 def render_passes(passes: list[PassStats]) -> list[str]:
     lines = [
         "  pass  pages sent     written        zero  written (MB)  seconds  throttle  dirtied  dirtied/s of guest run"
+        "  written by"
     ]
     for p in passes:
         mark = "*" if p.stopped else " "
@@ -350,21 +351,24 @@ def render_passes(passes: list[PassStats]) -> list[str]:
         lines.append(
             f"  {p.index:>3}{mark} {p.pages_sent:>11,} {p.pages_written:>11,} {p.pages_zero:>11,}"
             f" {p.bytes_written / 1e6:>13,.1f} {p.seconds:>8.2f} {p.throttle:>8}% {dirtied:>8} {rate:>23}"
+            f"  {'O_DIRECT extents' if p.direct_io else 'page cache'}"
         )
-    lines.append("  (* with the guest stopped; dirtied: pages the guest dirtied while the pass was written)")
+    lines.append("  (* with the guest stopped; dirtied: pages the guest dirtied while the pass was written;"
+                 " extents also rewrite the clean pages between dirty ones)")  # fmt: skip
     return lines
 
 
 def render_live(r: LiveSaveReport, title: str = "live save", *, judged: bool = True) -> str:
     """A live save's passes and outcome; ``judged=False`` for a comparison run held to no limit."""
-    live = sum(1 for p in r.passes if not p.stopped)
+    n = sum(1 for p in r.passes if not p.stopped)
+    live = f"{n} live pass" if n == 1 else f"{n} live passes"
     if not judged:
-        stop = f"{live} live passes, as a comparison (not held to a downtime limit)"
+        stop = f"{live}, as a comparison (not held to a downtime limit)"
     elif r.converged:
-        stop = f"converged after {live} live passes (the rest fit the downtime budget at the measured bandwidth)"
+        stop = f"converged after {live} (the rest fit the downtime budget at the measured speed)"
     else:
         left = r.passes[-1].pages_sent
-        stop = f"did NOT converge: stopped at the pass limit ({live} live passes) with {left:,} pages left"
+        stop = f"did NOT converge: stopped at the pass limit ({live}) with {left:,} pages left"
     if r.auto_converge:
         stop += f"; auto-converge on, throttle {r.final_throttle}% at the stop"
     if r.bandwidth_limit:
@@ -377,7 +381,8 @@ def render_live(r: LiveSaveReport, title: str = "live save", *, judged: bool = T
         + (", exactly the planned layout" if r.planned_size == r.file_size else "")
         + f"; on disk {_mb(r.allocated_bytes)} ({r.allocated_bytes / r.ram_bytes:.3f}x)",
         f"  downtime {r.downtime:.3f} s" + (f", limit {r.downtime_limit:g} s: {verdict}" if judged else "")
-        + f"; dirty pages written at {r.bandwidth / 1e9:.2f} GB/s;"
+        + (f" (the final pass was expected to take {r.expected_final:.3f} s)" if judged and r.expected_final else "")
+        + (f"; dirty pages written at {r.bandwidth / 1e9:.2f} GB/s" if r.bandwidth else "") + ";"
         f" {r.channels} channel(s), direct-io {'on' if r.direct_io else 'off'};"
         f" {r.total_seconds:.2f} s in all",
     ]

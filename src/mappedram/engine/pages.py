@@ -8,6 +8,12 @@ page stays a hole. With O_DIRECT it writes whole extents instead (runs merged ac
 gaps of up to ``merge_gap`` pages, zero pages included: a slot whose bit is 0 may hold
 anything), each copied first into a buffer of huge pages (directio.HugeBuffer: few
 block-layer segments per request, where the source's own pages would give one per page).
+A task with a ``mask`` (a later pass of a live save: its dirty pages) goes through the
+page cache, one write per run, unless the channel is ``dense``: then the runs of the
+mask are merged into O_DIRECT extents too, the clean pages between them rewritten as the
+source holds them now. A ``volatile`` source (RAM a guest keeps writing) has every page
+of such an extent whose bit ends 0 written as zeros, not as read: a page found zero may
+have been written since, and a slot whose bit is 0 must read as zeros (clean-zero-slots).
 
 Read side (:class:`PageReadChannel`): a task names a destination range and the file
 offset of each page (-1 for a page that reads as zeros). When the pages sit in
@@ -182,8 +188,12 @@ class PageWriteChannel:
         direct: bool = False,
         merge_gap: int = 64,
         on_write: Callable[[int], None] | None = None,
+        dense: bool = False,
+        volatile: bool = False,
     ) -> None:
         self.path = path
+        self.dense = dense  # with ``direct``: masked tasks are written in merged O_DIRECT extents
+        self.volatile = volatile  # the sources may change while they are written
         self.on_write = on_write  # called with the bytes of each write (a bandwidth limit)
         self.page_size = page_size
         self.direct = direct
@@ -200,26 +210,34 @@ class PageWriteChannel:
     def run(self, task: WriteTask) -> int:
         ps = self.page_size
         view = self.reader.pages(task.source, task.first_page, task.npages, task.offsets)
+        # The dirty pages of a later pass of a live save are scattered: O_DIRECT would write
+        # each run synchronously, so they go through the page cache (the save's fsync makes
+        # them durable), unless the pass is dense enough to rewrite the clean pages between them.
+        direct = self.direct and (task.mask is None or self.dense)
         if task.mask is None:
             keep = nonzero_pages(view, task.npages, ps)
             task.bits[:] = keep
+            content = keep  # what the slots must hold from the source; the rest reads as zeros
+            starts, lengths = bit_runs(keep)
         else:
             chosen = np.flatnonzero(task.mask)
             keep = np.zeros(task.npages, dtype=np.bool_)
             keep[chosen] = nonzero_pages_at(view, chosen, ps)
             # A page written before that is zero now: its bit goes to 0, and its slot must
-            # read as zeros again (a slot whose bit is 0 never holds stale bytes), so it is punched.
+            # read as zeros again (a slot whose bit is 0 never holds stale bytes), so it is
+            # punched, or written as zeros inside an extent.
             gone = np.zeros(task.npages, dtype=np.bool_)
             gone[chosen] = (True if task.defined else task.bits[chosen]) & ~keep[chosen]
             task.bits[chosen] = True if task.defined else keep[chosen]
-            if gone.any():
-                self._punch(gone, task.file_offset)
-        starts, lengths = bit_runs(keep)
-        # The dirty pages of a later pass of a live save are scattered: O_DIRECT would write
-        # each run synchronously, or rewrite the clean pages between them in merged extents.
-        # The page cache takes them at memory speed; the save's fsync makes them durable.
-        direct = self.direct and task.mask is None
+            content = keep | (~task.mask & task.bits)
+            if direct:
+                starts, lengths = bit_runs(task.mask)  # every chosen slot is rewritten: no punch
+            else:
+                if gone.any():
+                    self._punch(gone, task.file_offset)
+                starts, lengths = bit_runs(keep)
         fd = self.fd if direct or not self.direct else self._buffered_fd()
+        zero_rest = direct and (self.volatile or task.mask is not None)
         if direct:
             starts, lengths = merge_runs(starts, lengths, self.merge_gap)
         for s, n in zip(starts.tolist(), lengths.tolist()):
@@ -228,6 +246,10 @@ class PageWriteChannel:
                 # O_DIRECT from huge pages, not from the source's scattered pages (HugeBuffer)
                 bounce = self._bounce().view[: n * ps]
                 bounce[:] = data
+                if zero_rest:
+                    rest = ~content[s : s + n]
+                    if rest.any():
+                        np.frombuffer(bounce, dtype=np.uint64).reshape(n, ps // 8)[rest] = 0
                 data = bounce
             pwrite_full(fd, data, task.file_offset + s * ps, self.path)
             self.bytes_written += n * ps

@@ -13,12 +13,15 @@ migration/ram.c ram_save_iterate / migration_bitmap_sync / ram_save_complete):
 * Rule 3, legacy appends. The streamed format has no slots: each pass appends its pages
   as PAGE/ZERO records (one PART section per pass, the last pass in the END section), so
   the file grows by every pass's dirty set; the reader applies them in order.
-* Rule 4, stop and finish. Iteration ends when the pages left to send fit the downtime
-  limit at the bandwidth measured in the last passes of dirty pages (QEMU's
-  threshold_size = bandwidth * downtime_limit, here with a margin: ``downtime_margin`` of
-  the limit, and the slower of the last two passes; pass 1, which writes every page in
-  file order, is no measure of how fast scattered dirty pages go), or when nothing is
-  left, or after ``max_passes``. Then the ``stop`` callback pauses
+* Rule 4, stop and finish. Iteration ends when the final pass of the pages left is
+  expected to fit the downtime limit (QEMU's threshold_size = bandwidth *
+  downtime_limit, here with a margin: ``downtime_margin`` of the limit), or when nothing
+  is left, or after ``max_passes``. :mod:`.passcost` expects: with O_DIRECT a pass of
+  dirty pages goes as page-cache writes of its runs or as O_DIRECT extents merged across
+  clean gaps, whichever is faster at the speeds the earlier passes measured (the slower
+  of each way's last two), and the final pass is judged the way it would go; without
+  O_DIRECT, pages left / the bandwidth of the last passes of dirty pages (pass 1, which
+  writes every page in file order, is no measure of how fast scattered pages go). Then the ``stop`` callback pauses
   the guest and returns its device state; the final pass sends what is still dirty;
   then the bitmaps, the device sections, QEMU_VM_EOF and the vmdesc are written.
 * Rule 5, auto-converge (:mod:`.converge`). After each live pass, when the bytes the
@@ -58,6 +61,7 @@ from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file
 
 from .converge import CpuThrottle, ThrottleController
 from .options import DEFAULTS, FORMATS, LIVE_DEFAULTS, EngineOptions, LiveOptions, PassStats, Progress
+from .passcost import DENSE_GAP, EXTENTS, RUNS, PassCosts, pass_shape
 from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
 from .seal import SealOptions, SealReport, sealed_body
 from .trackers import DirtyTracker
@@ -86,6 +90,7 @@ class LiveSaveReport(TimedReport):
     stop_reason: str  # "converged" (the rest fit the downtime limit) or "max-passes"
     downtime: float  # seconds from the stop request to the last byte of the stream
     bandwidth: float  # page bytes per second: the slower of the last two live passes of dirty pages (0: none)
+    expected_final: float  # seconds the final pass was expected to take when the guest was stopped (0: not known)
     downtime_limit: float
     bandwidth_limit: float | None
     auto_converge: bool
@@ -143,6 +148,10 @@ class _Loop:
         self.bandwidth = 0.0
         self.rates: list[float] = []  # page bytes per second of each live pass of dirty pages
         self.stop_reason = ""
+        # the final pass's expected seconds for a pending dirty set (None: not known); without
+        # it, pending bytes / bandwidth (QEMU's rule)
+        self.expect: Callable[[list[Bits]], float | None] | None = None
+        self.expected_final = 0.0  # what it expected when the guest was stopped (0: not known)
         self.downtime = 0.0
         self.t_stop = 0.0
         self._clock = 0.0  # guest run seconds (or wall seconds) at the last sync
@@ -161,16 +170,16 @@ class _Loop:
         self,
         stopped: bool,
         sent: int,
-        result: tuple[int, int, int],
+        result: tuple[int, int, int, bool],
         seconds: float,
         throttle: int,
         dirtied: int,
         ran: float,
     ) -> PassStats:
-        written, zero, nbytes = result
+        written, zero, nbytes, direct = result
         rate = dirtied / ran if ran > 0 else 0.0
         stats = PassStats(len(self.passes) + 1, stopped, sent, written, zero, nbytes, seconds, throttle, dirtied,
-                          ran, rate)  # fmt: skip
+                          ran, rate, direct)  # fmt: skip
         self.passes.append(stats)
         if not stopped and seconds > 0 and written and len(self.passes) > 1:
             # Only passes of dirty pages say how fast the final pass will go: pass 1 writes
@@ -187,7 +196,7 @@ class _Loop:
 
     # reference: migration_iteration_run (pending vs threshold), migration_bitmap_sync, ram_save_complete
     def run(
-        self, send: Callable[[list[Bits] | None, bool], tuple[int, int, int]], stop: StopGuest
+        self, send: Callable[[list[Bits] | None, bool], tuple[int, int, int, bool]], stop: StopGuest
     ) -> Sequence[DeviceRecord]:
         for t in self.trackers:  # start tracking: what was written before is sent in pass 1 anyway
             t.sync()
@@ -204,12 +213,18 @@ class _Loop:
             pending = count * TARGET_PAGE_SIZE
             if self.controller is not None and self.cpu is not None:
                 # reference: migration_trigger_throttle (bytes dirtied vs bytes sent in the period)
-                pct = self.controller.after_pass(pending, stats.bytes_written)
+                # (the bytes of the pages sent: a dense pass also rewrites clean pages, which QEMU never sends)
+                pct = self.controller.after_pass(pending, stats.pages_written * TARGET_PAGE_SIZE)
                 if pct != throttle:
                     self.cpu.set_throttle(pct)
             # reference: migration_iteration_run (pending_size <= threshold_size = bandwidth * downtime_limit)
             budget = self.live.downtime_limit * self.live.downtime_margin
-            if pending == 0 or (self.bandwidth > 0 and pending / self.bandwidth <= budget):
+            if self.expect is not None:
+                expected = self.expect(dirty)
+            else:
+                expected = pending / self.bandwidth if self.bandwidth > 0 else None
+            self.expected_final = expected or 0.0
+            if pending == 0 or (expected is not None and expected <= budget):
                 self.stop_reason = "converged"
                 break
             if len(self.passes) >= self.live.max_passes:
@@ -318,6 +333,7 @@ def live_save(
         stop_reason=loop.stop_reason,
         downtime=loop.downtime,
         bandwidth=loop.bandwidth,
+        expected_final=loop.expected_final,
         downtime_limit=live.downtime_limit,
         bandwidth_limit=live.bandwidth_limit,
         auto_converge=live.auto_converge is not None,
@@ -349,9 +365,11 @@ def _mapped_body(
             pwrite_full(fd, data, at, work)
         bits = [np.zeros(size // ps, dtype=np.bool_) for _, size in layout]
         used = [0]
+        costs = PassCosts(direct)
+        loop.expect = lambda dirty: costs.expected(pass_shape(dirty, ps))
 
         # reference: ram_save_iterate, ram_find_and_save_block, multifd_queue_page (mapped-ram slots)
-        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int]:
+        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int, bool]:
             tasks = []
             for i, lay in enumerate(plan.ram.blocks):
                 n = len(bits[i])
@@ -364,19 +382,28 @@ def _mapped_body(
                         WriteTask(i, first, count, lay.pages_offset + first * ps, bits[i][first : first + count], mask)
                     )
             if not tasks:
-                return 0, 0, 0
+                return 0, 0, 0, False
             made: list[PageWriteChannel] = []
+            if dirty is None:
+                way = EXTENTS if direct else RUNS
+            else:
+                way = costs.choose(pass_shape(dirty, ps), final=stopped)
+            dense = dirty is not None and way == EXTENTS
 
             def make_channel(_: int) -> PageWriteChannel:
-                ch = PageWriteChannel(work, sources, ps, CHUNK_PAGES, direct=direct, on_write=loop.throttle)
+                ch = PageWriteChannel(work, sources, ps, CHUNK_PAGES, direct=direct, on_write=loop.throttle,
+                                      merge_gap=DENSE_GAP, dense=dense, volatile=True)  # fmt: skip
                 made.append(ch)
                 return ch
 
-            # Pass 1 writes whole extents, in parallel. Later passes write scattered dirty pages
-            # through the page cache, where parallel writers only contend for the file's lock
-            # (measured here, 40,000 random pages: 6.9 us a page with one writer, 12.9 with four).
-            width = channels if dirty is None else DIRTY_PASS_CHANNELS
+            # Pass 1 writes whole extents, in parallel, and so does a pass of dirty pages that
+            # goes by extents (ops/passcost.py). The others write scattered dirty pages through
+            # the page cache, where parallel writers only contend for the file's lock
+            # (measured, 40,000 random pages: 6.9 us a page with one writer, 12.9 with four).
+            width = channels if dirty is None or dense else DIRTY_PASS_CHANNELS
+            t0 = time.perf_counter()
             run_tasks(tasks, make_channel, channels=max(1, min(width, len(tasks))), progress=loop.progress)
+            costs.record(way, sum(ch.bytes_written for ch in made), time.perf_counter() - t0, first=dirty is None)
             used[0] = max(used[0], len(made))
             if dirty is None:
                 sent = sum(len(b) for b in bits)
@@ -384,7 +411,7 @@ def _mapped_body(
             else:
                 sent = sum(int(np.count_nonzero(d)) for d in dirty)
                 written = sum(int(np.count_nonzero(b & d)) for b, d in zip(bits, dirty))
-            return written, sent - written, sum(ch.bytes_written for ch in made)
+            return written, sent - written, sum(ch.bytes_written for ch in made), direct and way == EXTENTS
 
         t1 = time.perf_counter()
         records = loop.run(send, stop)
@@ -430,7 +457,7 @@ def _legacy_body(
         out.append(plan.head)
 
         # reference: ram_save_iterate / ram_save_complete -> ram_save_target_page_legacy
-        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int]:
+        def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int, bool]:
             if len(loop.passes) > 0:  # pass 1 follows the PART header ending ``head``
                 out.append(plan.end_head if stopped else plan.part_head)
             before = out.offset
@@ -451,7 +478,7 @@ def _legacy_body(
             if not stopped:
                 out.append(plan.pass_end)
             out.flush()
-            return written, sent - written, out.offset - before
+            return written, sent - written, out.offset - before, False
 
         t1 = time.perf_counter()
         try:

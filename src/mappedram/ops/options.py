@@ -152,3 +152,4 @@ class PassStats:
     pages_dirtied: int  # pages the guest dirtied while this pass ran (0 for the stopped pass)
     run_seconds: float  # seconds the guest ran while this pass ran (throttle sleeps excluded)
     dirty_rate: float  # pages_dirtied per second of guest run time (0 when it did not run)
+    direct_io: bool = False  # written with O_DIRECT (pass 1, or a dense pass of dirty pages), not the page cache

@@ -10,7 +10,9 @@ baselines next to it (the machines are shared and noisy: ratios and medians only
   from a RAM image in /dev/shm, against QEMU 10 saving the same RAM (a paused guest whose
   ``memory-backend-file`` is that image) in each of ``--qemu-variants``, its best median
   counting, and against ``fio`` (O_DIRECT, 1 MiB requests, iodepth 16, then an fsync)
-  writing the bytes our file stores (its allocated bytes) and the page data alone;
+  writing the bytes our file stores (its allocated bytes) and the page data alone. Each
+  save, ours and QEMU's, starts from the image as written: its zero pages are punched back
+  into holes first (a read through a mapping fills a tmpfs hole; ours reads no hole);
 * **restore**, cold (page cache dropped, the interpreter's own files read back first so
   only the data is cold): ``mappedram restore`` into a fresh /dev/shm file, against QEMU
   restoring its own file of the same variant into a fresh destination, and ``fio`` reading
@@ -181,6 +183,13 @@ def same_ram(a: Path, b: Path, size: int) -> str | None:
     return None
 
 
+def dig_holes(path: Path) -> None:
+    """Punch the zero pages of a RAM image back into holes (``fallocate --dig-holes``): a read
+    through a mapping fills a hole of a tmpfs file (QEMU's save does, and the restore checks),
+    so every save starts from the image as written."""
+    subprocess.run(["fallocate", "--dig-holes", str(path)], check=True)
+
+
 def unlink(*paths: Path) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
@@ -208,6 +217,8 @@ def warm(path: Path) -> None:
 
 def cli_save(src: Path, out: Path, *, source_on_disk: bool = False) -> dict[str, Any]:
     unlink(out)
+    if not source_on_disk:
+        dig_holes(src)
     cold()
     if source_on_disk:
         warm(src)
@@ -261,6 +272,7 @@ def inproc_restore(mig: Path, dst: Path, size: int, kind: str) -> dict[str, Any]
 def qemu_save(src: Path, size: int, out: Path, variant: str, work: Path) -> dict[str, Any]:
     caps, params = QEMU_VARIANTS[variant]
     unlink(out)
+    dig_holes(src)
     with QemuVM(src, machine="q35", ram_mib=size >> 20, workdir=work, name="speed-src", timeout=120) as vm:
         vm.cmd("stop")
         vm.configure_migration(caps, params)

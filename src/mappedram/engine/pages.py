@@ -3,7 +3,10 @@
 Write side (:class:`PageWriteChannel`): a task is a range of pages of one source (a
 buffer in memory, or pages read from a file); the channel finds the zero pages with
 numpy, records which pages it wrote in the task's ``bits`` view, and writes the
-non-zero runs with ``os.pwrite`` straight from the source memory. Buffered, every zero
+non-zero runs with ``os.pwrite`` straight from the source memory. A source in memory that
+maps a file (``MemoryPages.file``) has the file's holes found first (SEEK_HOLE): their pages
+are zero pages, never read (on tmpfs a read through the mapping would allocate and clear
+each one, the source growing by its holes). Buffered, every zero
 page stays a hole. With O_DIRECT it writes whole extents instead (runs merged across
 gaps of up to ``merge_gap`` pages, zero pages included: a slot whose bit is 0 may hold
 anything), each copied first into a buffer of huge pages (directio.HugeBuffer: few
@@ -38,7 +41,7 @@ from mappedram._runs import bit_runs
 
 from .copy import gather_pages, nonzero_pages, nonzero_pages_at
 from .directio import HugeBuffer, aligned_buffer
-from .fileio import close_fd, open_read, open_write, preadv_exact, prefetch, punch_hole, pwrite_full
+from .fileio import close_fd, data_extents, open_read, open_write, preadv_exact, prefetch, punch_hole, pwrite_full
 from .store import Store, StoreSpec, open_store, spec_path
 
 __all__ = [
@@ -61,9 +64,11 @@ _COPY_PAGES = 256
 
 @dataclass(frozen=True, slots=True)
 class MemoryPages:
-    """Pages held in memory (any buffer: mmap, numpy array, bytearray)."""
+    """Pages held in memory (any buffer: mmap, numpy array, bytearray); ``file``, the file
+    the view maps from its start, if it is one: the pages in its holes are not read."""
 
     view: memoryview
+    file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,27 @@ class PageReader:
         gather_pages(fd, src.path, where, ps, out)
         return out
 
+    def data(self, source: int, first: int, count: int) -> npt.NDArray[np.bool_] | None:
+        """Which of pages ``first`` .. ``first + count`` of a memory source that maps a file may
+        hold data (False: the page lies in a hole of the file and reads as zeros), found with
+        SEEK_DATA/SEEK_HOLE, one call pair per data extent; None where all of them may."""
+        src = self.sources[source]
+        if not isinstance(src, MemoryPages) or src.file is None:
+            return None
+        fd = self.read_fds.get(src.file)
+        if fd is None:
+            fd = self.read_fds[src.file] = open_read(src.file)
+        ps = self.page_size
+        extents = data_extents(fd, first * ps, (first + count) * ps, src.file)
+        if extents == [(first * ps, (first + count) * ps)]:
+            return None
+        edges = np.zeros(count + 1, dtype=np.int32)
+        if extents:
+            at = np.array(extents, dtype=np.int64) - first * ps
+            np.add.at(edges, at[:, 0] // ps, 1)  # a page partly in an extent counts as data
+            np.add.at(edges, -(-at[:, 1] // ps), -1)
+        return np.cumsum(edges[:count]) > 0
+
     def prefetch(self, source: int, first: int, count: int) -> None:
         """Start reading pages of a file source into the page cache, for a later :meth:`pages`."""
         src = self.sources[source]
@@ -214,8 +240,10 @@ class PageWriteChannel:
         # each run synchronously, so they go through the page cache (the save's fsync makes
         # them durable), unless the pass is dense enough to rewrite the clean pages between them.
         direct = self.direct and (task.mask is None or self.dense)
+        # pages not in the holes of the file a memory source maps (None: all may hold data)
+        held = self.reader.data(task.source, task.first_page, task.npages) if task.mask is None else None
         if task.mask is None:
-            keep = nonzero_pages(view, task.npages, ps)
+            keep = nonzero_pages(view, task.npages, ps) if held is None else self._nonzero_data(view, held)
             task.bits[:] = keep
             content = keep  # what the slots must hold from the source; the rest reads as zeros
             starts, lengths = bit_runs(keep)
@@ -245,7 +273,10 @@ class PageWriteChannel:
             if direct:
                 # O_DIRECT from huge pages, not from the source's scattered pages (HugeBuffer)
                 bounce = self._bounce().view[: n * ps]
-                bounce[:] = data
+                if held is not None and not held[s : s + n].all():
+                    self._copy_data(bounce, data, held[s : s + n])
+                else:
+                    bounce[:] = data
                 if zero_rest:
                     rest = ~content[s : s + n]
                     if rest.any():
@@ -257,6 +288,28 @@ class PageWriteChannel:
                 self.on_write(n * ps)
         self.pages_written += int(np.count_nonzero(keep))
         return (task.npages if task.mask is None else len(chosen)) * ps  # RAM bytes this task covered
+
+    def _nonzero_data(self, view: memoryview, data: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """:func:`nonzero_pages` of the pages where ``data`` is True; the others are zero pages."""
+        ps = self.page_size
+        keep = np.zeros(len(data), dtype=np.bool_)
+        starts, lengths = bit_runs(data)
+        if len(starts) * 64 <= len(data):  # few long extents: scanned in place
+            for s, n in zip(starts.tolist(), lengths.tolist()):
+                keep[s : s + n] = nonzero_pages(view[s * ps : (s + n) * ps], n, ps)
+        else:  # many short ones: gathered in one vectorised pass
+            at = np.flatnonzero(data)
+            keep[at] = nonzero_pages_at(view, at, ps)
+        return keep
+
+    def _copy_data(self, bounce: memoryview, data: memoryview, held: npt.NDArray[np.bool_]) -> None:
+        """An extent's pages copied into ``bounce``, those in the source file's holes written
+        as zeros instead of read."""
+        ps = self.page_size
+        starts, lengths = bit_runs(held)
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            bounce[s * ps : (s + n) * ps] = data[s * ps : (s + n) * ps]
+        np.frombuffer(bounce, dtype=np.uint64).reshape(len(held), ps // 8)[~held] = 0
 
     def _bounce(self) -> HugeBuffer:
         if self._huge is None:

@@ -49,6 +49,7 @@ __all__ = [
     "Source",
     "save",
     "save_files",
+    "memory_source",
     "save_sources",
     "save_legacy_sources",
     "save_report",
@@ -154,14 +155,25 @@ def save(
     ``vmdesc`` its JSON text (default: one listing no devices). ``seal`` seals the file
     (ops/seal.py) before it appears at ``path``.
     """
-    check_machine_type(machine_type)
     items = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
-    sources: list[Source] = []
-    for name, buf in items:
-        view = block_view(buf, writable=False, name=name)
-        if len(view) == 0 or len(view) % TARGET_PAGE_SIZE:
-            raise UsageError(f"block {name!r}: size {len(view)} is not a positive multiple of {TARGET_PAGE_SIZE}")
-        sources.append((name, len(view), MemoryPages(view)))
+    return _save(os.fspath(path), [memory_source(name, buf) for name, buf in items], machine_type, offset,
+                 device_state, vmdesc, ram_section_id, options, seal)  # fmt: skip
+
+
+def memory_source(name: str, buffer: Any, file: str | None = None) -> Source:
+    """A block whose pages are held in ``buffer``; ``file``: the file it maps, whose holes
+    are zero pages that are never read (engine/pages.py MemoryPages)."""
+    view = block_view(buffer, writable=False, name=name)
+    if len(view) == 0 or len(view) % TARGET_PAGE_SIZE:
+        raise UsageError(f"block {name!r}: size {len(view)} is not a positive multiple of {TARGET_PAGE_SIZE}")
+    return (name, len(view), MemoryPages(view, file))
+
+
+def _save(
+    path: str, sources: list[Source], machine_type: str, offset: int | None, device_state: bytes | None,
+    vmdesc: bytes | None, ram_section_id: int, options: EngineOptions, seal: SealOptions | None,
+) -> SaveReport:  # fmt: skip
+    check_machine_type(machine_type)
     spec = StreamSpec(
         machine_type=machine_type,
         ram_section_id=ram_section_id,
@@ -169,7 +181,7 @@ def save(
         device_state=b"\x00" if device_state is None else device_state,
         vmdesc=default_vmdesc() if vmdesc is None else vmdesc,
     )
-    return save_sources(os.fspath(path), sources, spec, offset, options, seal)
+    return save_sources(path, sources, spec, offset, options, seal)
 
 def save_files(
     path: str | os.PathLike[str],
@@ -180,13 +192,15 @@ def save_files(
     options: EngineOptions = DEFAULTS,
     seal: SealOptions | None = None,
 ) -> SaveReport:
-    """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied)."""
+    """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied;
+    the pages in the file's holes are never read: on tmpfs reading them would allocate them)."""
     refuse_symlink(os.fspath(path))
     for _, src in blocks:
         refuse_same_file(src, path, "save")
     maps = [(name, map_file(src, writable=False)) for name, src in blocks]
     try:
-        return save(path, maps, machine_type=machine_type, offset=offset, options=options, seal=seal)
+        sources = [memory_source(name, m, src) for (name, m), (_, src) in zip(maps, blocks)]
+        return _save(os.fspath(path), sources, machine_type, offset, None, None, 1, options, seal)
     finally:
         for _, m in maps:
             try:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .directio import aligned_buffer, probe_direct_io
+from .fileio import mount_of
 
 __all__ = [
     "DirectChoice",
@@ -102,19 +103,8 @@ def cache_path() -> str:
 
 def filesystem_key(directory: str) -> str:
     """The filesystem that holds ``directory``: device, type and source (from mountinfo)."""
-    dev = os.stat(directory).st_dev
-    major, minor = os.major(dev), os.minor(dev)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 10 or fields[2] != f"{major}:{minor}" or "-" not in fields:
-                    continue
-                sep = fields.index("-")
-                return f"{major}:{minor} {fields[sep + 1]} {fields[sep + 2]}"
-    except OSError:
-        pass
-    return f"{major}:{minor}"
+    device, fstype, source = mount_of(directory)
+    return f"{device} {fstype} {source}" if fstype else device
 
 
 def forget() -> None:

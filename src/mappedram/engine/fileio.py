@@ -50,6 +50,8 @@ __all__ = [
     "PRIVATE_MODE",
     "make_private_dir",
     "data_extents",
+    "mount_of",
+    "reads_fill_holes",
     "list_dir",
     "prefetch",
     "read_no_follow",
@@ -355,6 +357,36 @@ def data_extents(fd: int, start: int, end: int, path: str) -> list[tuple[int, in
         out.append((data, min(hole, end)))
         at = hole
     return out
+
+
+def mount_of(path: str) -> tuple[str, str, str]:
+    """The filesystem that holds ``path``: its device (major:minor), type and source, from
+    /proc/self/mountinfo (type and source empty where it cannot be read)."""
+    dev = os.stat(path).st_dev
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 10 or fields[2] != device or "-" not in fields:
+                    continue
+                sep = fields.index("-")
+                return device, fields[sep + 1], fields[sep + 2]
+    except OSError:
+        pass
+    return device, "", ""
+
+
+#: Filesystems on which a read through a shared mapping fills a hole for good: the kernel
+#: allocates and clears a page that stays the file's (shmem_fault), so reading a sparse RAM
+#: image there makes it take its whole size.
+_HOLES_FILLED_BY_READS = frozenset({"tmpfs", "hugetlbfs"})
+
+
+def reads_fill_holes(path: str) -> bool:
+    """Whether reading the holes of ``path`` through a mapping allocates them (tmpfs): then
+    finding them first (:func:`data_extents`) costs less than reading them."""
+    return mount_of(path)[1] in _HOLES_FILLED_BY_READS
 
 
 def truncate(fd: int, size: int, path: str) -> None:

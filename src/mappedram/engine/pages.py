@@ -60,12 +60,15 @@ __all__ = [
 READ_SPLIT_GAP = 256
 #: Pages copied from a huge-page read buffer to the destination at a time.
 _COPY_PAGES = 256
+#: Pages gathered at a time for the zero scan of a source's pages between its file's holes.
+_GATHER_PAGES = 256
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryPages:
     """Pages held in memory (any buffer: mmap, numpy array, bytearray); ``file``, the file
-    the view maps from its start, if it is one: the pages in its holes are not read."""
+    the view maps from its start, if it is one whose holes should not be read (on tmpfs a
+    read fills them: engine/fileio.py reads_fill_holes): the pages in its holes are not read."""
 
     view: memoryview
     file: str | None = None
@@ -294,12 +297,13 @@ class PageWriteChannel:
         ps = self.page_size
         keep = np.zeros(len(data), dtype=np.bool_)
         starts, lengths = bit_runs(data)
-        if len(starts) * 64 <= len(data):  # few long extents: scanned in place
+        if len(starts) * _GATHER_PAGES <= len(data):  # few long extents: scanned in place
             for s, n in zip(starts.tolist(), lengths.tolist()):
                 keep[s : s + n] = nonzero_pages(view[s * ps : (s + n) * ps], n, ps)
-        else:  # many short ones: gathered in one vectorised pass
+        else:  # many short ones: gathered, a few hundred pages at a time (a bounded copy)
             at = np.flatnonzero(data)
-            keep[at] = nonzero_pages_at(view, at, ps)
+            for i in range(0, len(at), _GATHER_PAGES):
+                keep[at[i : i + _GATHER_PAGES]] = nonzero_pages_at(view, at[i : i + _GATHER_PAGES], ps)
         return keep
 
     def _copy_data(self, bounce: memoryview, data: memoryview, held: npt.NDArray[np.bool_]) -> None:

@@ -27,7 +27,7 @@ from mappedram.engine.autodirect import DirectChoice
 from mappedram.engine.copy import nonzero_pages
 from mappedram.engine.directio import DIRECT_ALIGN
 from mappedram.engine.executor import run_tasks
-from mappedram.engine.fileio import close_fd, close_quiet, map_file, open_write, pwrite_full
+from mappedram.engine.fileio import close_fd, close_quiet, map_file, open_write, pwrite_full, reads_fill_holes
 from mappedram.engine.pages import FilePages, MemoryPages, PageReader, PageSource, PageWriteChannel, WriteTask
 from mappedram.engine.sequential import SequentialWriter
 from mappedram.errors import UsageError
@@ -192,14 +192,15 @@ def save_files(
     options: EngineOptions = DEFAULTS,
     seal: SealOptions | None = None,
 ) -> SaveReport:
-    """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied;
-    the pages in the file's holes are never read: on tmpfs reading them would allocate them)."""
+    """:func:`save` with each block's RAM taken from a raw image file (mapped, not copied).
+    On tmpfs the pages in the file's holes are never read: reading them would allocate them."""
     refuse_symlink(os.fspath(path))
     for _, src in blocks:
         refuse_same_file(src, path, "save")
     maps = [(name, map_file(src, writable=False)) for name, src in blocks]
     try:
-        sources = [memory_source(name, m, src) for (name, m), (_, src) in zip(maps, blocks)]
+        sources = [memory_source(name, m, src if reads_fill_holes(src) else None)
+                   for (name, m), (_, src) in zip(maps, blocks)]  # fmt: skip
         return _save(os.fspath(path), sources, machine_type, offset, None, None, 1, options, seal)
     finally:
         for _, m in maps:

@@ -9,7 +9,6 @@ naming the operation, the file and the offset.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as errno_mod
 import fcntl
 import mmap
@@ -289,7 +288,7 @@ def fsync_dir(path: str) -> None:
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the libc this process runs on (no ldconfig run)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 _ZEROS = bytes(1 << 20)

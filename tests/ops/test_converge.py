@@ -1,4 +1,4 @@
-"""Auto-converge: QEMU's throttle rule, pass by pass, and live saves that converge because of it.
+"""Auto-converge and dirty-limit: QEMU's throttle rules, pass by pass, and live saves that converge because of them.
 
 The rule is checked against QEMU's own arithmetic (migration/ram.c, migration_trigger_throttle
 and mig_throttle_guest_down) on exact numbers; the live saves use a writer that is stepped
@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from mappedram.errors import UsageError
-from mappedram.ops import AutoConverge, EngineOptions, LiveOptions, OwnerTracker, live_save
-from mappedram.ops.converge import ThrottleController, throttle_sleep
+from mappedram.ops import AutoConverge, DirtyLimit, EngineOptions, LiveOptions, OwnerTracker, live_save
+from mappedram.ops.converge import DirtyLimitController, ThrottleController, dirty_limit_throttle, throttle_sleep
 from tests.helpers import strategies as mst
 
 PAGE = 4096
+MiB = 1 << 20
 
 
 def test_qemu_defaults_and_ranges() -> None:
@@ -79,6 +81,55 @@ def test_throttle_sleep_is_qemus_ratio() -> None:
     assert throttle_sleep(0.01, 0) == 0.0
     assert throttle_sleep(0.01, 50) == pytest.approx(0.01)
     assert throttle_sleep(0.01, 99) == pytest.approx(0.99)
+
+
+def test_dirty_limit_defaults_ranges_and_conflict() -> None:
+    d = DirtyLimit()
+    assert (d.throttle_trigger_threshold, d.vcpu_dirty_limit) == (50, 1)  # QEMU's defaults
+    for bad in ({"vcpu_dirty_limit": 0}, {"throttle_trigger_threshold": 0}):
+        with pytest.raises(UsageError, match="must be"):
+            DirtyLimit(**bad)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="dirty-limit conflicts with auto-converge"):
+        LiveOptions(auto_converge=AutoConverge(), dirty_limit=DirtyLimit())
+    assert LiveOptions().converger() is None
+    assert isinstance(LiveOptions(dirty_limit=d).converger(), DirtyLimitController)
+    assert isinstance(LiveOptions(auto_converge=AutoConverge()).converger(), ThrottleController)
+
+
+def test_dirty_limit_throttle_is_the_sleep_share_that_meets_the_quota() -> None:
+    """A writer dirtying r MiB per second it runs, throttled to pct %, dirties r * (100 - pct) / 100."""
+    assert dirty_limit_throttle(0.0, 1) == 0
+    assert dirty_limit_throttle(1.0 * MiB, 1) == 0  # at the quota: no sleep
+    assert dirty_limit_throttle(2.0 * MiB, 1) == 50
+    assert dirty_limit_throttle(4.0 * MiB, 1) == 75
+    assert dirty_limit_throttle(3.0 * MiB, 1) == 67  # 66.7 % rounded up: at or under the quota
+    assert dirty_limit_throttle(1000.0 * MiB, 1) == 99  # DIRTYLIMIT_THROTTLE_PCT_MAX
+    assert dirty_limit_throttle(1000.0 * MiB, 400) == 60
+
+
+@given(st.floats(0, 1e12), st.integers(1, 10_000))
+def test_dirty_limit_meets_its_quota_unless_at_the_maximum(rate: float, quota: int) -> None:
+    pct = dirty_limit_throttle(rate, quota)
+    assert 0 <= pct <= 99
+    if pct < 99:
+        assert rate * (100 - pct) / 100 <= quota * MiB * (1 + 1e-12)
+    if pct > 0:  # no more sleep than needed: one percent less would exceed the quota
+        assert rate * (101 - pct) / 100 > quota * MiB
+
+
+def test_dirty_limit_fires_by_the_same_rule_then_follows_the_rate() -> None:
+    """Nothing until two periods over the threshold (as auto-converge); from then on the
+    throttle at every sync is the one that holds the measured rate to the quota, up or down."""
+    c = DirtyLimitController(DirtyLimit(vcpu_dirty_limit=1))
+    rate = 4.0 * MiB
+    assert c.after_pass(600, 1000, rate) == 0  # high once
+    assert c.after_pass(100, 1000, rate) == 0  # calm: the count stays
+    assert not c.in_service
+    assert c.after_pass(600, 1000, rate) == 75  # high twice: the limit is set
+    assert c.in_service
+    assert c.after_pass(10, 1000, 2.0 * MiB) == 50  # in service: follows the rate, calm or not
+    assert c.after_pass(10, 1000, 0.5 * MiB) == 0
+    assert c.after_pass(10, 1000, 1000.0 * MiB) == 99
 
 
 class ThrottledWriter:
@@ -165,3 +216,42 @@ def test_auto_converge_needs_the_writers_throttle(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="auto-converge needs"):
         live_save(tmp_path / "c.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop,
                   live=LiveOptions(auto_converge=AutoConverge()))  # fmt: skip
+
+
+class RunTimeWriter(ThrottledWriter):
+    """Dirties ``base`` pages per second it runs, and runs ``(100 - throttle) / 100`` of each
+    step: its rate per run second stays ``base`` whatever the throttle, as a guest's does."""
+
+    def sync(self) -> np.ndarray:
+        if not self.stopped:
+            n = self.base * (100 - self.pct) // 100
+            self.step_no += 1
+            pages = (np.arange(n) * 7 + self.step_no) % self.npages
+            self.words[pages, 0] = self.step_no + 2
+            self.tracker.mark_pages(pages)
+            self.ran += (100 - self.pct) / 100
+        return self.tracker.sync()
+
+
+def test_dirty_limit_holds_the_writers_rate_from_the_trigger_on(tmp_path: Path) -> None:
+    """1000 pages per second run is 3.9 MiB/s; at a 1 MB/s limit the writer sleeps 75 % from the
+    trigger on and dirties 250 pages a step (0.98 MiB/s), where auto-converge would still be
+    at 20 %."""
+    writer = RunTimeWriter(4096, base=1000, floor=0)
+    report = live_save(tmp_path / "d.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop, cpu=writer,
+                       live=LiveOptions(max_passes=6, downtime_limit=0.0, dirty_limit=DirtyLimit()),
+                       options=EngineOptions(durable=False))  # fmt: skip
+    assert report.dirty_limit == 1 and not report.auto_converge and report.stop_reason == "max-passes"
+    live = [p for p in report.passes if not p.stopped]
+    # pass 1 sends 4096 pages (1000 dirtied: under half); passes 2 and 3 send 1000 and see 1000
+    assert [p.pages_dirtied for p in live] == [1000, 1000, 1000, 250, 250, 250]
+    assert [p.throttle for p in live] == [0, 0, 0, 75, 75, 75]
+    assert all(p.dirty_rate == pytest.approx(1000.0) for p in live)  # per second run
+    assert writer.throttles == [75] and report.final_throttle == 75
+
+
+def test_dirty_limit_needs_the_writers_throttle(tmp_path: Path) -> None:
+    writer = ThrottledWriter(16, base=10, floor=0)
+    with pytest.raises(UsageError, match="dirty-limit needs"):
+        live_save(tmp_path / "e.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop,
+                  live=LiveOptions(dirty_limit=DirtyLimit()))  # fmt: skip

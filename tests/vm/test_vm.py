@@ -17,6 +17,7 @@ pass can, since every step dirties pages).
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -26,7 +27,8 @@ import pytest
 
 import mappedram
 from mappedram.errors import FormatError
-from mappedram.ops import CompareTracker
+from mappedram.ops import CompareTracker, DirtyLimit
+from mappedram.ops.converge import DirtyLimitController
 from mappedram.vm import ops as vmops
 from mappedram.vm.cpustate import CPUSTATE_IDSTR, CpuState
 from mappedram.vm.kvm import kvm_available
@@ -89,6 +91,32 @@ def test_vm_save_that_converges_says_ok(tmp_path: Path, guest: str) -> None:
     passes = "1 live pass" if "direct-io on" in proc.stdout else "2 live passes"
     assert f"converged after {passes} (" in proc.stdout and "save OK" in proc.stdout, proc.stdout
     assert "limit 1000 s: met" in proc.stdout
+
+
+@pytest.mark.parametrize("guest", GUESTS)
+def test_vm_save_with_dirty_limit_throttles_by_the_measured_rate(tmp_path: Path, guest: str) -> None:
+    """The stepped guest dirties the same pages on any machine, so the trigger fires after the
+    same pass; from then on each pass's throttle is the one that holds the rate the pass
+    before measured to the quota (the rate itself depends on the machine: the relation does not)."""
+    out = tmp_path / "guest.mig"
+    proc = run("vm", "save", str(out), "--guest", guest, "--mem", "32", *stepped("--max-passes", "5"),
+               "--downtime-limit", NEVER, "--dirty-limit", "--vcpu-dirty-limit", "2", "--output", "json",
+               check=False)  # fmt: skip
+    live = json.loads(proc.stdout)["save"]
+    assert proc.returncode == 1 and live["stop_reason"] == "max-passes"  # no downtime allowed: not OK
+    assert live["dirty_limit"] == 2 and not live["auto_converge"]
+    replay = DirtyLimitController(DirtyLimit(vcpu_dirty_limit=2))
+    passes = live["passes"]
+    assert passes[0]["throttle"] == 0
+    for p, after in itertools.pairwise(passes):  # the throttle a pass ran at: the replayed decision after the one before
+        replay.after_pass(p["pages_dirtied"] * 4096, p["pages_written"] * 4096, p["dirty_rate"] * 4096)
+        assert after["throttle"] == replay.pct, (p, after)
+    assert replay.in_service  # every pass after the first dirties over half of what it sent
+    human = run("vm", "save", str(out), "--guest", guest, "--mem", "16", *stepped("--max-passes", "3"),
+                "--downtime-limit", ALWAYS, "--dirty-limit").stdout  # fmt: skip
+    assert "dirty-limit 1 MB/s" in human and "save OK" in human, human
+    conflict = run("vm", "save", str(out), "--dirty-limit", "--vcpu-dirty-limit", "0", check=False)
+    assert conflict.returncode != 0 and "vcpu-dirty-limit must be at least 1 MB/s" in conflict.stderr
 
 
 @pytest.mark.parametrize("guest", GUESTS)

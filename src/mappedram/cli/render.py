@@ -371,6 +371,10 @@ def render_live(r: LiveSaveReport, title: str = "live save", *, judged: bool = T
         stop = f"did NOT converge: stopped at the pass limit ({live}) with {left:,} pages left"
     if r.auto_converge:
         stop += f"; auto-converge on, throttle {r.final_throttle}% at the stop"
+    if r.dirty_limit is not None:
+        fired = next((p.index for p in r.passes if p.throttle), None)
+        held = f"from pass {fired}" if fired is not None else "never needed"
+        stop += f"; dirty-limit {r.dirty_limit} MB/s ({held}), throttle {r.final_throttle}% at the stop"
     if r.bandwidth_limit:
         stop += f"; bandwidth limit {r.bandwidth_limit / 1e6:g} MB/s"
     verdict = ("met" if r.downtime_met else "MISSED") if judged else "not judged"

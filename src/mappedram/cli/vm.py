@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from mappedram import ops
-from mappedram.ops import FORMATS, AutoConverge, LiveOptions, PassStats, Progress
+from mappedram.ops import FORMATS, AutoConverge, DirtyLimit, LiveOptions, PassStats, Progress
 from mappedram.vm import config
 
 if TYPE_CHECKING:
@@ -70,8 +70,11 @@ def _guest(args: argparse.Namespace) -> vmops.GuestConfig:
 
 
 def _live(args: argparse.Namespace, on_pass: Callable[[PassStats], None] | None) -> LiveOptions:
-    auto = None
-    if not args.no_auto_converge:
+    auto = limit = None
+    if args.dirty_limit:
+        limit = DirtyLimit(throttle_trigger_threshold=args.throttle_trigger_threshold,
+                           vcpu_dirty_limit=args.vcpu_dirty_limit)  # fmt: skip
+    elif not args.no_auto_converge:
         auto = AutoConverge(
             throttle_trigger_threshold=args.throttle_trigger_threshold,
             cpu_throttle_initial=args.cpu_throttle_initial,
@@ -85,6 +88,7 @@ def _live(args: argparse.Namespace, on_pass: Callable[[PassStats], None] | None)
         downtime_margin=args.downtime_margin,
         bandwidth_limit=args.bandwidth_limit * 1e6 if args.bandwidth_limit else None,
         auto_converge=auto,
+        dirty_limit=limit,
         on_pass=on_pass,
     )
 
@@ -171,6 +175,7 @@ def add_commands(sub: Any) -> None:
     """Add ``demo`` and ``vm`` to the CLI's subcommands."""
     defaults = config.VM_LIVE_DEFAULTS
     auto = AutoConverge()
+    limit = DirtyLimit()
 
     def common(p: argparse.ArgumentParser) -> None:
         add_output(p)
@@ -224,6 +229,12 @@ def add_commands(sub: Any) -> None:
                        help="smaller last increments, as QEMU's cpu-throttle-tailslow")  # fmt: skip
         p.add_argument("--max-cpu-throttle", type=int, default=auto.max_cpu_throttle, metavar="PCT",
                        help=f"the throttle never exceeds this (default {auto.max_cpu_throttle}%%)")  # fmt: skip
+        p.add_argument("--dirty-limit", action="store_true",
+                       help="instead of auto-converge, QEMU's dirty-limit: once the same trigger fires, hold the "
+                            "guest's dirty rate to --vcpu-dirty-limit")  # fmt: skip
+        p.add_argument("--vcpu-dirty-limit", type=int, default=limit.vcpu_dirty_limit, metavar="MB_S",
+                       help=f"the dirty rate dirty-limit holds the guest to"
+                            f" (default {limit.vcpu_dirty_limit} MB/s)")  # fmt: skip
 
     def run_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--run", type=float, default=1.0, metavar="S", help="seconds the restored guest runs on")

@@ -20,17 +20,43 @@ QEMU evaluates the rule at the first bitmap sync after at least a second (over t
 of that second: ``migration_bitmap_sync``); here each live pass is one period, so passes
 shorter than a second ramp the throttle sooner than QEMU would.
 
+Dirty-limit (QEMU's ``dirty-limit`` capability, migration.c migration_dirty_limit_guest;
+system/dirtylimit.c) is the other way QEMU makes a save converge, and it conflicts with
+auto-converge (migrate_caps_check): the same rule fires, and from then on the guest's dirty
+page rate is held to ``vcpu_dirty_limit`` MB/s instead of being cut by fixed steps. QEMU
+measures each vCPU's dirty rate every ``x-vcpu-dirty-limit-period`` and adjusts its sleep
+towards the quota (dirtylimit_set_throttle: sleep ``(current - quota) / current`` of the
+time, at most 99 %); here each pass is the period, and the rate is measured per second the
+guest ran, so the sleep share that holds it to the quota is computed at once:
+``1 - quota / rate``, at most 99 % (DIRTYLIMIT_THROTTLE_PCT_MAX). QEMU offers it only with
+KVM's dirty ring; the built-in guests apply it as they apply a throttle.
+
 This module is the policy only (numbers in, a percentage out); :mod:`.live` applies it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 from mappedram.errors import UsageError
 
-__all__ = ["AutoConverge", "ThrottleController", "CpuThrottle", "throttle_sleep"]
+__all__ = [
+    "AutoConverge",
+    "DirtyLimit",
+    "Converger",
+    "ThrottleController",
+    "DirtyLimitController",
+    "CpuThrottle",
+    "throttle_sleep",
+    "dirty_limit_throttle",
+    "DIRTYLIMIT_THROTTLE_PCT_MAX",
+]
+
+#: The largest share of its time a dirty-limited vCPU sleeps, in percent (system/dirtylimit.c).
+DIRTYLIMIT_THROTTLE_PCT_MAX = 99
+MiB = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +86,39 @@ class AutoConverge:
                 f"cpu-throttle-initial ({self.cpu_throttle_initial}) must not exceed"
                 f" max-cpu-throttle ({self.max_cpu_throttle})"
             )
+
+    def controller(self) -> Converger:
+        return ThrottleController(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirtyLimit:
+    """QEMU's dirty-limit capability and its parameter, with QEMU's names and defaults
+    (migration/options.c): once the trigger rule fires, the guest's dirty page rate is held
+    to ``vcpu_dirty_limit`` MB/s (MiB per second, as QEMU's dirty rates)."""
+
+    throttle_trigger_threshold: int = 50
+    vcpu_dirty_limit: int = 1
+
+    def __post_init__(self) -> None:
+        # reference: migrate_params_check
+        if not 1 <= self.throttle_trigger_threshold <= 100:
+            raise UsageError(f"throttle-trigger-threshold must be 1 .. 100, got {self.throttle_trigger_threshold}")
+        if self.vcpu_dirty_limit < 1:
+            raise UsageError(f"vcpu-dirty-limit must be at least 1 MB/s, got {self.vcpu_dirty_limit}")
+
+    def controller(self) -> Converger:
+        return DirtyLimitController(self)
+
+
+class Converger(Protocol):
+    """A throttle policy: after each pass, the throttle the guest runs the next one at."""
+
+    pct: int
+
+    def after_pass(self, bytes_dirty_period: int, bytes_xfer_period: int, dirty_rate: float = 0.0) -> int:
+        """``dirty_rate``: bytes the guest dirtied per second it ran during the pass."""
+        ...
 
 
 class CpuThrottle(Protocol):
@@ -95,15 +154,12 @@ class ThrottleController:
         self.dirty_rate_high_cnt = 0
 
     # reference: migration_trigger_throttle
-    def after_pass(self, bytes_dirty_period: int, bytes_xfer_period: int) -> int:
+    def after_pass(self, bytes_dirty_period: int, bytes_xfer_period: int, dirty_rate: float = 0.0) -> int:
         """The throttle to apply after a pass that sent ``bytes_xfer_period`` bytes while the
-        guest dirtied ``bytes_dirty_period``."""
+        guest dirtied ``bytes_dirty_period`` (``dirty_rate`` is not used by this rule)."""
         bytes_dirty_threshold = bytes_xfer_period * self.params.throttle_trigger_threshold // 100
-        if bytes_dirty_period > bytes_dirty_threshold:
-            self.dirty_rate_high_cnt += 1
-            if self.dirty_rate_high_cnt >= 2:
-                self.dirty_rate_high_cnt = 0
-                self._throttle_guest_down(bytes_dirty_period, bytes_dirty_threshold)
+        if _triggered(self, bytes_dirty_period, bytes_dirty_threshold):
+            self._throttle_guest_down(bytes_dirty_period, bytes_dirty_threshold)
         return self.pct
 
     # reference: mig_throttle_guest_down
@@ -119,3 +175,47 @@ class ThrottleController:
             cpu_ideal = int(cpu_now * (bytes_dirty_threshold / bytes_dirty_period))  # uint64_t in QEMU
             throttle_inc = min(cpu_now - cpu_ideal, p.cpu_throttle_increment)
         self.pct = min(self.pct + throttle_inc, p.max_cpu_throttle)
+
+
+class _Counter(Protocol):
+    dirty_rate_high_cnt: int
+
+
+def _triggered(state: _Counter, bytes_dirty_period: int, bytes_dirty_threshold: int) -> bool:
+    """The trigger of migration_trigger_throttle: a second period whose dirtied bytes exceed the threshold."""
+    if bytes_dirty_period > bytes_dirty_threshold:
+        state.dirty_rate_high_cnt += 1
+        if state.dirty_rate_high_cnt >= 2:
+            state.dirty_rate_high_cnt = 0
+            return True
+    return False
+
+
+def dirty_limit_throttle(dirty_rate: float, quota_mb_s: int) -> int:
+    """The throttle, in percent, that holds a writer dirtying ``dirty_rate`` bytes per second
+    it runs to ``quota_mb_s`` MiB per second (the sleep share of dirtylimit_set_throttle)."""
+    current = dirty_rate / MiB
+    if current <= quota_mb_s:
+        return 0
+    return min(math.ceil(100 * (1 - quota_mb_s / current)), DIRTYLIMIT_THROTTLE_PCT_MAX)
+
+
+class DirtyLimitController:
+    """The dirty-limit decision at each sync (migration_trigger_throttle's dirty-limit branch,
+    then dirtylimit_adjust_throttle at every later period)."""
+
+    def __init__(self, params: DirtyLimit) -> None:
+        self.params = params
+        self.pct = 0
+        self.dirty_rate_high_cnt = 0
+        self.in_service = False  # dirtylimit_in_service: the limit was set (migration_dirty_limit_guest)
+
+    def after_pass(self, bytes_dirty_period: int, bytes_xfer_period: int, dirty_rate: float = 0.0) -> int:
+        """The throttle to apply after a pass that sent ``bytes_xfer_period`` bytes while the
+        guest dirtied ``bytes_dirty_period``, at ``dirty_rate`` bytes per second it ran."""
+        bytes_dirty_threshold = bytes_xfer_period * self.params.throttle_trigger_threshold // 100
+        if _triggered(self, bytes_dirty_period, bytes_dirty_threshold):
+            self.in_service = True
+        if self.in_service:
+            self.pct = dirty_limit_throttle(dirty_rate, self.params.vcpu_dirty_limit)
+        return self.pct

@@ -27,7 +27,9 @@ migration/ram.c ram_save_iterate / migration_bitmap_sync / ram_save_complete):
 * Rule 5, auto-converge (:mod:`.converge`). After each live pass, when the bytes the
   guest dirtied during it exceed the trigger threshold of the bytes it sent, twice, the
   guest is throttled (20 %, +10 % each time, up to 99 %): it then dirties pages slower
-  than they are sent, and the set left shrinks until it fits the downtime limit.
+  than they are sent, and the set left shrinks until it fits the downtime limit. With
+  dirty-limit instead, the same trigger holds the guest's dirty rate to a quota from
+  then on (the throttle recomputed from each pass's measured rate).
 * Rule 6, the report tells what happened: the stop reason (converged, or the pass limit
   reached) and the downtime measured against its limit; :attr:`LiveSaveReport.ok` holds
   only when both were met. The dirty rate of a pass is the pages it saw dirtied per
@@ -59,7 +61,7 @@ from mappedram.format.constants import TARGET_PAGE_SIZE
 from mappedram.format.vmstate import DeviceRecord, encode_device_state, encode_vmdesc_json
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
-from .converge import CpuThrottle, ThrottleController
+from .converge import CpuThrottle
 from .options import DEFAULTS, FORMATS, LIVE_DEFAULTS, EngineOptions, LiveOptions, PassStats, Progress
 from .passcost import DENSE_GAP, EXTENTS, RUNS, PassCosts, pass_shape
 from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
@@ -95,6 +97,7 @@ class LiveSaveReport(TimedReport):
     bandwidth_limit: float | None
     auto_converge: bool
     final_throttle: int  # percent, when the guest was stopped
+    dirty_limit: int | None  # MB/s the guest's dirty rate was held to once dirty-limit fired (None: off)
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     seal: SealReport | None = None  # sealed before it got its name
@@ -139,7 +142,7 @@ class _Loop:
         self.npages = npages
         self.live = live
         self.cpu = cpu
-        self.controller = None if live.auto_converge is None else ThrottleController(live.auto_converge)
+        self.controller = live.converger()
         if self.controller is not None and cpu is not None:
             self.controller.pct = cpu.throttle  # QEMU starts from the throttle in force (cpu_throttle_get_percentage)
         self.throttle = Throttle(live.bandwidth_limit)
@@ -214,7 +217,8 @@ class _Loop:
             if self.controller is not None and self.cpu is not None:
                 # reference: migration_trigger_throttle (bytes dirtied vs bytes sent in the period)
                 # (the bytes of the pages sent: a dense pass also rewrites clean pages, which QEMU never sends)
-                pct = self.controller.after_pass(pending, stats.pages_written * TARGET_PAGE_SIZE)
+                pct = self.controller.after_pass(pending, stats.pages_written * TARGET_PAGE_SIZE,
+                                                 stats.dirty_rate * TARGET_PAGE_SIZE)  # fmt: skip
                 if pct != throttle:
                     self.cpu.set_throttle(pct)
             # reference: migration_iteration_run (pending_size <= threshold_size = bandwidth * downtime_limit)
@@ -263,15 +267,16 @@ def live_save(
     called once, after the last live pass: it must stop every writer of the buffers and
     return the guest's device state (:class:`DeviceRecord` s, written as FULL sections
     with their vmdesc entries). ``cpu`` is the writer's throttle and run-time clock:
-    needed for auto-converge, and it makes the dirty rate a rate per second the writer
+    needed for auto-converge and dirty-limit, and it makes the dirty rate a rate per second the writer
     ran (else per wall-clock second). ``live`` says how to iterate and ``options`` how
     pages are written (``progress`` is called with the RAM bytes each piece of work covered).
     The report says whether the save converged and met its downtime limit (:attr:`LiveSaveReport.ok`).
     ``seal`` seals the file once the guest is stopped and the stream complete, before it
     gets its name (not part of the downtime).
     """
-    if live.auto_converge is not None and cpu is None:
-        raise UsageError("auto-converge needs the writer's throttle (cpu=)")
+    if cpu is None and (live.auto_converge is not None or live.dirty_limit is not None):
+        what = "auto-converge" if live.auto_converge is not None else "dirty-limit"
+        raise UsageError(f"{what} needs the writer's throttle (cpu=)")
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
     check_machine_type(machine_type)
@@ -337,6 +342,7 @@ def live_save(
         downtime_limit=live.downtime_limit,
         bandwidth_limit=live.bandwidth_limit,
         auto_converge=live.auto_converge is not None,
+        dirty_limit=None if live.dirty_limit is None else live.dirty_limit.vcpu_dirty_limit,
         final_throttle=loop.passes[-1].throttle,
         seconds=written.seconds,
         notes=notes,

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .converge import AutoConverge
+from mappedram.errors import UsageError
+
+from .converge import AutoConverge, Converger, DirtyLimit
 
 __all__ = [
     "EngineOptions",
@@ -120,6 +122,8 @@ class LiveOptions:
             bandwidth varies from one to the next: 1.0 is QEMU's rule, the default leaves room.
         auto_converge: throttle the guest when it dirties pages faster than they are sent
             (QEMU's auto-converge capability and its parameters); None: never throttle.
+        dirty_limit: instead, hold the guest's dirty rate to a quota once the same rule fires
+            (QEMU's dirty-limit capability, which conflicts with auto-converge); None: off.
         on_pass: called with each pass's statistics as it ends.
     """
 
@@ -128,10 +132,21 @@ class LiveOptions:
     downtime_margin: float = 0.5
     bandwidth_limit: float | None = None
     auto_converge: AutoConverge | None = None
+    dirty_limit: DirtyLimit | None = None
     on_pass: Callable[[PassStats], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.auto_converge is not None and self.dirty_limit is not None:
+            # reference: migrate_caps_check
+            raise UsageError("dirty-limit conflicts with auto-converge: enable one of them")
 
     def replace(self, **changes: Any) -> LiveOptions:
         return dataclasses.replace(self, **changes)
+
+    def converger(self) -> Converger | None:
+        """The throttle policy these options ask for (None: the guest is never throttled)."""
+        params = self.auto_converge or self.dirty_limit
+        return None if params is None else params.controller()
 
 
 LIVE_DEFAULTS = LiveOptions()

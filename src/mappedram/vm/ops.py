@@ -469,7 +469,7 @@ def _same_memory(a: Any, b: Any, chunk: int = 64 << 20) -> bool:
 
 def _replay_throttle(vm: Guest, schedule: list[int], live: LiveOptions) -> LiveOptions:
     """Live options that run ``len(schedule) - 1`` live passes and a stopped one with the guest's
-    throttle of pass k at ``schedule[k]`` (no auto-converge: the throttle is replayed)."""
+    throttle of pass k at ``schedule[k]`` (no auto-converge nor dirty-limit: the throttle is replayed)."""
     vm.set_throttle(schedule[0] if schedule else 0)
     user = live.on_pass
 
@@ -479,7 +479,8 @@ def _replay_throttle(vm: Guest, schedule: list[int], live: LiveOptions) -> LiveO
         if user is not None:
             user(stats)
 
-    return live.replace(auto_converge=None, max_passes=max(1, len(schedule) - 1), downtime_limit=0.0, on_pass=on_pass)
+    return live.replace(auto_converge=None, dirty_limit=None, max_passes=max(1, len(schedule) - 1),
+                        downtime_limit=0.0, on_pass=on_pass)  # fmt: skip
 
 
 def demo(

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mappedram import ops
 from mappedram.engine.directio import probe_direct_io
+from mappedram.engine.fileio import DataCursor, data_extents
 from mappedram.engine.pages import MemoryPages, PageReader
 from mappedram.ops import EngineOptions
 from tests.helpers.patterns import PAGE
@@ -136,3 +139,59 @@ def _reports_holes(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_data_cursor_gives_each_range_what_seeking_afresh_gives(shm_dir, data):
+    """A cursor reused across ranges in any order answers as SEEK_DATA/SEEK_HOLE asked afresh
+    for each range does, and as the file was written (tmpfs keeps every hole it was given)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    held, zero = _layout(data.draw(st.sampled_from(["random", "runs", "holes", "full"])), rng)
+    image = shm_dir / "ram.img"
+    _write_image(image, held, zero, rng)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        cursor = DataCursor(fd, str(image))
+        for _ in range(data.draw(st.integers(1, 12))):
+            first = data.draw(st.integers(0, NPAGES - 1))
+            count = data.draw(st.integers(1, NPAGES - first))
+            got = cursor.extents(first * PAGE, (first + count) * PAGE)
+            assert got == data_extents(fd, first * PAGE, (first + count) * PAGE, str(image))
+            pages = np.zeros(count, dtype=np.bool_)
+            for s, e in got:
+                pages[s // PAGE - first : e // PAGE - first] = True
+            assert np.array_equal(pages, held[first : first + count]), (first, count)
+    finally:
+        os.close(fd)
+
+
+def test_reader_seeks_a_long_extent_once_for_all_its_tasks(shm_dir, monkeypatch):
+    """Tasks in order over a file written in full: one SEEK_DATA/SEEK_HOLE pair in all, not
+    one per task (SEEK_HOLE walks tmpfs's page cache to the extent's end: per task, a save
+    of a fully written RAM image spent a second of CPU per GiB seeking)."""
+    image = shm_dir / "ram.img"
+    image.write_bytes(os.urandom(NPAGES * PAGE))
+    seeks: list[int] = []
+    real_lseek = os.lseek
+
+    def counting_lseek(fd: int, pos: int, how: int) -> int:
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            seeks.append(how)
+        return real_lseek(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", counting_lseek)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        m = mmap.mmap(fd, NPAGES * PAGE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(m)
+    try:
+        with PageReader([MemoryPages(view, str(image))], PAGE, 512) as reader:
+            for first in range(0, NPAGES, 512):
+                assert reader.data(0, first, min(512, NPAGES - first)) is None
+    finally:
+        view.release()
+        m.close()
+    assert seeks == [os.SEEK_DATA, os.SEEK_HOLE]

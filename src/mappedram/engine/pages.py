@@ -41,7 +41,7 @@ from mappedram._runs import bit_runs
 
 from .copy import gather_pages, nonzero_pages, nonzero_pages_at
 from .directio import HugeBuffer, aligned_buffer
-from .fileio import close_fd, data_extents, open_read, open_write, preadv_exact, prefetch, punch_hole, pwrite_full
+from .fileio import DataCursor, close_fd, open_read, open_write, preadv_exact, prefetch, punch_hole, pwrite_full
 from .store import Store, StoreSpec, open_store, spec_path
 
 __all__ = [
@@ -128,6 +128,7 @@ class PageReader:
         self.buffer = aligned_buffer(max_pages * page_size)
         self.read_fds: dict[str, int] = {}
         self.stores: dict[int, Store] = {}
+        self.cursors: dict[str, DataCursor] = {}
 
     def pages(
         self, source: int, first: int, count: int, offsets: npt.NDArray[np.int64] | None = None
@@ -159,11 +160,14 @@ class PageReader:
         src = self.sources[source]
         if not isinstance(src, MemoryPages) or src.file is None:
             return None
-        fd = self.read_fds.get(src.file)
-        if fd is None:
-            fd = self.read_fds[src.file] = open_read(src.file)
+        cursor = self.cursors.get(src.file)
+        if cursor is None:
+            fd = self.read_fds.get(src.file)
+            if fd is None:
+                fd = self.read_fds[src.file] = open_read(src.file)
+            cursor = self.cursors[src.file] = DataCursor(fd, src.file)
         ps = self.page_size
-        extents = data_extents(fd, first * ps, (first + count) * ps, src.file)
+        extents = cursor.extents(first * ps, (first + count) * ps)
         if extents == [(first * ps, (first + count) * ps)]:
             return None
         edges = np.zeros(count + 1, dtype=np.int32)

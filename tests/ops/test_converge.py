@@ -255,3 +255,42 @@ def test_dirty_limit_needs_the_writers_throttle(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="dirty-limit needs"):
         live_save(tmp_path / "e.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop,
                   live=LiveOptions(dirty_limit=DirtyLimit()))  # fmt: skip
+
+
+class Recorder:
+    """A throttle policy of one's own: 99 % once any pass has run, and what it was told."""
+
+    def __init__(self) -> None:
+        self.pct = 0
+        self.seen: list[tuple[int, int, float]] = []
+
+    def after_pass(self, bytes_dirty_period: int, bytes_xfer_period: int, dirty_rate: float = 0.0) -> int:
+        self.seen.append((bytes_dirty_period, bytes_xfer_period, dirty_rate))
+        self.pct = 99
+        return self.pct
+
+
+def test_a_throttle_policy_of_ones_own_sets_each_next_pass(tmp_path: Path) -> None:
+    """The policy is made once per save, told each live pass's figures, and its answer is the
+    throttle of the next pass: 99 % from pass 2 on, the earliest a measured rate allows."""
+    made: list[Recorder] = []
+
+    def policy() -> Recorder:
+        made.append(Recorder())
+        return made[-1]
+
+    writer = RunTimeWriter(4096, base=1000, floor=0)
+    report = live_save(tmp_path / "f.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop, cpu=writer,
+                       live=LiveOptions(max_passes=3, downtime_limit=0.0, throttle_policy=policy),
+                       options=EngineOptions(durable=False))  # fmt: skip
+    assert len(made) == 1 and not report.auto_converge and report.dirty_limit is None
+    live = [p for p in report.passes if not p.stopped]
+    assert [p.throttle for p in live] == [0, 99, 99]
+    assert [p.pages_dirtied for p in live] == [1000, 10, 10]  # 1000 * 1 % a step once throttled
+    assert made[0].seen[0] == (1000 * PAGE, 4096 * PAGE, pytest.approx(1000.0 * PAGE))
+    assert writer.throttles == [99] and report.final_throttle == 99
+    with pytest.raises(UsageError, match="replaces auto-converge and dirty-limit"):
+        LiveOptions(throttle_policy=policy, dirty_limit=DirtyLimit())
+    with pytest.raises(UsageError, match="a throttle policy needs"):
+        live_save(tmp_path / "g.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop,
+                  live=LiveOptions(throttle_policy=policy))  # fmt: skip

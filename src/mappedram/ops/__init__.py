@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .blockimage import ExtractedBlock, ExtractReport, extract, safe_filename
     from .chain import ChildReport, flatten, write_child
-    from .converge import AutoConverge, CpuThrottle, DirtyLimit
+    from .converge import AutoConverge, Converger, CpuThrottle, DirtyLimit
     from .guestphys import EXPORT_FORMATS, ExportReport, ExportSegment, export
     from .inspect import (
         BlockDiff,
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AutoConverge",
+    "Converger",
     "CpuThrottle",
     "DirtyLimit",
     "LIVE_DEFAULTS",
@@ -140,6 +141,7 @@ __all__ = [
 #: command imports only what it runs (the CLI's start-up is part of every save it times).
 _WHERE = {
     "AutoConverge": "converge",
+    "Converger": "converge",
     "DirtyLimit": "converge",
     "BlockDiff": "inspect",
     "BlockInfo": "inspect",

@@ -274,8 +274,9 @@ def live_save(
     ``seal`` seals the file once the guest is stopped and the stream complete, before it
     gets its name (not part of the downtime).
     """
-    if cpu is None and (live.auto_converge is not None or live.dirty_limit is not None):
-        what = "auto-converge" if live.auto_converge is not None else "dirty-limit"
+    if cpu is None and live.converger() is not None:
+        what = ("auto-converge" if live.auto_converge is not None else
+                "dirty-limit" if live.dirty_limit is not None else "a throttle policy")  # fmt: skip
         raise UsageError(f"{what} needs the writer's throttle (cpu=)")
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")

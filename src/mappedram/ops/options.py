@@ -124,6 +124,8 @@ class LiveOptions:
             (QEMU's auto-converge capability and its parameters); None: never throttle.
         dirty_limit: instead, hold the guest's dirty rate to a quota once the same rule fires
             (QEMU's dirty-limit capability, which conflicts with auto-converge); None: off.
+        throttle_policy: instead of either, a policy of one's own: called once per save for
+            a :class:`Converger`, whose ``after_pass`` gives the throttle of each next pass.
         on_pass: called with each pass's statistics as it ends.
     """
 
@@ -133,18 +135,23 @@ class LiveOptions:
     bandwidth_limit: float | None = None
     auto_converge: AutoConverge | None = None
     dirty_limit: DirtyLimit | None = None
+    throttle_policy: Callable[[], Converger] | None = None
     on_pass: Callable[[PassStats], None] | None = None
 
     def __post_init__(self) -> None:
         if self.auto_converge is not None and self.dirty_limit is not None:
             # reference: migrate_caps_check
             raise UsageError("dirty-limit conflicts with auto-converge: enable one of them")
+        if self.throttle_policy is not None and (self.auto_converge or self.dirty_limit) is not None:
+            raise UsageError("a throttle policy of one's own replaces auto-converge and dirty-limit: give one")
 
     def replace(self, **changes: Any) -> LiveOptions:
         return dataclasses.replace(self, **changes)
 
     def converger(self) -> Converger | None:
         """The throttle policy these options ask for (None: the guest is never throttled)."""
+        if self.throttle_policy is not None:
+            return self.throttle_policy()
         params = self.auto_converge or self.dirty_limit
         return None if params is None else params.controller()
 

@@ -479,8 +479,8 @@ def _replay_throttle(vm: Guest, schedule: list[int], live: LiveOptions) -> LiveO
         if user is not None:
             user(stats)
 
-    return live.replace(auto_converge=None, dirty_limit=None, max_passes=max(1, len(schedule) - 1),
-                        downtime_limit=0.0, on_pass=on_pass)  # fmt: skip
+    return live.replace(auto_converge=None, dirty_limit=None, throttle_policy=None,
+                        max_passes=max(1, len(schedule) - 1), downtime_limit=0.0, on_pass=on_pass)  # fmt: skip
 
 
 def demo(

@@ -30,7 +30,8 @@ baselines next to it (the machines are shared and noisy: ratios and medians only
   the software guest) with auto-converge (``vm save``'s defaults) against a static save of
   the same RAM right after (the guest paused), and what the first pass cost with the guest
   running on the same cores; then the same guest afresh, saved with dirty-limit instead
-  (``vm save --dirty-limit``: 1 MB/s once the same trigger fires).
+  (``vm save --dirty-limit``: 1 MB/s once the same trigger fires), and once more at 99 % from
+  the end of pass 1 on (:class:`EarliestThrottle`: the floor of any rule on a measured rate).
 
 QEMU's saves are timed from ``migrate`` to ``completed`` plus an fsync of the file (our
 save fsyncs; QEMU does not); QEMU's start-up is never timed. Every restore (ours and

@@ -18,8 +18,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mappedram.errors import UsageError
-from mappedram.ops import AutoConverge, DirtyLimit, EngineOptions, LiveOptions, OwnerTracker, live_save
-from mappedram.ops.converge import DirtyLimitController, ThrottleController, dirty_limit_throttle, throttle_sleep
+from mappedram.ops import AutoConverge, DirtyLimit, EngineOptions, LiveOptions, OwnerTracker, live_save, restore
+from mappedram.ops.converge import (
+    DirtyLimitController,
+    SamplesFirst,
+    ThrottleController,
+    dirty_limit_throttle,
+    throttle_sleep,
+)
 from tests.helpers import strategies as mst
 
 PAGE = 4096
@@ -248,6 +254,40 @@ def test_dirty_limit_holds_the_writers_rate_from_the_trigger_on(tmp_path: Path) 
     assert [p.throttle for p in live] == [0, 0, 0, 75, 75, 75]
     assert all(p.dirty_rate == pytest.approx(1000.0) for p in live)  # per second run
     assert writer.throttles == [75] and report.final_throttle == 75
+
+
+def test_dirty_limit_from_the_start_throttles_pass_1_by_a_sampled_rate(tmp_path: Path) -> None:
+    """set-vcpu-dirty-limit before migrate: the rate is sampled first (one step: 1000 pages in
+    one second run, 3.9 MiB/s), so pass 1 already runs at 75 % and no trigger is waited for;
+    with the trigger (the test above) passes 1 to 3 ran at 0 %."""
+    writer = RunTimeWriter(4096, base=1000, floor=0)
+    limit = DirtyLimit(from_start=True, sample_seconds=0.0)  # the writer advances at each sync
+    report = live_save(tmp_path / "s.mig", [("pc.ram", writer.buf)], [writer], stop=writer.stop, cpu=writer,
+                       live=LiveOptions(max_passes=3, downtime_limit=0.0, dirty_limit=limit),
+                       options=EngineOptions(durable=False))  # fmt: skip
+    assert report.sample is not None
+    assert (report.sample.pages_dirtied, report.sample.run_seconds, report.sample.throttle) == (1000, 1.0, 75)
+    assert report.sample.dirty_rate == pytest.approx(1000.0) and report.sample.seconds >= 0
+    live = [p for p in report.passes if not p.stopped]
+    assert [p.throttle for p in live] == [75, 75, 75]
+    assert [p.pages_dirtied for p in live] == [250, 250, 250]
+    assert writer.throttles == [75] and report.to_dict()["sample"]["throttle"] == 75
+    # the sample's pages went out with pass 1: the file holds every page as the writer left it
+    back = bytearray(len(writer.buf))
+    restore(report.path, {"pc.ram": back}, zero_absent=True)
+    assert back == writer.buf[:]
+
+
+def test_only_dirty_limit_from_the_start_samples_first() -> None:
+    held = DirtyLimitController(DirtyLimit(from_start=True, vcpu_dirty_limit=2))
+    assert held.in_service and held.sample_seconds == 0.05 and isinstance(held, SamplesFirst)
+    assert held.before_first_pass(8.0 * MiB) == 75 and held.pct == 75
+    assert held.after_pass(0, 4096, 1.0 * MiB) == 0  # in service: follows each pass's rate, no trigger
+    triggered = DirtyLimitController(DirtyLimit())
+    assert triggered.sample_seconds is None and triggered.before_first_pass(8.0 * MiB) == 0
+    assert not isinstance(ThrottleController(AutoConverge()), SamplesFirst)
+    with pytest.raises(UsageError, match=r"dirty-rate sample must be 0 \.\. 60 s"):
+        DirtyLimit(from_start=True, sample_seconds=-1)
 
 
 def test_dirty_limit_needs_the_writers_throttle(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ import pytest
 import mappedram
 from mappedram.errors import FormatError
 from mappedram.ops import CompareTracker, DirtyLimit
-from mappedram.ops.converge import DirtyLimitController
+from mappedram.ops.converge import DirtyLimitController, dirty_limit_throttle
 from mappedram.vm import ops as vmops
 from mappedram.vm.cpustate import CPUSTATE_IDSTR, CpuState
 from mappedram.vm.kvm import kvm_available
@@ -117,6 +117,30 @@ def test_vm_save_with_dirty_limit_throttles_by_the_measured_rate(tmp_path: Path,
     assert "dirty-limit 1 MB/s" in human and "save OK" in human, human
     conflict = run("vm", "save", str(out), "--dirty-limit", "--vcpu-dirty-limit", "0", check=False)
     assert conflict.returncode != 0 and "vcpu-dirty-limit must be at least 1 MB/s" in conflict.stderr
+
+
+@pytest.mark.parametrize("guest", GUESTS)
+def test_vm_save_with_dirty_limit_from_the_start_throttles_pass_1(tmp_path: Path, guest: str) -> None:
+    """With the limit set before the save, the rate sampled first (the stepped guest runs its
+    batches before that sync too) sets pass 1's throttle; each later pass follows the pass
+    before, with no trigger to wait for."""
+    out = tmp_path / "guest.mig"
+    proc = run("vm", "save", str(out), "--guest", guest, "--mem", "32", *stepped("--max-passes", "3"),
+               "--downtime-limit", NEVER, "--dirty-limit-from-start", "--vcpu-dirty-limit", "2", "--output", "json",
+               check=False)  # fmt: skip
+    live = json.loads(proc.stdout)["save"]
+    assert proc.returncode == 1 and live["stop_reason"] == "max-passes" and live["dirty_limit"] == 2
+    sample, passes = live["sample"], live["passes"]
+    assert sample["pages_dirtied"] > 0 and sample["run_seconds"] > 0
+    assert sample["throttle"] == dirty_limit_throttle(sample["dirty_rate"] * 4096, 2) > 0
+    assert passes[0]["throttle"] == sample["throttle"]
+    replay = DirtyLimitController(DirtyLimit(vcpu_dirty_limit=2, from_start=True))
+    for p, after in itertools.pairwise(passes):
+        replay.after_pass(p["pages_dirtied"] * 4096, p["pages_written"] * 4096, p["dirty_rate"] * 4096)
+        assert after["throttle"] == replay.pct, (p, after)
+    human = run("vm", "save", str(out), "--guest", guest, "--mem", "16", *stepped("--max-passes", "3"),
+                "--downtime-limit", ALWAYS, "--dirty-limit-from-start").stdout  # fmt: skip
+    assert "dirty-limit 1 MB/s (in service from the start:" in human and "save OK" in human, human
 
 
 @pytest.mark.parametrize("guest", GUESTS)

@@ -374,6 +374,9 @@ def render_live(r: LiveSaveReport, title: str = "live save", *, judged: bool = T
     if r.dirty_limit is not None:
         fired = next((p.index for p in r.passes if p.throttle), None)
         held = f"from pass {fired}" if fired is not None else "never needed"
+        if r.sample is not None:
+            held = (f"in service from the start: {r.sample.dirty_rate * 4096 / 2**20:,.0f} MiB/s dirtied"
+                    f" over {r.sample.seconds:.3f} s before pass 1, {held}")  # fmt: skip
         stop += f"; dirty-limit {r.dirty_limit} MB/s ({held}), throttle {r.final_throttle}% at the stop"
     if r.bandwidth_limit:
         stop += f"; bandwidth limit {r.bandwidth_limit / 1e6:g} MB/s"

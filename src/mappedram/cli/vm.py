@@ -71,9 +71,9 @@ def _guest(args: argparse.Namespace) -> vmops.GuestConfig:
 
 def _live(args: argparse.Namespace, on_pass: Callable[[PassStats], None] | None) -> LiveOptions:
     auto = limit = None
-    if args.dirty_limit:
+    if args.dirty_limit or args.dirty_limit_from_start:
         limit = DirtyLimit(throttle_trigger_threshold=args.throttle_trigger_threshold,
-                           vcpu_dirty_limit=args.vcpu_dirty_limit)  # fmt: skip
+                           vcpu_dirty_limit=args.vcpu_dirty_limit, from_start=args.dirty_limit_from_start)  # fmt: skip
     elif not args.no_auto_converge:
         auto = AutoConverge(
             throttle_trigger_threshold=args.throttle_trigger_threshold,
@@ -232,6 +232,10 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--dirty-limit", action="store_true",
                        help="instead of auto-converge, QEMU's dirty-limit: once the same trigger fires, hold the "
                             "guest's dirty rate to --vcpu-dirty-limit")  # fmt: skip
+        p.add_argument("--dirty-limit-from-start", action="store_true",
+                       help="dirty-limit held from pass 1 on, as QEMU's set-vcpu-dirty-limit before migrate:"
+                            " the guest's dirty rate is measured first (calc-dirty-rate),"
+                            " no trigger waited for")  # fmt: skip
         p.add_argument("--vcpu-dirty-limit", type=int, default=limit.vcpu_dirty_limit, metavar="MB_S",
                        help=f"the dirty rate dirty-limit holds the guest to"
                             f" (default {limit.vcpu_dirty_limit} MB/s)")  # fmt: skip

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     )
     from .live import FORMATS, LIVE_DEFAULTS, LiveOptions, LiveSaveReport, PassStats, live_save
     from .loader import RestoreReport, restore, restore_files
-    from .options import DEFAULT_CHANNELS, DEFAULTS, EngineOptions, OnStart, Progress
+    from .options import DEFAULT_CHANNELS, DEFAULTS, DirtySample, EngineOptions, OnStart, Progress
     from .protocol import TEMP_MARKER
     from .relay import CONVERT_FORMATS, convert, rewrite
     from .seal import (
@@ -96,6 +96,7 @@ __all__ = [
     "OnStart",
     "OwnerTracker",
     "PassStats",
+    "DirtySample",
     "Problem",
     "Progress",
     "RestoreReport",
@@ -174,6 +175,7 @@ _WHERE = {
     "OnStart": "options",
     "OwnerTracker": "trackers",
     "PassStats": "options",
+    "DirtySample": "options",
     "Problem": "inspect",
     "Progress": "options",
     "RestoreReport": "loader",

@@ -31,6 +31,16 @@ guest ran, so the sleep share that holds it to the quota is computed at once:
 ``1 - quota / rate``, at most 99 % (DIRTYLIMIT_THROTTLE_PCT_MAX). QEMU offers it only with
 KVM's dirty ring; the built-in guests apply it as they apply a throttle.
 
+Dirty-limit from the start (``DirtyLimit(from_start=True)``) is what a QEMU user gets with
+``set-vcpu-dirty-limit`` (system/dirtylimit.c qmp_set_vcpu_dirty_limit) issued before
+``migrate``: the quota holds from pass 1 on, with no trigger to wait for. The rule needs a
+rate before there is a pass to measure it by, so the saver measures one first as
+``calc-dirty-rate`` does in its dirty-bitmap mode (migration/dirtyrate.c
+calculate_dirtyrate_dirty_bitmap: sync, wait ``calc-time``, sync, count): the pages dirtied
+in ``sample_seconds`` per second the guest ran. A guest that dirties its RAM faster than one
+pass writes it would otherwise redirty most of it during pass 1 and rewrite it pass after
+pass; held from the start, pass 1 sees few pages redirtied and the save converges after it.
+
 This module is the policy only (numbers in, a percentage out); :mod:`.live` applies it.
 """
 
@@ -38,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from mappedram.errors import UsageError
 
@@ -46,6 +56,7 @@ __all__ = [
     "AutoConverge",
     "DirtyLimit",
     "Converger",
+    "SamplesFirst",
     "ThrottleController",
     "DirtyLimitController",
     "CpuThrottle",
@@ -99,6 +110,11 @@ class DirtyLimit:
 
     throttle_trigger_threshold: int = 50
     vcpu_dirty_limit: int = 1
+    #: The quota holds from pass 1 on, as ``set-vcpu-dirty-limit`` before ``migrate``: no trigger.
+    from_start: bool = False
+    #: With ``from_start``: seconds the dirty rate is measured over before pass 1
+    #: (calc-dirty-rate's calc-time; 0 for a writer that advances at each sync).
+    sample_seconds: float = 0.05
 
     def __post_init__(self) -> None:
         # reference: migrate_params_check
@@ -106,6 +122,8 @@ class DirtyLimit:
             raise UsageError(f"throttle-trigger-threshold must be 1 .. 100, got {self.throttle_trigger_threshold}")
         if self.vcpu_dirty_limit < 1:
             raise UsageError(f"vcpu-dirty-limit must be at least 1 MB/s, got {self.vcpu_dirty_limit}")
+        if not 0 <= self.sample_seconds <= 60:  # calc-dirty-rate measures for 60 s at most
+            raise UsageError(f"the dirty-rate sample must be 0 .. 60 s, got {self.sample_seconds}")
 
     def controller(self) -> Converger:
         return DirtyLimitController(self)
@@ -118,6 +136,19 @@ class Converger(Protocol):
 
     def after_pass(self, bytes_dirty_period: int, bytes_xfer_period: int, dirty_rate: float = 0.0) -> int:
         """``dirty_rate``: bytes the guest dirtied per second it ran during the pass."""
+        ...
+
+
+@runtime_checkable
+class SamplesFirst(Protocol):
+    """A throttle policy that wants the writer's dirty rate before pass 1 (the saver then
+    syncs, waits ``sample_seconds``, syncs, and applies what ``before_first_pass`` returns)."""
+
+    #: None: no sample (the policy acts after pass 1 only)
+    sample_seconds: float | None
+
+    def before_first_pass(self, dirty_rate: float) -> int:
+        """The throttle of pass 1, given the bytes the writer dirtied per second it ran."""
         ...
 
 
@@ -208,7 +239,17 @@ class DirtyLimitController:
         self.params = params
         self.pct = 0
         self.dirty_rate_high_cnt = 0
-        self.in_service = False  # dirtylimit_in_service: the limit was set (migration_dirty_limit_guest)
+        # dirtylimit_in_service: the limit was set (migration_dirty_limit_guest, or
+        # set-vcpu-dirty-limit before the save)
+        self.in_service = params.from_start
+        self.sample_seconds = params.sample_seconds if params.from_start else None
+
+    # reference: qmp_set_vcpu_dirty_limit, then dirtylimit_set_throttle with calc-dirty-rate's figure
+    def before_first_pass(self, dirty_rate: float) -> int:
+        """With ``from_start``: the throttle that holds the rate measured before pass 1 to the quota."""
+        if self.in_service:
+            self.pct = dirty_limit_throttle(dirty_rate, self.params.vcpu_dirty_limit)
+        return self.pct
 
     def after_pass(self, bytes_dirty_period: int, bytes_xfer_period: int, dirty_rate: float = 0.0) -> int:
         """The throttle to apply after a pass that sent ``bytes_xfer_period`` bytes while the

@@ -29,7 +29,10 @@ migration/ram.c ram_save_iterate / migration_bitmap_sync / ram_save_complete):
   guest is throttled (20 %, +10 % each time, up to 99 %): it then dirties pages slower
   than they are sent, and the set left shrinks until it fits the downtime limit. With
   dirty-limit instead, the same trigger holds the guest's dirty rate to a quota from
-  then on (the throttle recomputed from each pass's measured rate).
+  then on (the throttle recomputed from each pass's measured rate). With dirty-limit from
+  the start (set-vcpu-dirty-limit before migrate), the saver first measures the guest's
+  dirty rate over a short sample (calc-dirty-rate: sync, wait, sync; what it saw dirtied
+  is sent by pass 1 anyway) and pass 1 already runs at the throttle that holds it.
 * Rule 6, the report tells what happened: the stop reason (converged, or the pass limit
   reached) and the downtime measured against its limit; :attr:`LiveSaveReport.ok` holds
   only when both were met. The dirty rate of a pass is the pages it saw dirtied per
@@ -61,8 +64,8 @@ from mappedram.format.constants import TARGET_PAGE_SIZE
 from mappedram.format.vmstate import DeviceRecord, encode_device_state, encode_vmdesc_json
 from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file, plan_legacy
 
-from .converge import CpuThrottle
-from .options import DEFAULTS, FORMATS, LIVE_DEFAULTS, EngineOptions, LiveOptions, PassStats, Progress
+from .converge import CpuThrottle, SamplesFirst
+from .options import DEFAULTS, FORMATS, LIVE_DEFAULTS, DirtySample, EngineOptions, LiveOptions, PassStats, Progress
 from .passcost import DENSE_GAP, EXTENTS, RUNS, PassCosts, pass_shape
 from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
 from .seal import SealOptions, SealReport, sealed_body
@@ -102,6 +105,7 @@ class LiveSaveReport(TimedReport):
     notes: list[str] = field(default_factory=list)
     seal: SealReport | None = None  # sealed before it got its name
     direct_io_reason: str = ""  # what chose direct_io for pass 1, and why (ops/protocol.py resolve_direct)
+    sample: DirtySample | None = None  # the dirty rate measured before pass 1 (dirty-limit from the start)
 
     @property
     def growth(self) -> float:
@@ -158,6 +162,7 @@ class _Loop:
         self.downtime = 0.0
         self.t_stop = 0.0
         self._clock = 0.0  # guest run seconds (or wall seconds) at the last sync
+        self.sample: DirtySample | None = None
 
     def _guest_clock(self) -> float:
         return self.cpu.run_seconds() if self.cpu is not None else time.perf_counter()
@@ -194,6 +199,23 @@ class _Loop:
             self.live.on_pass(stats)
         return stats
 
+    # reference: calculate_dirtyrate_dirty_bitmap (sync, wait calc-time, sync), then qmp_set_vcpu_dirty_limit
+    def _sample(self) -> None:
+        """For a policy that throttles from the start: measure the writer's dirty rate, then
+        apply the throttle the policy sets for pass 1 (pass 1 sends every page anyway)."""
+        policy = self.controller
+        if self.cpu is None or not isinstance(policy, SamplesFirst) or policy.sample_seconds is None:
+            return
+        t0 = time.perf_counter()
+        if policy.sample_seconds > 0:
+            time.sleep(policy.sample_seconds)
+        _, count, ran = self._sync()
+        rate = count / ran if ran > 0 else 0.0
+        pct = policy.before_first_pass(rate * TARGET_PAGE_SIZE)
+        if pct != self.cpu.throttle:
+            self.cpu.set_throttle(pct)
+        self.sample = DirtySample(time.perf_counter() - t0, count, ran, rate, pct)
+
     def _throttle(self) -> int:
         return self.cpu.throttle if self.cpu is not None else 0
 
@@ -204,6 +226,7 @@ class _Loop:
         for t in self.trackers:  # start tracking: what was written before is sent in pass 1 anyway
             t.sync()
         self._clock = self._guest_clock()
+        self._sample()
         dirty: list[Bits] | None = None
         sent = sum(self.npages)
         while True:
@@ -348,6 +371,7 @@ def live_save(
         seconds=written.seconds,
         notes=notes,
         seal=None if written.seal is None else dataclasses.replace(written.seal, path=target),
+        sample=loop.sample,
     )
 
 

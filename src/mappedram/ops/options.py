@@ -26,6 +26,7 @@ __all__ = [
     "LiveOptions",
     "LIVE_DEFAULTS",
     "PassStats",
+    "DirtySample",
     "DirectIo",
     "DIRECT_IO_MODES",
     "direct_mode",
@@ -175,3 +176,15 @@ class PassStats:
     run_seconds: float  # seconds the guest ran while this pass ran (throttle sleeps excluded)
     dirty_rate: float  # pages_dirtied per second of guest run time (0 when it did not run)
     direct_io: bool = False  # written with O_DIRECT (pass 1, or a dense pass of dirty pages), not the page cache
+
+
+@dataclass(frozen=True, slots=True)
+class DirtySample:
+    """The writer's dirty rate measured before pass 1, for a policy that throttles from the
+    start (calc-dirty-rate's figures: migration/dirtyrate.c calculate_dirtyrate_dirty_bitmap)."""
+
+    seconds: float  # wall seconds the sample took (its two syncs included)
+    pages_dirtied: int
+    run_seconds: float  # seconds the writer ran meanwhile
+    dirty_rate: float  # pages_dirtied per second run (0 when it did not run)
+    throttle: int  # percent: what the policy set for pass 1 from it

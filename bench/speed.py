@@ -26,14 +26,15 @@ baselines next to it (the machines are shared and noisy: ratios and medians only
   from /proc/PID/status); time should grow linearly (each size within 15 % of the
   least-squares line). Next to our CPU, the kernel's own cost of moving the same bytes on
   this machine (``cpu_floors``: dd with O_DIRECT, and faulting in the destination's pages);
-* **live** (``--live-mem``, default 1024 MiB): a live save of the built-in guest (KVM, or
-  the software guest) with auto-converge (``vm save``'s defaults) against a static save of
-  the same RAM right after (the guest paused), and what the first pass cost with the guest
-  running on the same cores; then the same guest afresh, saved with dirty-limit instead
-  (``vm save --dirty-limit``: 1 MB/s once the same trigger fires), once more at 99 % from
-  the end of pass 1 on (:class:`EarliestThrottle`: the floor of any rule that waits for pass
-  1's rate), and with dirty-limit held from the start (``vm save --dirty-limit-from-start``:
-  QEMU's ``set-vcpu-dirty-limit`` before ``migrate``, the rate sampled first).
+* **live** (``--live-mem``, default 1024 MiB): live saves of the built-in guest (KVM, or
+  the software guest), each of a fresh guest and each against a static save of the same RAM
+  right after (the guest paused by the live save; both durable, timed in the same minute):
+  with auto-converge (``vm save``'s defaults), and what its first pass cost with the guest
+  running on the same cores; with dirty-limit instead (``vm save --dirty-limit``: 1 MB/s
+  once the same trigger fires); at 99 % from the end of pass 1 on (:class:`EarliestThrottle`:
+  the floor of any rule that waits for pass 1's rate); and with dirty-limit held from the
+  start (``vm save --dirty-limit-from-start``: QEMU's ``set-vcpu-dirty-limit`` before
+  ``migrate``, the rate sampled first).
 
 QEMU's saves are timed from ``migrate`` to ``completed`` plus an fsync of the file (our
 save fsyncs; QEMU does not); QEMU's start-up is never timed. Every restore (ours and
@@ -477,111 +478,89 @@ class EarliestThrottle:
         return self.pct
 
 
-def live_once(vmops: Any, kind: str, args: argparse.Namespace, path: Path, opts: Any) -> tuple[float, Any]:
-    """A fresh guest, filled, saved live with ``opts`` (cold cache): the seconds and the report."""
+def passes_of(report: Any) -> list[dict[str, Any]]:
+    return [{"pages_sent": p.pages_sent, "seconds": p.seconds, "throttle": p.throttle, "dirty_rate": p.dirty_rate,
+             "bytes_written": p.bytes_written, "direct_io": p.direct_io} for p in report.passes]  # fmt: skip
+
+
+def live_pair(vmops: Any, kind: str, args: argparse.Namespace, work: Path, opts: Any) -> dict[str, Any]:
+    """A fresh guest, filled, saved live with ``opts`` (cold cache), then the same RAM saved
+    static right after (the guest paused by the live save, the cache dropped): both durable,
+    both timed in the same minute, so the host's flushing of earlier runs weighs on both."""
     with vmops.make_guest(kind, vmops.GuestConfig(mem_mib=args.live_mem)) as vm:
         vm.start()
         vm.wait_filled(600)
         time.sleep(1.0)
         cold()
         t0 = time.perf_counter()
-        report = vmops.live_save_guest(vm, path, "mapped-ram", [], live=opts)
-        return time.perf_counter() - t0, report
+        live = vmops.live_save_guest(vm, work / "live.mig", "mapped-ram", [], live=opts)
+        live_s = time.perf_counter() - t0
+        drop_caches()
+        t0 = time.perf_counter()
+        static = ops.save(work / "static.mig", {vm.ram_idstr: vm.memory})
+        static_s = time.perf_counter() - t0
+    unlink(work / "live.mig", work / "static.mig")
+    return {"seconds": live_s, "ok": live.ok, "passes": len(live.passes), "downtime": live.downtime,
+            "stop_reason": live.stop_reason, "sync_seconds": live.seconds.get("sync", 0.0),
+            "first_pass_seconds": live.passes[0].seconds, "throttle_max": max(p.throttle for p in live.passes),
+            "bytes_written": sum(p.bytes_written for p in live.passes), "expected_final": live.expected_final,
+            "sample": None if live.sample is None else dataclasses.asdict(live.sample),
+            "pass_table": passes_of(live), "direct_io_reason": live.direct_io_reason,
+            "static_seconds": static_s, "static_pages_seconds": static.seconds["pages"],
+            "static_sync_seconds": static.seconds.get("sync", 0.0),
+            "static_direct_io_reason": static.direct_io_reason}  # fmt: skip
+
+
+LIVE_VARIANTS = ("auto_converge", "dirty_limit", "earliest", "from_start")
 
 
 def bench_live(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
     from mappedram.vm import ops as vmops
 
     limit = ops.DirtyLimit()
-    limited_opts = vmops.VM_LIVE_DEFAULTS.replace(auto_converge=None, dirty_limit=limit)
-    earliest_opts = vmops.VM_LIVE_DEFAULTS.replace(auto_converge=None, throttle_policy=EarliestThrottle)
     held = ops.DirtyLimit(from_start=True)
-    held_opts = vmops.VM_LIVE_DEFAULTS.replace(auto_converge=None, dirty_limit=held)
-
-    choice = vmops.choose_guest("auto")
-    out = []
-    for run in range(args.runs):
-        with vmops.make_guest(choice.kind, vmops.GuestConfig(mem_mib=args.live_mem)) as vm:
-            vm.start()
-            vm.wait_filled(600)
-            time.sleep(1.0)
-            cold()
-            t0 = time.perf_counter()
-            live = vmops.live_save_guest(vm, work / "live.mig", "mapped-ram", [], live=vmops.VM_LIVE_DEFAULTS)
-            live_s = time.perf_counter() - t0
-            drop_caches()
-            t0 = time.perf_counter()
-            static = ops.save(work / "static.mig", {vm.ram_idstr: vm.memory})
-            static_s = time.perf_counter() - t0
-        # the same guest saved with QEMU's dirty-limit instead (1 MB/s once the trigger fires)
-        with vmops.make_guest(choice.kind, vmops.GuestConfig(mem_mib=args.live_mem)) as vm:
-            vm.start()
-            vm.wait_filled(600)
-            time.sleep(1.0)
-            cold()
-            t0 = time.perf_counter()
-            limited = vmops.live_save_guest(vm, work / "live.mig", "mapped-ram", [], live=limited_opts)
-            limited_s = time.perf_counter() - t0
-        # the floor of every rule: 99 % from the end of pass 1 on
-        early_s, early = live_once(vmops, choice.kind, args, work / "live.mig", earliest_opts)
+    variants = {
+        # vm save's defaults
+        "auto_converge": vmops.VM_LIVE_DEFAULTS,
+        # QEMU's dirty-limit instead: 1 MB/s once the same trigger fires
+        "dirty_limit": vmops.VM_LIVE_DEFAULTS.replace(auto_converge=None, dirty_limit=limit),
+        # the floor of every rule that waits for pass 1: 99 % from the end of pass 1 on
+        "earliest": vmops.VM_LIVE_DEFAULTS.replace(auto_converge=None, throttle_policy=EarliestThrottle),
         # dirty-limit from the start (set-vcpu-dirty-limit before migrate): the rate sampled first
-        held_s, from_start = live_once(vmops, choice.kind, args, work / "live.mig", held_opts)
-        log(f"  live run {run + 1}, dirty-limit from the start: {held_s:.2f} s ({len(from_start.passes)} passes, "
-            f"downtime {from_start.downtime:.3f} s, {from_start.stop_reason})")
-        unlink(work / "live.mig", work / "static.mig")
-        log(f"  live run {run + 1}, 99 % from pass 2: {early_s:.2f} s ({len(early.passes)} passes, "
-            f"downtime {early.downtime:.3f} s, {early.stop_reason})")
-        log(f"  live run {run + 1}, dirty-limit: {limited_s:.2f} s ({len(limited.passes)} passes, "
-            f"downtime {limited.downtime:.3f} s, {limited.stop_reason})")
-        assert from_start.sample is not None
-        r = {"from_start_seconds": held_s, "from_start_ok": from_start.ok, "from_start_downtime": from_start.downtime,
-             "from_start_sample": dataclasses.asdict(from_start.sample),
-             "from_start_pass_table": [{"pages_sent": p.pages_sent, "seconds": p.seconds, "throttle": p.throttle,
-                                        "bytes_written": p.bytes_written} for p in from_start.passes],
-             "earliest_seconds": early_s, "earliest_ok": early.ok, "earliest_downtime": early.downtime,
-             "earliest_pass_table": [{"pages_sent": p.pages_sent, "seconds": p.seconds, "throttle": p.throttle,
-                                      "bytes_written": p.bytes_written} for p in early.passes],
-             "dirty_limit_seconds": limited_s, "dirty_limit_passes": len(limited.passes),
-             "dirty_limit_downtime": limited.downtime, "dirty_limit_ok": limited.ok,
-             "dirty_limit_pass_table": [{"pages_sent": p.pages_sent, "seconds": p.seconds, "throttle": p.throttle,
-                                         "bytes_written": p.bytes_written} for p in limited.passes],
-             "seconds": live_s, "static_seconds": static_s, "static_pages_seconds": static.seconds["pages"],
-             "passes": len(live.passes), "bytes_written": sum(p.bytes_written for p in live.passes),
-             "pass_table": [{"pages_sent": p.pages_sent, "seconds": p.seconds, "throttle": p.throttle,
-                             "dirty_rate": p.dirty_rate, "bytes_written": p.bytes_written,
-                             "direct_io": p.direct_io} for p in live.passes],
-             "expected_final": live.expected_final,
-             "sync_seconds": live.seconds.get("sync", 0.0),
-             "first_pass_seconds": live.passes[0].seconds, "downtime": live.downtime,
-             "stop_reason": live.stop_reason, "ok": live.ok, "throttle_max": max(p.throttle for p in live.passes),
-             "direct_io_reason": live.direct_io_reason, "static_direct_io_reason": static.direct_io_reason}  # fmt: skip
-        log(f"  live run {run + 1}: {live_s:.2f} s ({r['passes']} passes, first {r['first_pass_seconds']:.2f} s, "
-            f"downtime {live.downtime:.3f} s, {live.stop_reason}); static {static_s:.2f} s")  # fmt: skip
-        out.append(r)
+        "from_start": vmops.VM_LIVE_DEFAULTS.replace(auto_converge=None, dirty_limit=held),
+    }
+    choice = vmops.choose_guest("auto")
+    raw: dict[str, list[dict[str, Any]]] = {name: [] for name in LIVE_VARIANTS}
+    for run in range(args.runs):
+        for name in LIVE_VARIANTS:
+            r = live_pair(vmops, choice.kind, args, work, variants[name])
+            raw[name].append(r)
+            log(f"  live run {run + 1}, {name}: {r['seconds']:.2f} s ({r['passes']} passes, first "
+                f"{r['first_pass_seconds']:.2f} s, downtime {r['downtime']:.3f} s, {r['stop_reason']}, closing "
+                f"fsync {r['sync_seconds']:.2f} s); static right after {r['static_seconds']:.2f} s (fsync "
+                f"{r['static_sync_seconds']:.2f} s)")  # fmt: skip
 
-    def med(k: str) -> float:
-        return float(statistics.median(r[k] for r in out))
+    def med(name: str, k: str) -> float:
+        return float(statistics.median(r[k] for r in raw[name]))
 
-    return {"guest": choice.kind, "mem_mib": args.live_mem, "seconds": med("seconds"),
-            "static_seconds": med("static_seconds"), "first_pass_seconds": med("first_pass_seconds"),
-            "live_vs_static": med("seconds") / med("static_seconds"),
-            "static_pages_seconds": med("static_pages_seconds"),
+    def summary(name: str) -> dict[str, Any]:
+        return {"seconds": med(name, "seconds"), "static_seconds": med(name, "static_seconds"),
+                "live_vs_static": med(name, "seconds") / med(name, "static_seconds"),
+                "downtime": med(name, "downtime"), "passes": med(name, "passes"),
+                "sync_seconds": med(name, "sync_seconds"), "static_sync_seconds": med(name, "static_sync_seconds"),
+                "all_ok": all(r["ok"] for r in raw[name])}  # fmt: skip
+
+    ac = "auto_converge"
+    return {"guest": choice.kind, "mem_mib": args.live_mem, **summary(ac),
+            "first_pass_seconds": med(ac, "first_pass_seconds"),
+            "static_pages_seconds": med(ac, "static_pages_seconds"),
             # both without the closing fsync: a pass's writes against the static save's writes
-            "first_pass_vs_static": med("first_pass_seconds") / med("static_pages_seconds"),
-            "all_ok": all(r["ok"] for r in out),
-            "dirty_limit": {"vcpu_dirty_limit": limit.vcpu_dirty_limit,
-                            "seconds": med("dirty_limit_seconds"), "passes": med("dirty_limit_passes"),
-                            "downtime": med("dirty_limit_downtime"),
-                            "live_vs_static": med("dirty_limit_seconds") / med("static_seconds"),
-                            "all_ok": all(r["dirty_limit_ok"] for r in out)},
+            "first_pass_vs_static": med(ac, "first_pass_seconds") / med(ac, "static_pages_seconds"),
+            "dirty_limit": {"vcpu_dirty_limit": limit.vcpu_dirty_limit, **summary("dirty_limit")},
             "from_start": {"vcpu_dirty_limit": held.vcpu_dirty_limit, "sample_seconds": held.sample_seconds,
-                           "seconds": med("from_start_seconds"), "downtime": med("from_start_downtime"),
-                           "live_vs_static": med("from_start_seconds") / med("static_seconds"),
-                           "all_ok": all(r["from_start_ok"] for r in out)},
-            "earliest": {"seconds": med("earliest_seconds"), "downtime": med("earliest_downtime"),
-                         "live_vs_static": med("earliest_seconds") / med("static_seconds"),
-                         "all_ok": all(r["earliest_ok"] for r in out)},
-            "raw": out}  # fmt: skip
+                           **summary("from_start")},
+            "earliest": summary("earliest"),
+            "raw": raw}  # fmt: skip
 
 
 # -- the table -------------------------------------------------------------------------
@@ -644,17 +623,17 @@ def table(result: dict[str, Any]) -> list[list[str]]:
                      verdict(lv["live_vs_static"] <= GOALS["live_vs_static"] and lv["all_ok"])])
         dl = lv["dirty_limit"]
         rows.append([f"live save, dirty-limit {dl['vcpu_dirty_limit']} MB/s instead, vs static",
-                     f"{dl['seconds']:.2f} s", f"{lv['static_seconds']:.2f} s", f"{dl['live_vs_static']:.2f}x",
+                     f"{dl['seconds']:.2f} s", f"{dl['static_seconds']:.2f} s", f"{dl['live_vs_static']:.2f}x",
                      "<= 1.5x", verdict(dl["live_vs_static"] <= GOALS["live_vs_static"] and dl["all_ok"])])
         ea = lv["earliest"]
         rows.append(["live save, 99 % from pass 2 on (the floor of a rule that waits for pass 1), vs static",
-                     f"{ea['seconds']:.2f} s", f"{lv['static_seconds']:.2f} s", f"{ea['live_vs_static']:.2f}x",
+                     f"{ea['seconds']:.2f} s", f"{ea['static_seconds']:.2f} s", f"{ea['live_vs_static']:.2f}x",
                      "(report)", "-"])
         fs = lv.get("from_start")
         if fs:
             rows.append([f"live save, dirty-limit {fs['vcpu_dirty_limit']} MB/s from the start"
                          " (set-vcpu-dirty-limit), vs static",
-                         f"{fs['seconds']:.2f} s", f"{lv['static_seconds']:.2f} s", f"{fs['live_vs_static']:.2f}x",
+                         f"{fs['seconds']:.2f} s", f"{fs['static_seconds']:.2f} s", f"{fs['live_vs_static']:.2f}x",
                          "<= 1.5x", verdict(fs["live_vs_static"] <= GOALS["live_vs_static"] and fs["all_ok"])])
         rows.append(["live save: first pass, guest running, vs static's writes (no fsync in either)",
                      f"{lv['first_pass_seconds']:.2f} s", f"{lv['static_pages_seconds']:.2f} s",

@@ -36,8 +36,8 @@ baselines next to it (the machines are shared and noisy: ratios and medians only
   start (``vm save --dirty-limit-from-start``: QEMU's ``set-vcpu-dirty-limit`` before
   ``migrate``, the rate sampled first).
 
-Each point also has its **floor**, the least any save or restore of that RAM could take on
-this disk in this run: fio writing (reading) the page data alone, plus what the same
+Each point also has its **floor**, the least a save or restore of that RAM by our command
+could take on this disk in this run: fio writing (reading) the page data alone, plus what the same
 command costs on 2 MiB of RAM (start-up, set-up, fsync), plus, for a restore into fresh
 memory, what faulting it in cost (the restore into /dev/shm against the same restore into
 memory faulted in first). A goal not met whose time is below its floor says so (``NOT MET:
@@ -419,11 +419,11 @@ def bench_save_restore(size: int, density: float, args: argparse.Namespace, work
 
 
 def floors(med: dict[str, float], faults: dict[str, float]) -> dict[str, dict[str, float]]:
-    """The least any save or restore of this RAM could take on this disk in this run: fio
-    moving the page data alone (the bytes no file can leave out), plus what the command
-    costs on 2 MiB (start-up, set-up, fsync), plus for a restore into fresh memory what
-    faulting it in cost (into /dev/shm, against the same restore into memory faulted in
-    first). A goal that needs less time than this is out of reach of any save or restore."""
+    """The least a save or restore of this RAM by our command could take on this disk in this
+    run: fio moving the page data alone (the bytes no file can leave out), plus what the
+    command costs on 2 MiB (start-up, set-up, fsync), plus for a restore into fresh memory
+    what faulting it in cost (into /dev/shm, against the same restore into memory faulted in
+    first). A goal that needs less time than this is out of the command's reach here."""
     fault = max(0.0, faults["shm"] - faults["shm-prefaulted"]) if "shm-prefaulted" in faults else 0.0
     save = {"fio write data": med["fio write data"], "fixed cost": med["ours save, fixed cost"]}
     restore = {"fio read data": med["fio read data"], "fixed cost": med["ours restore, fixed cost"],

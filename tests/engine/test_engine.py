@@ -147,3 +147,42 @@ def test_direct_io_save_and_restore_through_huge_buffers_from_unaligned_memory(t
     dest = bytearray(len(data))
     got = restore(target, {"pc.ram": dest}, options=EngineOptions(direct_io="on"))
     assert got.direct_io and dest == data
+
+
+def _dirty_pages(fd: int, length: int) -> int:
+    """The file's pages in the page cache still dirty (cachestat(2), Linux 6.5)."""
+    import ctypes
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    rng, st = Range(0, length), Stat()
+    if libc.syscall(451, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:  # __NR_cachestat on x86-64 and arm64
+        pytest.skip(f"cachestat(2) unavailable: {os.strerror(ctypes.get_errno())}")
+    return int(st.dirty)
+
+
+def test_writeback_leaves_no_dirty_page_cache(tmp_path: Path) -> None:
+    from mappedram.engine.fileio import Writeback
+
+    path = tmp_path / "wb"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        data = random_pages(1024, 0.0, seed=4).tobytes()  # 4 MiB through the page cache
+        os.pwrite(fd, data, 0)
+        if _dirty_pages(fd, len(data)) == 0:
+            pytest.skip("the filesystem wrote the pages at once: nothing to write back")
+        wb = Writeback(fd)
+        wb.start()
+        wb.start()  # waits for the first
+        wb.wait()
+        wb.wait()
+        assert _dirty_pages(fd, len(data)) == 0  # all submitted (in flight or on the disk)
+        os.fsync(fd)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)

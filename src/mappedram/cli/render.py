@@ -355,6 +355,10 @@ def render_passes(passes: list[PassStats]) -> list[str]:
         )
     lines.append("  (* with the guest stopped; dirtied: pages the guest dirtied while the pass was written;"
                  " extents also rewrite the clean pages between dirty ones)")  # fmt: skip
+    for p in passes:
+        if p.pages_caught:
+            lines.append(f"  (pass {p.index} synced as it went: {p.pages_caught:,} of the pages it saw dirtied were"
+                         " dirtied before it wrote them, and were not sent again)")  # fmt: skip
     return lines
 
 

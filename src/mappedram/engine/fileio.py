@@ -14,6 +14,7 @@ import fcntl
 import mmap
 import os
 import stat as stat_mod
+import threading
 from collections.abc import Sequence
 
 from mappedram.errors import IOEngineError
@@ -54,6 +55,7 @@ __all__ = [
     "reads_fill_holes",
     "list_dir",
     "prefetch",
+    "Writeback",
     "read_no_follow",
 ]
 
@@ -550,6 +552,36 @@ def prefetch(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass  # a hint: a filesystem that refuses it reads on demand
+
+
+SYNC_FILE_RANGE_WRITE = 2
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_libc.sync_file_range.restype = ctypes.c_int
+
+
+class Writeback:
+    """Writes a file's dirty page cache to the disk in the background, so that a later
+    fsync waits only for what is still in flight: sync_file_range(SYNC_FILE_RANGE_WRITE)
+    over the whole file, on a thread of its own (the call returns once the I/O is
+    submitted, which can take as long as the disk needs to take it). A hint: it makes
+    nothing durable, and a filesystem that refuses it leaves the work to the fsync.
+    :meth:`wait` before the descriptor is closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start a writeback of what is dirty now (one at a time: waits for the previous one)."""
+        self.wait()
+        self._thread = threading.Thread(target=_libc.sync_file_range, args=(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE),
+                                        name="mappedram-writeback", daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def read_no_follow(path: str, limit: int) -> tuple[os.stat_result, bytes]:

@@ -5,7 +5,9 @@ migration/ram.c ram_save_iterate / migration_bitmap_sync / ram_save_complete):
 
 * Rule 1, sync then send. Each pass first syncs the dirty trackers, then reads and writes
   the pages they named. A write that lands after the sync is named by the next sync, so
-  a page is never left stale once the last pass (guest stopped) is written.
+  a page is never left stale once the last pass (guest stopped) is written. Pass 1 syncs
+  cheap trackers as it goes too (:mod:`.passone`): what a sync names in a chunk pass 1 had
+  not started yet is written by pass 1 itself, after that sync, so pass 2 skips it.
 * Rule 2, mapped-ram writes in place. Pass 1 writes every non-zero page at its slot; a
   later pass rewrites only dirtied pages at the same slots, and a page that became zero
   only clears its bit. The file is exactly the planned layout (``plan_file``) whatever
@@ -21,7 +23,9 @@ migration/ram.c ram_save_iterate / migration_bitmap_sync / ram_save_complete):
   clean gaps, whichever is faster at the speeds the earlier passes measured (the slower
   of each way's last two), and the final pass is judged the way it would go; without
   O_DIRECT, pages left / the bandwidth of the last passes of dirty pages (pass 1, which
-  writes every page in file order, is no measure of how fast scattered pages go). Then the ``stop`` callback pauses
+  writes every page in file order, is no measure of how fast scattered pages go). A live
+  pass that went by the page cache beside O_DIRECT is written back in the background while
+  the next passes run (the closing fsync then waits for little). Then the ``stop`` callback pauses
   the guest and returns its device state; the final pass sends what is still dirty;
   then the bitmaps, the device sections, QEMU_VM_EOF and the vmdesc are written.
 * Rule 5, auto-converge (:mod:`.converge`). After each live pass, when the bytes the
@@ -54,8 +58,8 @@ import numpy as np
 import numpy.typing as npt
 
 from mappedram.engine.autodirect import DirectChoice
-from mappedram.engine.executor import Throttle, run_tasks
-from mappedram.engine.fileio import allocated_bytes, file_size, pwrite_full
+from mappedram.engine.executor import Channel, Throttle, run_tasks
+from mappedram.engine.fileio import Writeback, allocated_bytes, file_size, pwrite_full
 from mappedram.engine.pages import MemoryPages, PageSource, PageWriteChannel, WriteTask
 from mappedram.engine.sequential import SequentialWriter
 from mappedram.errors import UsageError
@@ -67,6 +71,7 @@ from mappedram.layout import StreamSpec, machine_has_switchover_start, plan_file
 from .converge import CpuThrottle, SamplesFirst
 from .options import DEFAULTS, FORMATS, LIVE_DEFAULTS, DirtySample, EngineOptions, LiveOptions, PassStats, Progress
 from .passcost import DENSE_GAP, EXTENTS, RUNS, PassCosts, pass_shape
+from .passone import Chunk, PassOneSync
 from .protocol import CHUNK_PAGES, Written, commit, resolve_direct
 from .seal import SealOptions, SealReport, sealed_body
 from .trackers import DirtyTracker
@@ -163,6 +168,8 @@ class _Loop:
         self.t_stop = 0.0
         self._clock = 0.0  # guest run seconds (or wall seconds) at the last sync
         self.sample: DirtySample | None = None
+        # set by a ``send`` that synced the trackers during pass 1 (.passone)
+        self.pass_one: PassOneSync | None = None
 
     def _guest_clock(self) -> float:
         return self.cpu.run_seconds() if self.cpu is not None else time.perf_counter()
@@ -183,11 +190,12 @@ class _Loop:
         throttle: int,
         dirtied: int,
         ran: float,
+        caught: int = 0,
     ) -> PassStats:
         written, zero, nbytes, direct = result
         rate = dirtied / ran if ran > 0 else 0.0
         stats = PassStats(len(self.passes) + 1, stopped, sent, written, zero, nbytes, seconds, throttle, dirtied,
-                          ran, rate, direct)  # fmt: skip
+                          ran, rate, direct, caught)  # fmt: skip
         self.passes.append(stats)
         if not stopped and seconds > 0 and written and len(self.passes) > 1:
             # Only passes of dirty pages say how fast the final pass will go: pass 1 writes
@@ -235,7 +243,13 @@ class _Loop:
             result = send(dirty, False)
             seconds = time.perf_counter() - t0  # the pass alone: the sync that follows is not its cost
             dirty, count, ran = self._sync()
-            stats = self._record(False, sent, result, seconds, throttle, count, ran)
+            dirtied = count
+            if self.pass_one is not None:  # pass 1 synced as it went: keep only what it wrote before the dirt
+                dirty, seen = self.pass_one.finish(dirty)
+                self.pass_one = None
+                count = sum(int(np.count_nonzero(d)) for d in dirty)
+                dirtied = sum(int(np.count_nonzero(d)) for d in seen)
+            stats = self._record(False, sent, result, seconds, throttle, dirtied, ran, dirtied - count)
             pending = count * TARGET_PAGE_SIZE
             if self.controller is not None and self.cpu is not None:
                 # reference: migration_trigger_throttle (bytes dirtied vs bytes sent in the period)
@@ -398,6 +412,7 @@ def _mapped_body(
         used = [0]
         costs = PassCosts(direct)
         loop.expect = lambda dirty: costs.expected(pass_shape(dirty, ps))
+        writeback = Writeback(fd)
 
         # reference: ram_save_iterate, ram_find_and_save_block, multifd_queue_page (mapped-ram slots)
         def send(dirty: list[Bits] | None, stopped: bool) -> tuple[int, int, int, bool]:
@@ -421,11 +436,16 @@ def _mapped_body(
                 way = costs.choose(pass_shape(dirty, ps), final=stopped)
             dense = dirty is not None and way == EXTENTS
 
-            def make_channel(_: int) -> PageWriteChannel:
+            early = None
+            if dirty is None and PassOneSync.applies(loop.trackers):
+                chunks = [Chunk(t.source, t.first_page, t.npages) for t in tasks]
+                early = loop.pass_one = PassOneSync(loop.trackers, tasks, chunks, sum(c.count for c in chunks) * ps)
+
+            def make_channel(_: int) -> Channel[WriteTask]:
                 ch = PageWriteChannel(work, sources, ps, CHUNK_PAGES, direct=direct, on_write=loop.throttle,
                                       merge_gap=DENSE_GAP, dense=dense, volatile=True)  # fmt: skip
                 made.append(ch)
-                return ch
+                return ch if early is None else early.channel(ch)
 
             # Pass 1 writes whole extents, in parallel, and so does a pass of dirty pages that
             # goes by extents (ops/passcost.py). The others write scattered dirty pages through
@@ -433,8 +453,15 @@ def _mapped_body(
             # (measured, 40,000 random pages: 6.9 us a page with one writer, 12.9 with four).
             width = channels if dirty is None or dense else DIRTY_PASS_CHANNELS
             t0 = time.perf_counter()
-            run_tasks(tasks, make_channel, channels=max(1, min(width, len(tasks))), progress=loop.progress)
+            progress = loop.progress if early is None else early.with_progress(loop.progress)
+            run_tasks(tasks, make_channel, channels=max(1, min(width, len(tasks))), progress=progress)
             costs.record(way, sum(ch.bytes_written for ch in made), time.perf_counter() - t0, first=dirty is None)
+            if direct and way == RUNS and not stopped:
+                # The pass's page cache goes to the disk while the guest runs on and the next
+                # pass is written: the closing fsync waits for less. (Only beside O_DIRECT:
+                # without it, pass 1's whole gigabytes would be flushed under the next
+                # passes' writes, measured no faster in all.)
+                writeback.start()
             used[0] = max(used[0], len(made))
             if dirty is None:
                 sent = sum(len(b) for b in bits)
@@ -445,15 +472,18 @@ def _mapped_body(
             return written, sent - written, sum(ch.bytes_written for ch in made), direct and way == EXTENTS
 
         t1 = time.perf_counter()
-        records = loop.run(send, stop)
-        final = plan_file(layout, spec(records, True))
-        if final.ram != plan.ram:
-            raise AssertionError("the page layout moved with the device state")
-        # reference: ram_save_complete (mapped-ram: the bitmaps are written at completion)
-        for lay, b in zip(final.ram.blocks, bits):
-            pwrite_full(fd, encode_bitmap(b), lay.bitmap_offset, work)
-        pwrite_full(fd, final.tail, final.ram.eos_offset, work)
-        t2 = time.perf_counter()
+        try:
+            records = loop.run(send, stop)
+            final = plan_file(layout, spec(records, True))
+            if final.ram != plan.ram:
+                raise AssertionError("the page layout moved with the device state")
+            # reference: ram_save_complete (mapped-ram: the bitmaps are written at completion)
+            for lay, b in zip(final.ram.blocks, bits):
+                pwrite_full(fd, encode_bitmap(b), lay.bitmap_offset, work)
+            pwrite_full(fd, final.tail, final.ram.eos_offset, work)
+            t2 = time.perf_counter()
+        finally:
+            writeback.wait()
         loop.downtime = t2 - loop.t_stop
         size = file_size(fd, work)
         if size != final.file_size:

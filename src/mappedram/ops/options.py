@@ -176,6 +176,8 @@ class PassStats:
     run_seconds: float  # seconds the guest ran while this pass ran (throttle sleeps excluded)
     dirty_rate: float  # pages_dirtied per second of guest run time (0 when it did not run)
     direct_io: bool = False  # written with O_DIRECT (pass 1, or a dense pass of dirty pages), not the page cache
+    # of pages_dirtied, those this pass wrote itself after they were dirtied: not sent again (ops/passone.py)
+    pages_caught: int = 0
 
 
 @dataclass(frozen=True, slots=True)

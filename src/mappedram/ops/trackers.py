@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DirtyTracker", "OwnerTracker", "CompareTracker", "CallbackTracker"]
+__all__ = ["DirtyTracker", "OwnerTracker", "CompareTracker", "CallbackTracker", "syncs_cheaply"]
 
 Bits = npt.NDArray[np.bool_]
 
@@ -43,8 +43,16 @@ class DirtyTracker(Protocol):
     def sync(self) -> Bits: ...
 
 
+def syncs_cheaply(tracker: object) -> bool:
+    """Whether a sync costs little next to the pages it names (its class says ``cheap_sync``):
+    a live save may then sync it during pass 1 too (:mod:`.passone`)."""
+    return bool(getattr(tracker, "cheap_sync", False))
+
+
 class CallbackTracker:
     """A tracker over a callable returning the dirty pages and clearing them (KVM_GET_DIRTY_LOG)."""
+
+    cheap_sync = True  # a dirty log: a bitmap read and the pages it names write-protected again
 
     def __init__(self, npages: int, get: Callable[[], Bits]) -> None:
         self._npages = npages
@@ -63,6 +71,8 @@ class CallbackTracker:
 
 class OwnerTracker:
     """The writer marks the pages it wrote (after writing them); ``sync`` takes the marks."""
+
+    cheap_sync = True  # an array swapped under a lock
 
     def __init__(self, npages: int, page_size: int = 4096) -> None:
         self._npages = npages

@@ -535,6 +535,7 @@ def live_pair(vmops: Any, kind: str, args: argparse.Namespace, work: Path, opts:
     unlink(work / "live.mig", work / "static.mig")
     return {"seconds": live_s, "ok": live.ok, "passes": len(live.passes), "downtime": live.downtime,
             "stop_reason": live.stop_reason, "sync_seconds": live.seconds.get("sync", 0.0),
+            "writeback_seconds": live.seconds.get("writeback", 0.0),
             "first_pass_seconds": live.passes[0].seconds, "throttle_max": max(p.throttle for p in live.passes),
             "bytes_written": sum(p.bytes_written for p in live.passes), "expected_final": live.expected_final,
             "sample": None if live.sample is None else dataclasses.asdict(live.sample),
@@ -569,9 +570,9 @@ def bench_live(args: argparse.Namespace, work: Path, log: Callable[[str], None])
             r = live_pair(vmops, choice.kind, args, work, variants[name])
             raw[name].append(r)
             log(f"  live run {run + 1}, {name}: {r['seconds']:.2f} s ({r['passes']} passes, first "
-                f"{r['first_pass_seconds']:.2f} s, downtime {r['downtime']:.3f} s, {r['stop_reason']}, closing "
-                f"fsync {r['sync_seconds']:.2f} s); static right after {r['static_seconds']:.2f} s (fsync "
-                f"{r['static_sync_seconds']:.2f} s)")  # fmt: skip
+                f"{r['first_pass_seconds']:.2f} s, downtime {r['downtime']:.3f} s, {r['stop_reason']}, then "
+                f"waits: writeback {r['writeback_seconds']:.2f} s, closing fsync {r['sync_seconds']:.2f} s); "
+                f"static right after {r['static_seconds']:.2f} s (fsync {r['static_sync_seconds']:.2f} s)")  # fmt: skip
 
     def med(name: str, k: str) -> float:
         return float(statistics.median(r[k] for r in raw[name]))
@@ -580,7 +581,8 @@ def bench_live(args: argparse.Namespace, work: Path, log: Callable[[str], None])
         return {"seconds": med(name, "seconds"), "static_seconds": med(name, "static_seconds"),
                 "live_vs_static": med(name, "seconds") / med(name, "static_seconds"),
                 "downtime": med(name, "downtime"), "passes": med(name, "passes"),
-                "sync_seconds": med(name, "sync_seconds"), "static_sync_seconds": med(name, "static_sync_seconds"),
+                "sync_seconds": med(name, "sync_seconds"), "writeback_seconds": med(name, "writeback_seconds"),
+                "static_sync_seconds": med(name, "static_sync_seconds"),
                 "all_ok": all(r["ok"] for r in raw[name])}  # fmt: skip
 
     ac = "auto_converge"

@@ -13,6 +13,7 @@ import errno as errno_mod
 import fcntl
 import mmap
 import os
+import queue
 import stat as stat_mod
 import threading
 from collections.abc import Sequence
@@ -560,28 +561,36 @@ _libc.sync_file_range.restype = ctypes.c_int
 
 
 class Writeback:
-    """Writes a file's dirty page cache to the disk in the background, so that a later
-    fsync waits only for what is still in flight: sync_file_range(SYNC_FILE_RANGE_WRITE)
-    over the whole file, on a thread of its own (the call returns once the I/O is
-    submitted, which can take as long as the disk needs to take it). A hint: it makes
-    nothing durable, and a filesystem that refuses it leaves the work to the fsync.
-    :meth:`wait` before the descriptor is closed."""
+    """Writes ranges of a file's dirty page cache to the disk in the background, so that a
+    later fsync waits only for what is still in flight: one thread calls
+    sync_file_range(SYNC_FILE_RANGE_WRITE) for each range :meth:`submit` queued, in order
+    (a call returns once the range's I/O is submitted, which takes as long as the disk
+    needs to take it; the caller never waits for it). A hint: it makes nothing durable,
+    and a filesystem that refuses it leaves the work to the fsync. :meth:`wait` before
+    the descriptor is closed."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        """Start a writeback of what is dirty now (one at a time: waits for the previous one)."""
-        self.wait()
-        self._thread = threading.Thread(target=_libc.sync_file_range, args=(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE),
-                                        name="mappedram-writeback", daemon=True)  # fmt: skip
-        self._thread.start()
+    def submit(self, offset: int, length: int) -> None:
+        """Queue ``length`` bytes at ``offset`` (0: to the end of the file) for writeback."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mappedram-writeback", daemon=True)
+            self._thread.start()
+        self._queue.put((offset, length))
 
     def wait(self) -> None:
+        """Return once every range queued so far is submitted to the disk."""
         if self._thread is not None:
+            self._queue.put(None)
             self._thread.join()
             self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            _libc.sync_file_range(self.fd, item[0], item[1], SYNC_FILE_RANGE_WRITE)
 
 
 def read_no_follow(path: str, limit: int) -> tuple[os.stat_result, bytes]:

@@ -7,6 +7,7 @@ everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import re
@@ -36,19 +37,21 @@ from mappedram.vm.guest import (
     ASM_CONSTANTS,
     CODE_ADDR,
     FILL_TAG,
+    MAX_BATCH,
     PAGE_SIZE,
     PARAMS_ADDR,
     STATUS_PAGE,
     expected_checksum,
     expected_ram_check,
     guest_pages,
+    guest_values,
     pages_written,
     read_params,
     splitmix64,
 )
 from mappedram.vm.kvm import Kvm, kvm_available
-from mappedram.vm.microvm import MicroVM
-from mappedram.vm.workload import WORKLOAD
+from mappedram.vm.microvm import MicroVM, check_guest
+from mappedram.vm.workload import LABELS, WORKLOAD
 
 KVM_REASON = kvm_available()
 needs_kvm = pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM is not usable here: {KVM_REASON}")
@@ -322,6 +325,70 @@ def test_restored_guest_continues_exactly():
             assert b.dirty_pages()[params_data_range(b)].any()  # B's own dirty log sees B's writes
         # A is untouched by B and goes on as well
         assert a.check(a.run_until(cpu.r8 + 1024)).ok
+
+
+@needs_kvm
+def test_pause_kicks_the_guest_mid_batch_and_the_state_checks_there():
+    # a batch of 16 M iterations: a pause that waited for the batch's exit would wait for it
+    with MicroVM(32, seed=11, batch=MAX_BATCH) as a:
+        a.start()
+        a.wait_filled(60)
+        states = []
+        for _ in range(20):
+            cpu = a.pause()
+            report = a.check(cpu)
+            assert report.ok, (hex(cpu.rip), report.to_dict())
+            states.append((cpu, report))
+            a.resume()
+        mid = [(c, r) for c, r in states if r.status_counter != c.r8]
+        assert mid, "every pause waited for the end of a batch"
+        assert all(r.unreported == c.r8 - r.status_counter for c, r in mid)
+
+
+@needs_kvm
+def test_restored_mid_batch_guest_continues_exactly():
+    with MicroVM(32, seed=13, batch=MAX_BATCH) as a:
+        a.start()
+        a.wait_filled(60)
+        cpu = a.pause()
+        assert a.check(cpu).ok
+        with MicroVM.from_state(CpuState.decode(cpu.encode()), 32) as b:
+            b.memory[:] = a.memory
+            b.resume()
+            later = b.pause()
+            report = b.check(later)
+            assert report.ok, report.to_dict()
+            assert later.r8 >= cpu.r8 and report.unreported == report.counter - report.status_counter
+
+
+@needs_kvm
+def test_check_reads_how_far_the_iteration_got_from_rip():
+    labels = {name: CODE_ADDR + LABELS[name] for name in ("stored", "summed", "counted")}
+    with MicroVM(32, seed=3, batch=1024) as vm:
+        cpu = vm.run_until(3 * 1024)  # after a batch's OUT: r13 = batch, status = r8
+        assert check_guest(vm.memory, cpu).ok
+        params = read_params(vm.memory)
+        i = cpu.r8
+        z = int(guest_values(params.seed, i, i + 1)[0])
+        page = int(guest_pages(params, i, i + 1)[0])
+        ram = bytearray(vm.memory)
+        before = bytes(ram)
+        words = np.frombuffer(ram, dtype=np.uint64)
+        words[page * 512 : page * 512 + 2] = (i, z)  # iteration i's one store
+        del words
+        mask = (1 << 64) - 1
+        stored = dataclasses.replace(cpu, rip=labels["stored"])
+        summed = dataclasses.replace(stored, rip=labels["summed"], r9=(cpu.r9 + z) & mask)
+        counted = dataclasses.replace(summed, rip=labels["counted"], r8=i + 1)
+        for state in (stored, summed, counted):
+            assert check_guest(ram, state).ok, state.rip
+            assert not check_guest(before, state).ok, state.rip  # the store is not in RAM: caught
+        # registers one step behind (or ahead) of rip are caught
+        assert not check_guest(ram, dataclasses.replace(summed, r9=cpu.r9)).ok
+        assert not check_guest(ram, dataclasses.replace(stored, r9=summed.r9)).ok
+        assert not check_guest(ram, dataclasses.replace(counted, r8=i)).ok
+        assert not check_guest(ram, dataclasses.replace(counted, r13=cpu.r13 - 1)).ok
+        assert not check_guest(ram, cpu).ok  # at the batch's exit, RAM one iteration ahead
 
 
 def params_data_range(vm: MicroVM) -> slice:

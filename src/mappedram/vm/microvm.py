@@ -14,10 +14,13 @@ project's development machines) runs guest user code natively but ring-0 code ab
 times slower (measured: 0.13 M against 40 M loop iterations per second); on VMX or SVM the
 mode changes nothing. Register r8 holds the loop counter ``i``, r9 the checksum.
 
-The VMM acts at the guest's I/O exits only (:class:`~.vcpu_thread.VcpuThread`): there it
+The VMM acts at the guest's I/O exits (:class:`~.vcpu_thread.VcpuThread`): there it
 paces the guest (``rate``), throttles it (auto-converge: it sleeps ``pct / (100 - pct)``
 of the time the guest ran since it last entered it) and stops it where asked
-(:meth:`MicroVM.run_until`), so every pause point is a batch boundary.
+(:meth:`MicroVM.run_until`: a batch boundary). :meth:`MicroVM.pause` does not wait for the
+batch: it kicks the vCPU out of KVM_RUN, as QEMU stops a vCPU, and the guest stays where
+it was, mid-iteration if so; :func:`check_guest` reads from ``rip`` how far that iteration
+got (workload.S stores once per iteration), so the state is checked there exactly.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from .guest import (
     GuestStatus,
     check_params,
     check_ram,
+    guest_values,
     make_params,
     qwords,
     read_params,
@@ -90,12 +94,25 @@ SEL_CODE, SEL_DATA = 0x08 | 3, 0x10 | 3  # GDT entries 1 and 2, RPL 3
 RFLAGS_FIXED, RFLAGS_IOPL3 = 1 << 1, 3 << 12
 
 
+_ITERATION, _BATCH_END, _BATCH_NEXT = (CODE_ADDR + LABELS[k] for k in ("iteration", "batch_end", "batch_next"))
+_STORED, _SUMMED, _COUNTED = (CODE_ADDR + LABELS[k] for k in ("stored", "summed", "counted"))
+
+
+def _at_checkable(rip: int) -> bool:
+    """The loop, but the status page's stores (workload.S: ``batch_end`` up to its OUT)."""
+    return _ITERATION <= rip <= _BATCH_END or rip == _BATCH_NEXT
+
+
 def check_guest(memory: Any, cpu: CpuState) -> GuestCheckReport:
     """Check a guest paused at ``cpu`` (:meth:`MicroVM.pause`): registers, status page and RAM.
 
-    At every pause point the counter register (r8) equals the status page's counter, the
-    checksum register (r9) the recomputed sum, the loop's constant registers their params,
-    and the RAM what :func:`expected_ram_check` expects.
+    At every pause point the status page's counter is the counter register (r8) less the
+    iterations of the batch not yet reported (r14 - r13), the checksum register (r9) the
+    recomputed sum, the loop's constant registers their params, and the RAM what
+    :func:`expected_ram_check` expects. Paused mid-iteration (:meth:`MicroVM.pause`), ``rip``
+    says how far that iteration got: past its store (``stored``, ``summed``) the RAM holds
+    one iteration more than r8 counts, past its sum (``summed``) r9 too, and past its count
+    (``counted``) r13 one less than r8.
     """
     params = read_params(memory)
     status = qwords(memory, STATUS_ADDR, 4)
@@ -111,18 +128,22 @@ def check_guest(memory: Any, cpu: CpuState) -> GuestCheckReport:
     }
     started = time.perf_counter()
     counter = cpu.r8
+    stored = counter + (cpu.rip in (_STORED, _SUMMED))
     status_counter = int(status[S_COUNTER // 8]) if phase == PHASE_LOOP else 0
     fill_done = int(status[S_FILL_DONE // 8])
-    if counter and fill_done != params.fill_pages:
+    if stored and fill_done != params.fill_pages:
         raise UsageError(f"r8 says {counter} loop iterations ran, yet the fill covers {fill_done} pages")
-    last, checksum = replay(params, counter)
+    last, checksum = replay(params, stored)
+    if cpu.rip == _STORED:  # the store done, not yet summed into r9
+        checksum = (checksum - int(guest_values(params.seed, counter, counter + 1)[0])) % (1 << 64)
     return GuestCheckReport(
         counter=counter,
         status_counter=status_counter,
+        unreported=cpu.r14 - cpu.r13 + (cpu.rip == _COUNTED) if phase == PHASE_LOOP else 0,
         checksum=cpu.r9,
         expected_checksum=checksum,
         registers=registers,
-        ram=check_ram(memory, params, fill_done, counter, last, started),
+        ram=check_ram(memory, params, fill_done, stored, last, started),
     )
 
 
@@ -261,7 +282,7 @@ class MicroVM:
             self._vcpu = self._vm.create_vcpu(0)
             self._vcpu.set_cpuid2(self._kvm.supported_cpuid())
             self._status: U64 | None = qwords(self.memory, STATUS_ADDR, 4)
-            self._runner = VcpuThread(self._vcpu, self._on_io, name="microvm-vcpu0")
+            self._runner = VcpuThread(self._vcpu, self._on_io, on_kick=self._on_kick, name="microvm-vcpu0")
         except BaseException:
             self._close_fds()
             raise
@@ -297,7 +318,8 @@ class MicroVM:
         return self._runner.first_entry
 
     def pause(self, timeout: float = 10.0) -> CpuState:
-        """Stop the guest at its next I/O exit, the OUT completed, and return the exact vCPU state."""
+        """Stop the guest as soon as its state is exact (in the loop: within one iteration;
+        in the fill: at its next I/O exit) and return that vCPU state."""
         self._runner.pause(timeout)
         return capture_cpu(self._vcpu)
 
@@ -508,6 +530,15 @@ class MicroVM:
             self._slept += self._throttle_delay
         self._entered = now + delay  # a pause cuts the wait short; resume() resets this
         return delay
+
+    def _on_kick(self) -> bool:
+        """Called by the vCPU thread when a pause kicked the guest out of KVM_RUN: pause here
+        if the guest is in its loop (:func:`check_guest` can tell its progress there), else run
+        on to its next I/O exit (the fill, the status page's stores: a few instructions)."""
+        now = time.monotonic()
+        self._ran += max(0.0, now - self._entered)
+        self._entered = now
+        return _at_checkable(self._vcpu.get_regs().rip)
 
     def _exit_delay(self, io: IoExit, now: float, ran: float) -> float:
         if io.port == PORT_BATCH:

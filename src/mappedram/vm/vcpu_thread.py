@@ -17,11 +17,20 @@ Theory of operation:
       ``on_io`` ends the thread; the error is kept and re-raised (as a KvmError) by
       :meth:`pause`, :meth:`resume` and :meth:`wait_for`. Asking for what the state does
       not allow (resuming a running vCPU, starting twice) is a UsageError.
-    * How long a pause takes is bounded by the guest's distance between two I/O exits.
+    * A pause or stop also kicks the vCPU out of KVM_RUN, as QEMU does (qemu_cpu_kick,
+      SIG_IPI): the thread blocks ``SIG_KICK`` for itself and unblocks it only inside
+      KVM_RUN (KVM_SET_SIGNAL_MASK), so ``pthread_kill`` makes KVM_RUN return EINTR and the
+      signal stays pending until the thread takes it (``sigtimedwait``), never delivered.
+      Stopped at an arbitrary instruction the state is the CPU's, exact, but only the VMM
+      knows whether its program can be checked there: ``on_kick`` says so (True: pause
+      here); otherwise, or without ``on_kick``, the guest runs on to its next I/O exit.
+    * How long a pause takes: a kick where ``on_kick`` agrees, else the guest's distance to
+      its next I/O exit.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +39,10 @@ from mappedram.errors import KvmError, UsageError
 
 from .kvm import EXIT_REASONS, KVM_EXIT_INTR, KVM_EXIT_IO, IoExit, KvmVcpu
 
-__all__ = ["VcpuThread"]
+__all__ = ["VcpuThread", "SIG_KICK"]
+
+#: The signal that kicks a vCPU thread out of KVM_RUN (QEMU's SIG_IPI).
+SIG_KICK = signal.SIGUSR1
 
 NEW, RUNNING, PAUSED, STOPPED, FAILED = "new", "running", "paused", "stopped", "failed"
 
@@ -38,9 +50,19 @@ NEW, RUNNING, PAUSED, STOPPED, FAILED = "new", "running", "paused", "stopped", "
 class VcpuThread:
     """Runs ``vcpu`` in a daemon thread; see the module docstring."""
 
-    def __init__(self, vcpu: KvmVcpu, on_io: Callable[[IoExit], float], *, name: str = "vcpu0") -> None:
+    def __init__(
+        self,
+        vcpu: KvmVcpu,
+        on_io: Callable[[IoExit], float],
+        *,
+        on_kick: Callable[[], bool] | None = None,
+        name: str = "vcpu0",
+    ) -> None:
         self.vcpu = vcpu
         self._on_io = on_io
+        self._on_kick = on_kick
+        self._kicked = False  # a SIG_KICK was sent and not yet taken
+        self._armed = False  # the thread blocks SIG_KICK outside KVM_RUN: it may be kicked
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._state = NEW
@@ -73,6 +95,7 @@ class VcpuThread:
                 raise UsageError(f"cannot pause a vCPU that is {self._state}")
             self._pause_requested = True
             self._cond.notify_all()
+            self._kick()
             if not self._cond.wait_for(lambda: self._state != RUNNING, timeout):
                 self._pause_requested = False
                 raise KvmError(f"the guest reached no I/O exit within {timeout} s, so it could not be paused")
@@ -130,10 +153,30 @@ class VcpuThread:
                 return
             self._stop_requested = True
             self._cond.notify_all()
+            if self._state == RUNNING:
+                self._kick()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self._thread.is_alive():
             raise KvmError(f"the vCPU thread did not stop within {timeout} s (the guest makes no I/O exits)")
+
+    def _kick(self) -> None:
+        """Interrupt KVM_RUN (the caller holds the lock; the thread is running)."""
+        ident = self._thread.ident
+        if ident is None or self._kicked or not self._armed:
+            return  # before the thread blocks SIG_KICK a kick would kill the process
+        self._kicked = True
+        try:
+            signal.pthread_kill(ident, SIG_KICK)
+        except ProcessLookupError:  # the thread has just ended
+            pass
+
+    def _take_kick(self) -> None:
+        """Consume the pending SIG_KICK, if one was sent (else KVM_RUN would return EINTR at once)."""
+        with self._cond:
+            kicked, self._kicked = self._kicked, False
+        if kicked:
+            signal.sigtimedwait([SIG_KICK], 0)
 
     def _raise_failure(self) -> None:
         if self._state == FAILED and self.error is not None:
@@ -146,21 +189,37 @@ class VcpuThread:
             self._loop()
         except BaseException as exc:  # kept for the caller; the thread only ends
             with self._cond:
+                self._armed = False
                 self.error = exc
                 self._state = FAILED
                 self._cond.notify_all()
             return
         with self._cond:
+            self._armed = False
             self._state = STOPPED
             self._cond.notify_all()
 
     def _loop(self) -> None:
         vcpu = self.vcpu
+        # reference: kvm_init_cpu_signals (accel/kvm/kvm-all.c)
+        outside = signal.pthread_sigmask(signal.SIG_BLOCK, [SIG_KICK])
+        vcpu.set_signal_mask(set(outside) - {SIG_KICK})
+        with self._cond:
+            self._armed = True
         self.first_entry = time.perf_counter()
         while True:
             reason = vcpu.run()
             if reason == KVM_EXIT_INTR:
-                continue  # a signal for this thread; nothing to do
+                self._take_kick()
+                with self._cond:
+                    stopping = self._pause_requested or self._stop_requested
+                    if self._stop_requested:
+                        return
+                if not stopping or self._on_kick is None or not self._on_kick():
+                    continue  # nothing asked, or not a point to pause at: on to the next I/O exit
+                if self._park():
+                    return
+                continue
             if reason != KVM_EXIT_IO:
                 details = vcpu.exit_details()
                 regs = vcpu.get_regs()
@@ -185,14 +244,21 @@ class VcpuThread:
             if not stopping:
                 continue
             vcpu.complete_pending_io()
-            with self._cond:
-                if self._stop_requested:
-                    return
-                self._state = PAUSED
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
-                if self._stop_requested:
-                    return
-                self._resumes += 1
-                self._state = RUNNING
-                self._cond.notify_all()
+            if self._park():
+                return
+
+    def _park(self) -> bool:
+        """Report the vCPU paused (its state exact) and wait for a resume; True: stop instead."""
+        self._take_kick()
+        with self._cond:
+            if self._stop_requested:
+                return True
+            self._state = PAUSED
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._pause_requested or self._stop_requested)
+            if self._stop_requested:
+                return True
+            self._resumes += 1
+            self._state = RUNNING
+            self._cond.notify_all()
+        return False

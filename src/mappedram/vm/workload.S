@@ -14,7 +14,7 @@
  * 2. Redirty loop, i = 0, 1, 2, ...:
  *        z = splitmix64(seed + i)
  *        p = data_first + ((z * data_pages) >> 64)       (multiply-high: uniform, any size)
- *        qword 0 of page p = i, qword 1 of page p = z
+ *        qwords 0 and 1 of page p = (i, z), in one 16-byte store
  *        checksum += z (mod 2^64)
  *    with splitmix64(x) = mix(x + 0x9e3779b97f4a7c15), mix being SplitMix64's
  *    finaliser. Every `batch` iterations the counter and the checksum go to the
@@ -24,7 +24,12 @@
  *    r8  = i (iterations done)       r9  = checksum (sum of z)
  *    r10 = seed                      r11 = data_pages
  *    r12 = data_first * 4096         r13 = iterations left in this batch
- *    r14 = batch                     rax, rbx, rcx, rdx: scratch
+ *    r14 = batch                     rax, rbx, rcx, rdx, xmm0, xmm1: scratch
+ *
+ * The VMM may stop the guest at any instruction of the loop (a kick) but the status
+ * page's two stores: with its one store per iteration, the labels `stored` (the store
+ * done, r8 not yet counted), `summed` (r9 too) and `counted` (r8 too, not r13) say how
+ * far the iteration got, so its RAM and registers can be checked (check_guest).
  */
         .intel_syntax noprefix
         .code64
@@ -128,14 +133,21 @@ iteration:
         mul     r11                                 /* rdx = (z * data_pages) >> 64 */
         shl     rdx, 12
         add     rdx, r12                            /* rdx = address of page p */
-        mov     [rdx], r8
-        mov     [rdx + 8], rbx
+        movq    xmm0, r8
+        movq    xmm1, rbx
+        punpcklqdq xmm0, xmm1                       /* xmm0 = (i, z) */
+        movdqu  [rdx], xmm0                         /* qwords 0 and 1 of page p: the one store */
+stored:
         add     r9, rbx
+summed:
         inc     r8
+counted:
         dec     r13
         jnz     iteration
+batch_end:                                          /* a batch done, not yet reported */
         mov     [STATUS + S_COUNTER], r8
         mov     [STATUS + S_CHECKSUM], r9
         mov     r13, r14
         out     PORT_BATCH, al
+batch_next:
         jmp     iteration

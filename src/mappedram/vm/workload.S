@@ -14,7 +14,8 @@
  * 2. Redirty loop, i = 0, 1, 2, ...:
  *        z = splitmix64(seed + i)
  *        p = data_first + ((z * data_pages) >> 64)       (multiply-high: uniform, any size)
- *        qwords 0 and 1 of page p = (i, z), in one 16-byte store
+ *        qwords 0 and 1 of page p = (i, z), in one 16-byte store (cmpxchg16b: general
+ *        registers only, so every state between two instructions is in kvm_regs)
  *        checksum += z (mod 2^64)
  *    with splitmix64(x) = mix(x + 0x9e3779b97f4a7c15), mix being SplitMix64's
  *    finaliser. Every `batch` iterations the counter and the checksum go to the
@@ -24,7 +25,7 @@
  *    r8  = i (iterations done)       r9  = checksum (sum of z)
  *    r10 = seed                      r11 = data_pages
  *    r12 = data_first * 4096         r13 = iterations left in this batch
- *    r14 = batch                     rax, rbx, rcx, rdx, xmm0, xmm1: scratch
+ *    r14 = batch                     rax, rbx, rcx, rdx, rsi, rdi: scratch
  *
  * The VMM may stop the guest at any instruction of the loop (a kick) but the status
  * page's two stores: with its one store per iteration, the labels `stored` (the store
@@ -129,16 +130,17 @@ iteration:
         mov     rcx, rax
         shr     rcx, 31
         xor     rax, rcx                            /* rax = z */
-        mov     rbx, rax
+        mov     rdi, rax                            /* rdi = z */
         mul     r11                                 /* rdx = (z * data_pages) >> 64 */
         shl     rdx, 12
-        add     rdx, r12                            /* rdx = address of page p */
-        movq    xmm0, r8
-        movq    xmm1, rbx
-        punpcklqdq xmm0, xmm1                       /* xmm0 = (i, z) */
-        movdqu  [rdx], xmm0                         /* qwords 0 and 1 of page p: the one store */
+        lea     rsi, [rdx + r12]                    /* rsi = address of page p */
+        mov     rbx, r8                             /* rcx:rbx = (z, i), qwords 1 and 0 to be */
+        mov     rcx, rdi
+        mov     rax, [rsi]                          /* rdx:rax = what the page holds there */
+        mov     rdx, [rsi + 8]
+        lock cmpxchg16b [rsi]                       /* equal, so (i, z) is written: the one store */
 stored:
-        add     r9, rbx
+        add     r9, rdi
 summed:
         inc     r8
 counted:

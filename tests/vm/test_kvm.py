@@ -362,6 +362,22 @@ def test_restored_mid_batch_guest_continues_exactly():
 
 
 @needs_kvm
+def test_restored_sse_state_survives_the_guest_running():
+    # KVM_SET_FPU left XSTATE_BV alone, so the next XRSTOR zeroed the XMM registers it had
+    # just been given, and KVM_GET_FPU read an MXCSR of 0 from a fresh vCPU (default 0x1f80)
+    with MicroVM(32, seed=5, batch=1024) as a:
+        cpu = a.run_until(2 * 1024)
+        assert cpu.fpu.mxcsr == 0x1F80 and cpu.fpu.fcw == 0x37F  # the reset values (SDM vol. 1, 10.2.3)
+        fpu = dataclasses.replace(cpu.fpu, xmm=bytes(range(256)), mxcsr=0x1F80 | 0x6000)  # round toward zero
+        state = dataclasses.replace(cpu, fpu=fpu)
+        with MicroVM.from_state(CpuState.decode(state.encode()), 32) as b:
+            b.memory[:] = a.memory
+            later = b.run_until(4 * 1024)  # the guest's own code touches neither
+            assert later.r8 > cpu.r8 and b.check(later).ok
+            assert later.fpu == fpu
+
+
+@needs_kvm
 def test_check_reads_how_far_the_iteration_got_from_rip():
     labels = {name: CODE_ADDR + LABELS[name] for name in ("stored", "summed", "counted")}
     with MicroVM(32, seed=3, batch=1024) as vm:

@@ -20,7 +20,7 @@ References:
     Linux include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h (the structures and
     ioctl numbers), include/uapi/asm-generic/ioctl.h (the number encoding),
     Documentation/virt/kvm/api.rst (KVM_RUN, KVM_EXIT_IO, immediate_exit, KVM_GET_DIRTY_LOG,
-    KVM_SET_SIGNAL_MASK).
+    KVM_SET_SIGNAL_MASK, KVM_GET_XSAVE), arch/x86/kvm/x86.c (kvm_arch_vcpu_ioctl_set_fpu).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ __all__ = [
     "kvm_dtable",
     "kvm_sregs",
     "kvm_fpu",
+    "kvm_xsave",
     "kvm_msr_entry",
     "kvm_cpuid_entry2",
     "kvm_userspace_memory_region",
@@ -179,6 +180,35 @@ class kvm_fpu(ctypes.Structure):
         ("xmm", (u8 * 16) * 16),
         ("mxcsr", u32),
         ("pad2", u32),
+    ]
+
+
+class fxregs_state(ctypes.Structure):
+    """The legacy region of an XSAVE area (the FXSAVE image; arch/x86/include/asm/fpu/types.h)."""
+
+    _fields_ = [
+        ("cwd", u16),
+        ("swd", u16),
+        ("twd", u8),  # abridged, as kvm_fpu.ftwx
+        ("pad1", u8),
+        ("fop", u16),
+        ("rip", u64),
+        ("rdp", u64),
+        ("mxcsr", u32),
+        ("mxcsr_mask", u32),
+        ("st_space", (u8 * 16) * 8),
+        ("xmm_space", (u8 * 16) * 16),
+        ("padding", u8 * 96),
+    ]
+
+
+class kvm_xsave(ctypes.Structure):
+    """``struct kvm_xsave``: the legacy region, the XSAVE header (``xstate_bv`` first), the rest."""
+
+    _fields_ = [
+        ("legacy", fxregs_state),
+        ("xstate_bv", u64),
+        ("rest", u8 * (4096 - 512 - 8)),
     ]
 
 
@@ -297,13 +327,19 @@ KVM_SET_MSRS = IOW(KVMIO, 0x89, kvm_msrs)
 KVM_GET_FPU = IOR(KVMIO, 0x8C, kvm_fpu)
 KVM_SET_FPU = IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_SET_SIGNAL_MASK = IOW(KVMIO, 0x8B, kvm_signal_mask)
+KVM_GET_XSAVE = IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = IOW(KVMIO, 0xA5, kvm_xsave)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
 
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_XSAVE = 55
 KVM_CAP_IMMEDIATE_EXIT = 136
+
+#: XSTATE_BV bits of the x87 and SSE components (XFEATURE_MASK_FP | XFEATURE_MASK_SSE).
+_XFEATURE_FP_SSE = 0b11
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
@@ -616,6 +652,7 @@ class KvmVcpu:
         self.vm = vm
         self.index = index
         self.fd: int | None = fd
+        self._has_xsave = vm.kvm.check_extension(KVM_CAP_XSAVE) > 0
         self._run_map: mmap.mmap | None = None
         self._run: kvm_run | None = None
         try:
@@ -736,12 +773,48 @@ class KvmVcpu:
         self._ioctl("KVM_SET_SREGS", KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> kvm_fpu:
-        fpu = kvm_fpu()
-        self._ioctl("KVM_GET_FPU", KVM_GET_FPU, fpu)
-        return fpu
+        """The x87 and SSE state: the legacy region of KVM_GET_XSAVE where KVM has XSAVE.
+
+        KVM_GET_FPU reads the guest's FXSAVE image as it lies in the kernel, which holds stale
+        values for a component in its init state (an MXCSR of 0, for one); KVM_GET_XSAVE
+        writes every component out. QEMU does the same: kvm_get_xsave, kvm_get_fpu only
+        without XSAVE (target/i386/kvm/kvm.c).
+        """
+        if not self._has_xsave:
+            fpu = kvm_fpu()
+            self._ioctl("KVM_GET_FPU", KVM_GET_FPU, fpu)
+            return fpu
+        legacy = self.get_xsave().legacy
+        return kvm_fpu(
+            fpr=legacy.st_space, fcw=legacy.cwd, fsw=legacy.swd, ftwx=legacy.twd, last_opcode=legacy.fop,
+            last_ip=legacy.rip, last_dp=legacy.rdp, xmm=legacy.xmm_space, mxcsr=legacy.mxcsr,
+        )  # fmt: skip
 
     def set_fpu(self, fpu: kvm_fpu) -> None:
-        self._ioctl("KVM_SET_FPU", KVM_SET_FPU, fpu)
+        """Load the x87 and SSE state: into the legacy region of KVM_SET_XSAVE where KVM has XSAVE.
+
+        KVM_SET_FPU writes the FXSAVE image but leaves XSTATE_BV alone, so the next XRSTOR
+        initialises a component whose bit is clear: a restored guest's XMM registers came back
+        zero. Here both bits are set; the other components keep what the vCPU holds.
+        """
+        if not self._has_xsave:
+            self._ioctl("KVM_SET_FPU", KVM_SET_FPU, fpu)
+            return
+        area = self.get_xsave()
+        legacy = area.legacy
+        legacy.st_space, legacy.cwd, legacy.swd, legacy.twd = fpu.fpr, fpu.fcw, fpu.fsw, fpu.ftwx
+        legacy.fop, legacy.rip, legacy.rdp = fpu.last_opcode, fpu.last_ip, fpu.last_dp
+        legacy.xmm_space, legacy.mxcsr = fpu.xmm, fpu.mxcsr
+        area.xstate_bv |= _XFEATURE_FP_SSE
+        self.set_xsave(area)
+
+    def get_xsave(self) -> kvm_xsave:
+        area = kvm_xsave()
+        self._ioctl("KVM_GET_XSAVE", KVM_GET_XSAVE, area)
+        return area
+
+    def set_xsave(self, area: kvm_xsave) -> None:
+        self._ioctl("KVM_SET_XSAVE", KVM_SET_XSAVE, area)
 
     def get_msrs(self, indices: list[int]) -> list[int]:
         """KVM_GET_MSRS of ``indices``, in that order; an MSR KVM cannot read is an error."""

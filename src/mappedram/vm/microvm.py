@@ -164,7 +164,7 @@ def _put_segment(dst: kvm_segment, seg: Segment) -> None:
 
 
 def capture_cpu(vcpu: KvmVcpu) -> CpuState:
-    """The exact state of a stopped vCPU (KVM_GET_REGS, _SREGS, _FPU, _MSRS)."""
+    """The exact state of a stopped vCPU (KVM_GET_REGS, _SREGS, _XSAVE's x87/SSE part, _MSRS)."""
     # reference: kvm_arch_get_registers (target/i386/kvm/kvm.c)
     regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
     msrs = vcpu.get_msrs([index for _, index in CPUSTATE_MSRS])
